@@ -1,0 +1,290 @@
+"""The ``prepare`` stage: raw logs (or the synthetic generator) -> a Parquet dataset + schema.json.
+
+Top-down: open the source; if vocabularies or a count-based split need it, stream it once to count
+(this pass fills the quarantine); build vocabularies; stream it again mapping values to ids and
+rows to splits, writing Parquet parts; write schema, vocabularies, quarantine and a JSON record.
+Everything is built in a staged directory renamed into place at the end, so a crash never leaves a
+partial dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from recsys_kd.config import to_dict
+from recsys_kd.data import split as splitting
+from recsys_kd.data.criteo import CriteoOptions
+from recsys_kd.data.ids import VocabularyCounter, hash_ids, vocab_ids
+from recsys_kd.data.quarantine import Quarantine
+from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
+from recsys_kd.data.source import DAY, LABEL, RawSource, SourceChunk
+from recsys_kd.data.split import SplitConfig
+from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.io import atomic_write_json, staged_directory
+
+RECORD_FILE = "prepare.json"
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+@dataclass
+class IdConfig:
+    """``hash``: every sparse feature hashed into ``num_embeddings`` ids (``sizes`` overrides per
+    feature); ``vocab``: a vocabulary of values seen at least ``min_count`` times in the whole
+    input (``min_counts`` overrides per feature), the rest share the out-of-vocabulary id."""
+
+    rule: Literal["hash", "vocab"] = "hash"
+    num_embeddings: int = 1_000_000
+    sizes: Dict[str, int] = field(default_factory=dict)
+    min_count: int = 1
+    min_counts: Dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, size in {"num_embeddings": self.num_embeddings, **self.sizes}.items():
+            if size <= RESERVED_IDS:
+                raise ValueError(f"ids: {name} must be > {RESERVED_IDS} (ids 0, 1 are reserved), got {size}")
+
+
+@dataclass
+class PrepareConfig:
+    """Where the raw data is, how to turn it into ids and splits, and where the dataset goes."""
+
+    format: Literal["criteo", "avazu", "movielens", "synthetic"] = "synthetic"
+    inputs: List[str] = field(default_factory=list)
+    output: str = "runs/data"
+    ids: IdConfig = field(default_factory=IdConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    criteo: CriteoOptions = field(default_factory=CriteoOptions)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    max_bad_fraction: Optional[float] = 0.01
+    row_group_rows: int = 65536
+    rows_per_part: int = 4_194_304
+    block_bytes: int = 16 << 20
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.format != "synthetic" and not self.inputs:
+            raise ValueError(f"format {self.format!r} needs inputs (files or a directory)")
+        if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.row_group_rows <= 0:
+            raise ValueError(f"row_group_rows must be positive, got {self.row_group_rows}")
+
+
+def prepare(config: PrepareConfig) -> Dict:
+    """Runs the stage; returns (and writes as ``prepare.json``) the record of what it did."""
+    started = time.time()
+    source = open_source(config)
+    output = Path(config.output)
+    with staged_directory(output, overwrite=config.overwrite) as staging:
+        quarantine = Quarantine(staging / QUARANTINE_FILE)
+        counter = VocabularyCounter(_vocab_features(config, source)) if config.ids.rule == "vocab" else None
+        kept_rows = None
+        if counter is not None or config.split.needs_count:
+            kept_rows = _count_pass(config, source, quarantine, counter)
+            quarantine.check(kept_rows + quarantine.total, config.max_bad_fraction)
+        vocabularies = _write_vocabularies(staging, counter, config) if counter is not None else {}
+        writers = _write_pass(config, source, staging, quarantine if kept_rows is None else None, kept_rows, vocabularies)
+        quarantine.close()
+        rows_seen = sum(w.rows for w in writers.values()) + quarantine.total
+        quarantine.check(rows_seen, config.max_bad_fraction)
+        schema = _schema(config, source, writers, vocabularies)
+        schema.save(staging)
+        record = {
+            "stage": "prepare",
+            "output": str(output),
+            "inputs": describe_inputs(source.info.inputs),
+            "config": to_dict(config),
+            "rows": {name: writer.rows for name, writer in writers.items()},
+            "positives": {name: writer.positives for name, writer in writers.items()},
+            "quarantined": quarantine.summary(),
+            "quarantined_total": quarantine.total,
+            "dropped_by_rule": dict(source.dropped_by_rule),
+            "features": {"dense": len(schema.dense), "sparse": len(schema.sparse)},
+            "num_embeddings": schema.num_embeddings,
+            "seconds": round(time.time() - started, 3),
+        }
+        record["rows_per_second"] = round(sum(record["rows"].values()) / max(record["seconds"], 1e-9), 1)
+        atomic_write_json(staging / RECORD_FILE, record)
+    return record
+
+
+def open_source(config: PrepareConfig) -> RawSource:
+    inputs = [Path(p) for p in config.inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"prepare: input not found: {', '.join(missing)}")
+    if config.format == "criteo":
+        from recsys_kd.data.criteo import CriteoSource
+
+        return CriteoSource(_expand(inputs), config.criteo, block_bytes=config.block_bytes)
+    if config.format == "avazu":
+        from recsys_kd.data.avazu import AvazuSource
+
+        return AvazuSource(_expand(inputs), block_bytes=config.block_bytes)
+    if config.format == "movielens":
+        from recsys_kd.data.movielens import MovieLensSource
+
+        return MovieLensSource(inputs)
+    from recsys_kd.data.synthetic import SyntheticSource
+
+    return SyntheticSource(config.synthetic)
+
+
+def _expand(inputs: List[Path]) -> List[Path]:
+    files: List[Path] = []
+    for path in inputs:
+        files.extend(sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
+    return files
+
+
+def _vocab_features(config: PrepareConfig, source: RawSource) -> List[str]:
+    return [name for name in source.info.sparse if name not in source.info.identity_sizes]
+
+
+def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quarantine], label: str) -> Iterator[SourceChunk]:
+    with tqdm(
+        total=source.progress_total(), desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
+        unit_scale=True, disable=not config.progress, mininterval=1.0,
+    ) as bar:
+        for chunk in source.chunks(quarantine):
+            bar.update(chunk.progress)
+            yield chunk
+
+
+def _count_pass(config: PrepareConfig, source: RawSource, quarantine: Quarantine, counter: Optional[VocabularyCounter]) -> int:
+    rows = 0
+    for chunk in _chunks(config, source, quarantine, "count"):
+        rows += chunk.table.num_rows
+        if counter is not None and chunk.table.num_rows:
+            counter.update(chunk.table)
+    return rows
+
+
+def _write_vocabularies(staging: Path, counter: VocabularyCounter, config: PrepareConfig) -> Dict[str, pa.Array]:
+    vocabularies = {}
+    for name in counter.features:
+        table = counter.vocabulary(name, config.ids.min_counts.get(name, config.ids.min_count))
+        table = table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64) + RESERVED_IDS))
+        path = staging / "vocab" / f"{name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        vocabularies[name] = table.column("value").combine_chunks()
+    return vocabularies
+
+
+def _write_pass(config, source, staging, quarantine, kept_rows, vocabularies):
+    from recsys_kd.data.writer import SplitWriter
+
+    ranks = splitting.permutation_ranks(kept_rows, config.split.seed) if config.split.method == "permutation" else None
+    arrow_schema = None
+    writers: Dict[str, SplitWriter] = {}
+    position = 0
+    for chunk in _chunks(config, source, quarantine, "write"):
+        table = chunk.table
+        if table.num_rows == 0:
+            continue
+        converted = _to_ids(config, source, table, vocabularies)
+        if arrow_schema is None:
+            arrow_schema = converted.schema
+            writers = {
+                name: SplitWriter(staging, name, arrow_schema, config.row_group_rows, config.rows_per_part)
+                for name in splitting.SPLITS
+            }
+        assignment = _assign(config.split, table, position, kept_rows, ranks)
+        position += table.num_rows
+        for index, name in enumerate(splitting.SPLITS):
+            mask = assignment == index
+            if mask.any():
+                writers[name].write(converted.filter(pa.array(mask)))
+    if not writers:
+        raise ValueError(f"prepare: no valid rows in {', '.join(source.info.inputs) or source.info.name}")
+    for writer in writers.values():
+        writer.close()
+    return writers
+
+
+def _assign(split: SplitConfig, table: pa.Table, position: int, kept_rows: Optional[int], ranks) -> np.ndarray:
+    if split.method == "random":
+        return splitting.assign_random(table.column(ROW_ID).to_numpy(), split.seed, split.fractions)
+    if split.method == "day":
+        if DAY not in table.column_names:
+            raise ValueError("split.method 'day' needs a source with days (Criteo day_N files, Avazu hours)")
+        return splitting.assign_day(table.column(DAY).to_numpy(), split.valid_days, split.test_days)
+    positions = np.arange(position, position + table.num_rows, dtype=np.int64)
+    order = ranks[positions] if ranks is not None else positions
+    return splitting.assign_by_rank(order, kept_rows, split.fractions)
+
+
+def _to_ids(config: PrepareConfig, source: RawSource, table: pa.Table, vocabularies: Dict[str, pa.Array]) -> pa.Table:
+    info = source.info
+    columns = {ROW_ID: table.column(ROW_ID), LABEL: table.column(LABEL).cast(pa.float32())}
+    for name in info.dense:
+        columns[name] = table.column(name).cast(pa.float32())
+    for name in info.sparse:
+        values = table.column(name).combine_chunks()
+        if name in info.identity_sizes:
+            columns[name] = values.cast(pa.int64())
+            continue
+        multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+        flat = values.flatten() if multi_hot else values
+        if config.ids.rule == "vocab":
+            ids = vocab_ids(flat, vocabularies[name])
+        else:
+            ids = hash_ids(flat, config.ids.sizes.get(name, config.ids.num_embeddings), config.ids.seed + _feature_salt(name))
+        if multi_hot:
+            columns[name] = pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64()))
+        else:
+            columns[name] = pa.array(ids, pa.int64())
+    for name in info.extra:
+        columns[name] = table.column(name).cast(pa.float32())
+    return pa.table(columns)
+
+
+def _feature_salt(name: str) -> int:
+    # Different features hash the same raw value to unrelated ids; stable across processes.
+    return int.from_bytes(name.encode("utf-8")[:8].ljust(8, b"\0"), "little") & 0x7FFFFFFF
+
+
+def _schema(config: PrepareConfig, source: RawSource, writers, vocabularies) -> Schema:
+    info = source.info
+    sparse = []
+    for name in info.sparse:
+        if name in info.identity_sizes:
+            rule, size = IdRule(kind="identity"), info.identity_sizes[name]
+        elif config.ids.rule == "vocab":
+            min_count = config.ids.min_counts.get(name, config.ids.min_count)
+            rule = IdRule(kind="vocab", min_count=min_count, vocab_file=f"vocab/{name}.parquet")
+            size = len(vocabularies[name]) + RESERVED_IDS
+        else:
+            rule = IdRule(kind="hash", seed=config.ids.seed + _feature_salt(name))
+            size = config.ids.sizes.get(name, config.ids.num_embeddings)
+        sparse.append(SparseFeature(name=name, num_embeddings=size, id_rule=rule, multi_hot=name in info.multi_hot))
+    dense_transform = "log1p(max(v, 0))" if info.name == "criteo" and info.dense else "none"
+    return Schema(
+        name=info.name,
+        label=LABEL,
+        dense=list(info.dense),
+        sparse=sparse,
+        extra=list(info.extra),
+        dense_transform=dense_transform,
+        splits={
+            name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives)
+            for name, writer in writers.items()
+        },
+        source={"format": config.format, "inputs": json.dumps(info.inputs)},
+    )
+
+
+def describe_inputs(inputs: List[str]) -> List[Dict]:
+    return [{"path": path, "bytes": Path(path).stat().st_size} for path in inputs if Path(path).exists()]

@@ -1,0 +1,68 @@
+"""Rows a converter refuses: counted per reason and kept, with file and line, in ``quarantine.jsonl``.
+
+Nothing is silently dropped: every refused row lands here, and ``check`` fails the run when the
+share of bad rows passes the configured threshold.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+
+class TooManyBadRows(ValueError):
+    """The share of quarantined rows passed ``max_bad_fraction``."""
+
+
+class Quarantine:
+    """Collects refused rows; written as JSON lines {file, line (1-based), reason, text}.
+
+    Example::
+
+        quarantine = Quarantine(out_dir / "quarantine.jsonl")
+        quarantine.add("day_0", 17, "bad_hex", raw_line)
+        quarantine.close()
+        quarantine.counts   # {"bad_hex": 1}
+    """
+
+    max_text_chars = 2000
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "w", encoding="utf-8")
+        self.counts: Dict[str, int] = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, file: str, line: int, reason: str, text: str) -> None:
+        record = {"file": file, "line": int(line), "reason": reason, "text": text[: self.max_text_chars]}
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.counts[reason] += 1
+
+    def add_many(self, file: str, lines: Iterable[int], reason: str, texts: Iterable[str]) -> None:
+        for line, text in zip(lines, texts):
+            self.add(file, line, reason, text)
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def check(self, rows_seen: int, max_bad_fraction: Optional[float]) -> None:
+        """Raises TooManyBadRows when bad / seen exceeds ``max_bad_fraction`` (None: never)."""
+        if max_bad_fraction is None or rows_seen == 0:
+            return
+        fraction = self.total / rows_seen
+        if fraction > max_bad_fraction:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.counts.items()))
+            raise TooManyBadRows(
+                f"{self.total} of {rows_seen} rows ({fraction:.2%}) were refused, more than "
+                f"max_bad_fraction={max_bad_fraction:g} ({reasons}); see {self.path}"
+            )
+
+    def summary(self) -> Dict[str, int]:
+        return dict(sorted(self.counts.items()))
