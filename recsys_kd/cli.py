@@ -1,0 +1,139 @@
+"""The ``recsys-kd`` command: one subcommand per stage, each ``--config X.yaml [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from recsys_kd.config import ConfigError
+from recsys_kd.data.quarantine import TooManyBadRows
+from recsys_kd.data.schema import SchemaError
+
+USER_ERRORS = (ConfigError, SchemaError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        if os.environ.get("RECSYS_KD_TRACEBACK"):
+            raise
+        print(f"recsys-kd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys-kd",
+        description="Click logs -> sharded TorchRec models -> distilled, compressed serving artifacts.",
+        epilog="Set RECSYS_KD_TRACEBACK=1 to see tracebacks of input errors.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, help: str, handler) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help, description=help)
+        command.add_argument("--config", "-c", type=Path, help="recipe YAML (configs/*.yaml)")
+        command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        command.set_defaults(handler=handler)
+        return command
+
+    stage("synthesize", "write synthetic Criteo-format raw logs with planted interactions", _synthesize)
+    stage("prepare", "convert raw logs to a Parquet dataset (schema.json, quarantine, record)", _prepare)
+    stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
+    inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
+    inspect.add_argument("dataset", type=Path)
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _recipe(args):
+    from recsys_kd.recipe import load_recipe
+
+    return load_recipe(args.config, args.overrides)
+
+
+def _synthesize(args) -> int:
+    from recsys_kd.pipeline import synthesize
+
+    recipe = _recipe(args)
+    if recipe.synthesize is None:
+        raise ConfigError(f"{args.config}: no 'synthesize' section")
+    record = synthesize(recipe.synthesize, progress=recipe.prepare.progress)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _prepare(args) -> int:
+    from recsys_kd.data.prepare import prepare
+
+    recipe = _recipe(args)
+    record = prepare(recipe.prepare)
+    print(format_table(_split_rows(record)))
+    if record["quarantined_total"]:
+        print(f"quarantined {record['quarantined_total']} rows: {record['quarantined']} "
+              f"(see {Path(record['output']) / 'quarantine.jsonl'})")
+    if record["dropped_by_rule"]:
+        print(f"dropped by the labelling rule: {record['dropped_by_rule']}")
+    print(f"{sum(record['rows'].values()):,} rows in {record['seconds']:.1f} s "
+          f"({record['rows_per_second']:,.0f} rows/s) -> {record['output']}")
+    return 0
+
+
+def _pipeline(args) -> int:
+    from recsys_kd.pipeline import run_pipeline, summary_rows
+
+    recipe = _recipe(args)
+    record = run_pipeline(recipe)
+    for name, stage in record["stages"].items():
+        state = "skipped (up to date)" if stage.get("skipped") else "done"
+        print(f"{name}: {state}")
+    print(format_table(summary_rows(record, Path(recipe.prepare.output))))
+    print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / 'pipeline.json'}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from recsys_kd.data.schema import Schema
+
+    schema = Schema.load(args.dataset)
+    print(f"dataset {args.dataset}: {schema.name}, label {schema.label!r}, {len(schema.dense)} dense, "
+          f"{len(schema.sparse)} sparse, extra {schema.extra}")
+    print(format_table([
+        {"feature": f.name, "num_embeddings": f.num_embeddings, "rule": f.id_rule.kind, "multi_hot": f.multi_hot}
+        for f in schema.sparse
+    ]))
+    print(format_table([
+        {"split": name, "rows": info.rows, "positives": info.positives, "parts": len(info.files)}
+        for name, info in schema.splits.items()
+    ]))
+    return 0
+
+
+def _split_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [
+        {"split": name, "rows": rows, "positives": record["positives"][name],
+         "ctr": round(record["positives"][name] / rows, 4) if rows else 0.0}
+        for name, rows in record["rows"].items()
+    ]
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """Rows of dicts (same keys) as an aligned plain-text table."""
+    if not rows:
+        return "(empty)"
+    headers = list(rows[0])
+    cells = [[f"{row[h]:,}" if isinstance(row[h], int) and not isinstance(row[h], bool) else str(row[h])
+              for h in headers] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

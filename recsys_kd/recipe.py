@@ -1,0 +1,43 @@
+"""A recipe: one YAML file per dataset x method, one section per stage.
+
+Stages read only their own section; sections for stages that do not run are allowed and ignored.
+Relative paths are relative to the working directory the command runs in.
+
+Example (configs/demo.yaml)::
+
+    run_dir: runs/demo
+    synthesize: {path: runs/demo/raw/train.txt, synthetic: {rows: 400000}}
+    prepare: {format: criteo, inputs: [runs/demo/raw/train.txt], output: runs/demo/data}
+    reader: {batch_size: 4096}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from recsys_kd.config import load_config
+from recsys_kd.data.prepare import PrepareConfig
+from recsys_kd.data.reader import ReaderConfig
+from recsys_kd.data.synthetic import SyntheticConfig
+
+
+@dataclass
+class SynthesizeConfig:
+    """Raw synthetic logs in a public format (Criteo TSV), for the demo and benchmarks."""
+
+    path: str = "runs/demo/raw/train.txt"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class Recipe:
+    run_dir: str = "runs/default"
+    synthesize: Optional[SynthesizeConfig] = None
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+
+
+def load_recipe(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> Recipe:
+    return load_config(Recipe, path, overrides)

@@ -1,0 +1,96 @@
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional
+
+import pytest
+
+from recsys_kd.config import ConfigError, apply_override, from_dict, load_config, to_dict
+from recsys_kd.recipe import load_recipe
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    layers: List[int] = field(default_factory=lambda: [64, 32])
+    kind: Literal["adam", "sgd"] = "adam"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    steps: int = 10
+    inner: Inner = field(default_factory=Inner)
+    limit: Optional[float] = None
+    sizes: Dict[str, int] = field(default_factory=dict)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_and_overrides(tmp_path):
+    path = write(tmp_path, "name: run\ninner:\n  lr: 0.01\n  layers: [8]\nsizes: {a: 3}\n")
+    config = load_config(Outer, path, ["inner.kind=sgd", "steps=5", "limit=0.5"])
+    assert config == Outer(name="run", steps=5, inner=Inner(lr=0.01, layers=[8], kind="sgd"), limit=0.5, sizes={"a": 3})
+    assert from_dict(Outer, to_dict(config)) == config
+
+
+def test_int_is_accepted_for_float(tmp_path):
+    assert load_config(Outer, write(tmp_path, "inner: {lr: 1}\n")).inner.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nmae: x\n", "unknown key 'nmae' (did you mean 'name'?)"),
+        ("inner:\n  lrr: 0.1\n", "unknown key 'inner.lrr' (did you mean 'lr'?)"),
+        ("steps: ten\n", "steps: expected an integer, got str 'ten'"),
+        ("steps: 1.5\n", "steps: expected an integer"),
+        ("inner: {layers: [1, two]}\n", "inner.layers[1]: expected an integer"),
+        ("inner: {kind: adamw}\n", "inner.kind: expected one of ['adam', 'sgd'], got 'adamw'"),
+        ("inner: 3\n", "inner: expected a mapping"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+        ("limit: yes please\n", "limit: expected float"),
+    ],
+)
+def test_errors_name_key_and_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, path)
+    assert message in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_override_errors_name_the_key(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError, match="unknown key 'inner.depth'"):
+        load_config(Outer, path, ["inner.depth=3"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(Outer, path, ["steps"])
+    with pytest.raises(ConfigError, match="name is not a section"):
+        apply_override({"name": "x"}, "name.sub=1")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_recipe_validation_names_file(tmp_path):
+    path = write(tmp_path, "prepare:\n  format: criteo\n  inputs: [a]\n  split: {fractions: [0.5, 0.1, 0.1]}\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: prepare.split: split.fractions must sum to 1"):
+        load_recipe(path)
+    path = write(tmp_path, "prepare:\n  format: parquet\n")
+    with pytest.raises(ConfigError, match=r"prepare.format: expected one of"):
+        load_recipe(path)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_recipe(path)
