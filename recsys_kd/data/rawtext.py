@@ -97,8 +97,10 @@ def _split_block(
         newlines = np.append(newlines, len(buffer))
     line_count = len(newlines)
     starts = np.concatenate([[0], newlines[:-1] + 1])
-    separators = np.concatenate([[0], np.cumsum(buffer == separator)])
-    fields = separators[np.minimum(newlines, len(buffer))] - separators[starts] + 1
+    # Separators before each line end minus those before its start (sorted positions, so a binary
+    # search per line instead of a pass over every byte).
+    separator_positions = np.flatnonzero(buffer == separator)
+    fields = np.searchsorted(separator_positions, newlines) - np.searchsorted(separator_positions, starts) + 1
     good = fields == expected
     if skip_first_line:
         good[0] = False
