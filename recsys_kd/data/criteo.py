@@ -79,15 +79,10 @@ class CriteoSource:
     def _validated(self, block: RawBlock, quarantine: Optional[Quarantine]) -> Tuple[pa.Table, np.ndarray]:
         """The block's rows that pass every field check, and their line numbers."""
         table = block.table
-        checks = [("bad_label", fields.invalid_mask(table.column(LABEL), r"^[01]$", allow_empty=False))]
-        checks += [
-            (f"bad_integer:{name}", fields.invalid_mask(table.column(name), fields.INTEGER, allow_empty=True))
-            for name in INTEGER_FEATURES
-        ]
-        checks += [
-            (f"bad_hex:{name}", fields.invalid_mask(table.column(name), fields.HEX, allow_empty=True))
-            for name in CATEGORICAL_FEATURES
-        ]
+        patterns = [(LABEL, "bad_label", r"^[01]$", False)]
+        patterns += [(name, f"bad_integer:{name}", fields.INTEGER, True) for name in INTEGER_FEATURES]
+        patterns += [(name, f"bad_hex:{name}", fields.HEX, True) for name in CATEGORICAL_FEATURES]
+        checks = fields.check_columns(table, patterns)
         bad, reasons = fields.first_reason(checks, table.num_rows)
         if not bad.any():
             return table, block.lines

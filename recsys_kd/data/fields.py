@@ -6,7 +6,10 @@ Each ``check_*`` returns a boolean numpy mask of rows whose value is *invalid*; 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -26,6 +29,22 @@ def invalid_mask(column: pa.Array, pattern: str, allow_empty: bool) -> np.ndarra
     if allow_empty:
         matches = pc.or_(matches, pc.equal(pc.binary_length(column), 0))
     return ~np.asarray(matches.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def check_columns(table: pa.Table, patterns: List[Tuple[str, str, str, bool]]) -> List[Tuple[str, np.ndarray]]:
+    """Runs ``invalid_mask`` for each (column, reason, pattern, allow_empty) on a thread pool (Arrow
+    releases the GIL), returning (reason, mask) pairs in the given order."""
+    def check(spec: Tuple[str, str, str, bool]) -> Tuple[str, np.ndarray]:
+        column, reason, pattern, allow_empty = spec
+        return reason, invalid_mask(table.column(column), pattern, allow_empty)
+
+    return list(thread_pool().map(check, patterns))
+
+
+@functools.lru_cache(maxsize=1)
+def thread_pool() -> ThreadPoolExecutor:
+    """A process-wide pool for column-parallel Arrow/numpy work."""
+    return ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="recsys-kd-check")
 
 
 def utf8_invalid_mask(column: pa.Array) -> np.ndarray:

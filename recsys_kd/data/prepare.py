@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys_kd.config import to_dict
+from recsys_kd.data import fields
 from recsys_kd.data import split as splitting
 from recsys_kd.data.criteo import CriteoOptions
 from recsys_kd.data.ids import VocabularyCounter, hash_ids, vocab_ids
@@ -231,24 +232,26 @@ def _to_ids(config: PrepareConfig, source: RawSource, table: pa.Table, vocabular
     columns = {ROW_ID: table.column(ROW_ID), LABEL: table.column(LABEL).cast(pa.float32())}
     for name in info.dense:
         columns[name] = table.column(name).cast(pa.float32())
-    for name in info.sparse:
-        values = table.column(name).combine_chunks()
-        if name in info.identity_sizes:
-            columns[name] = values.cast(pa.int64())
-            continue
-        multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
-        flat = values.flatten() if multi_hot else values
-        if config.ids.rule == "vocab":
-            ids = vocab_ids(flat, vocabularies[name])
-        else:
-            ids = hash_ids(flat, config.ids.sizes.get(name, config.ids.num_embeddings), config.ids.seed + _feature_salt(name))
-        if multi_hot:
-            columns[name] = pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64()))
-        else:
-            columns[name] = pa.array(ids, pa.int64())
+    converted = fields.thread_pool().map(lambda name: _sparse_ids(config, info, table, name, vocabularies), info.sparse)
+    columns.update(zip(info.sparse, converted))
     for name in info.extra:
         columns[name] = table.column(name).cast(pa.float32())
     return pa.table(columns)
+
+
+def _sparse_ids(config: PrepareConfig, info, table: pa.Table, name: str, vocabularies: Dict[str, pa.Array]) -> pa.Array:
+    values = table.column(name).combine_chunks()
+    if name in info.identity_sizes:
+        return values.cast(pa.int64())
+    multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+    flat = values.flatten() if multi_hot else values
+    if config.ids.rule == "vocab":
+        ids = vocab_ids(flat, vocabularies[name])
+    else:
+        ids = hash_ids(flat, config.ids.sizes.get(name, config.ids.num_embeddings), config.ids.seed + _feature_salt(name))
+    if multi_hot:
+        return pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64()))
+    return pa.array(ids, pa.int64())
 
 
 def _feature_salt(name: str) -> int:

@@ -1,0 +1,258 @@
+"""MovieLens ratings as click data, from either of the two shapes users bring.
+
+GroupLens ML-1M release (``ratings.dat``, ``users.dat``, ``movies.dat``): ``::``-separated,
+ISO-8859-1, no header::
+
+    ratings.dat   UserID::MovieID::Rating::Timestamp
+    users.dat     UserID::Gender::Age::Occupation::Zip-code
+    movies.dat    MovieID::Title::Genres          (the title ends with the release year, "(YYYY)")
+
+RecBole atomic files (one each of ``*.inter``, ``*.user``, ``*.item``): tab-separated, UTF-8, with a
+typed header (``user_id:token``, ``rating:float`` ...); columns are found by name: ``user_id``,
+``item_id``, ``rating`` in .inter; ``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code`` in
+.user; ``item_id``, ``release_year`` in .item.
+
+Each rating line becomes one row (the KD-DAGFM / FuxiCTR convention), in ratings-file order:
+    label         1.0 if rating >= 4, 0.0 if rating <= 2; ratings in between (3, and 2.5 / 3.5 in
+                  half-star releases) are dropped by rule, counted in ``dropped_by_rule`` as
+                  ``rating_<value>`` (``rating_3``)
+    user_id, item_id                     as written in the ratings file
+    age, gender, occupation, zip_code    the user's, from the users file
+    release_year  the item's: RecBole ``release_year``; GroupLens the title's trailing "(YYYY)"
+    All 7 are string features; empty values (and titles without a year) are null (missing).
+    Timestamps and the other columns are not used.
+
+``row_id`` is the 0-based physical line of the rating in its file. The RecBole header is line 0, so
+there the first rating has row_id 1; in both shapes a rating's 1-based line number is row_id + 1.
+
+Ratings lines are quarantined as ``wrong_column_count``, ``bad_user_id`` / ``bad_item_id`` (empty or
+not a printable ASCII token), ``bad_rating`` (not a number in 0.5..5), ``unknown_user`` and
+``unknown_item`` (absent from the users / items file), checked in that order and before the
+labelling rule. The users and items files are small and loaded into memory; a malformed line there
+is an error, not a quarantined row. The ratings file is streamed in blocks of ``block_bytes``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Counter, Dict, Iterator, List, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from recsys_kd.data import fields
+from recsys_kd.data.quarantine import Quarantine
+from recsys_kd.data.rawtext import RawBlock, read_delimited
+from recsys_kd.data.source import LABEL, SourceChunk, SourceInfo
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+RATING = "rating"
+USER_FEATURES = ["age", "gender", "occupation", "zip_code"]
+ITEM_FEATURES = ["release_year"]
+FEATURES = [USER_ID, ITEM_ID, *USER_FEATURES, *ITEM_FEATURES]
+POSITIVE_FROM = 4.0
+NEGATIVE_UP_TO = 2.0
+MIN_RATING, MAX_RATING = 0.5, 5.0
+NUMBER = r"^[0-9]{1,3}(\.[0-9]{1,6})?$"
+GROUPLENS_ENCODING = "iso-8859-1"
+# A GroupLens ratings line split at every ':' yields empty fields between the '::' pairs; reading
+# it that way keeps rawtext's single-byte splitting and exact line numbers.
+GROUPLENS_RATING_FIELDS = [USER_ID, "gap1", ITEM_ID, "gap2", RATING, "gap3", "timestamp"]
+GROUPLENS_GAPS = ["gap1", "gap2", "gap3"]
+GROUPLENS_USERS = [USER_ID, "gender", "age", "occupation", "zip_code"]
+GROUPLENS_MOVIES = [ITEM_ID, "title", "genres"]
+TITLE_YEAR = r"\((?P<year>[0-9]{4})\)\s*$"
+
+
+@dataclass(frozen=True)
+class MovieLensFiles:
+    """The three files of one MovieLens release and which shape they have."""
+
+    layout: Literal["grouplens", "recbole"]
+    ratings: Path
+    users: Path
+    items: Path
+
+
+def locate(inputs: List[Path]) -> MovieLensFiles:
+    """Finds the ratings, users and items files among ``inputs`` (directories and/or files)."""
+    candidates: List[Path] = []
+    for path in map(Path, inputs):
+        candidates.extend(sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
+    by_name = {path.name: path for path in candidates}
+    where = ", ".join(str(p) for p in inputs)
+    if "ratings.dat" in by_name:
+        missing = [name for name in ("users.dat", "movies.dat") if name not in by_name]
+        if missing:
+            raise FileNotFoundError(f"movielens: ratings.dat found but not {' and '.join(missing)} in {where}")
+        return MovieLensFiles("grouplens", by_name["ratings.dat"], by_name["users.dat"], by_name["movies.dat"])
+    found = {suffix: [p for p in candidates if p.suffix == suffix] for suffix in (".inter", ".user", ".item")}
+    if not found[".inter"]:
+        raise FileNotFoundError(f"movielens: no ratings.dat (GroupLens) or *.inter (RecBole) file in {where}")
+    problems = [f"{len(paths)} {suffix} files" for suffix, paths in found.items() if len(paths) != 1]
+    if problems:
+        raise ValueError(
+            f"movielens: RecBole input needs exactly one .inter, .user and .item file; "
+            f"found {', '.join(problems)} in {where}"
+        )
+    return MovieLensFiles("recbole", found[".inter"][0], found[".user"][0], found[".item"][0])
+
+
+def recbole_columns(path: Path) -> List[str]:
+    """Column names of a RecBole atomic file, from its typed header (``user_id:token`` -> ``user_id``)."""
+    with open(path, "rb") as handle:
+        header = handle.readline().decode("utf-8").rstrip("\r\n")
+    return [column.split(":", 1)[0] for column in header.split("\t")]
+
+
+def read_recbole_table(path: Path, required: List[str]) -> pa.Table:
+    """The ``required`` columns of a small RecBole atomic file, as strings (empty = null)."""
+    names = recbole_columns(path)
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)} in the header (has: {', '.join(names)})")
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in names}, strings_can_be_null=False, include_columns=required
+        ),
+    )
+    return pa.table({name: fields.to_token(table.column(name).combine_chunks()) for name in required})
+
+
+def read_grouplens_table(path: Path, names: List[str]) -> pa.Table:
+    """A small GroupLens ``::``-separated ISO-8859-1 file as string columns (empty = null)."""
+    rows = []
+    # Split on '\n' only: str.splitlines would also split at '\x85', a latin-1 letter byte here.
+    for number, line in enumerate(path.read_bytes().decode(GROUPLENS_ENCODING).split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        parts = line.split("::")
+        if len(parts) != len(names):
+            raise ValueError(
+                f"{path}:{number}: expected {len(names)} '::'-separated fields ({'::'.join(names)}), got {len(parts)}"
+            )
+        rows.append(parts)
+    columns = list(zip(*rows)) if rows else [()] * len(names)
+    return pa.table({name: fields.to_token(pa.array(column, pa.string())) for name, column in zip(names, columns)})
+
+
+def _keyed(table: pa.Table, key: str, path: Path) -> pa.Table:
+    if table.column(key).null_count or pc.count_distinct(table.column(key)).as_py() != table.num_rows:
+        raise ValueError(f"{path}: {key} values must be present and unique")
+    return table
+
+
+class MovieLensSource:
+    """Streams labelled MovieLens ratings joined with their user and item features.
+
+    Example::
+
+        source = MovieLensSource([Path("ml-1m")])        # or the RecBole ml-100k folder
+        for chunk in source.chunks(quarantine):
+            chunk.table   # row_id, label, user_id, item_id, age, gender, occupation, zip_code, release_year
+        source.dropped_by_rule   # {"rating_3": ...} after a full pass
+    """
+
+    def __init__(self, inputs: List[Path], block_bytes: int = 16 << 20) -> None:
+        self.files = locate(inputs)
+        self.block_bytes = block_bytes
+        if self.files.layout == "grouplens":
+            users = read_grouplens_table(self.files.users, GROUPLENS_USERS)
+            movies = read_grouplens_table(self.files.items, GROUPLENS_MOVIES)
+            # A title without "(YYYY)" yields a null match, and so a null (missing) year.
+            release_year = pc.struct_field(pc.extract_regex(movies.column("title"), TITLE_YEAR), [0])
+            items = pa.table({ITEM_ID: movies.column(ITEM_ID), "release_year": release_year})
+        else:
+            users = read_recbole_table(self.files.users, [USER_ID, *USER_FEATURES])
+            items = read_recbole_table(self.files.items, [ITEM_ID, *ITEM_FEATURES])
+        self.users = _keyed(users, USER_ID, self.files.users)
+        self.items = _keyed(items, ITEM_ID, self.files.items)
+        # Ratings ids stay raw bytes (never decoded), so they are looked up as binary.
+        self._user_keys = self.users.column(USER_ID).combine_chunks().cast(pa.binary())
+        self._item_keys = self.items.column(ITEM_ID).combine_chunks().cast(pa.binary())
+        self.info = SourceInfo(
+            name="movielens",
+            dense=[],
+            sparse=list(FEATURES),
+            inputs=[str(self.files.ratings), str(self.files.users), str(self.files.items)],
+        )
+        self.dropped_by_rule: Dict[str, int] = {}
+
+    def progress_total(self) -> int:
+        return os.path.getsize(self.files.ratings)
+
+    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
+        if self.files.layout == "grouplens":
+            names, delimiter, header = GROUPLENS_RATING_FIELDS, ":", False
+        else:
+            names, delimiter, header = recbole_columns(self.files.ratings), "\t", True
+            missing = [name for name in (USER_ID, ITEM_ID, RATING) if name not in names]
+            if missing:
+                raise ValueError(f"{self.files.ratings}: no column {', '.join(missing)} in the header")
+        dropped: Counter[str] = collections.Counter()
+        blocks = read_delimited(
+            self.files.ratings, names, delimiter, quarantine, skip_header=header, block_bytes=self.block_bytes
+        )
+        for block in blocks:
+            yield SourceChunk(self._convert(block, delimiter, quarantine, dropped), block.size)
+        # Replaced, not added to, at the end of each full pass: a second pass counts the same rows.
+        self.dropped_by_rule = dict(sorted(dropped.items()))
+
+    def _convert(
+        self, block: RawBlock, delimiter: str, quarantine: Optional[Quarantine], dropped: Counter[str]
+    ) -> pa.Table:
+        """The block's valid, labelled rows joined with user and item features."""
+        table = block.table
+        users = table.column(USER_ID).combine_chunks()
+        items = table.column(ITEM_ID).combine_chunks()
+        rating_text = table.column(RATING).combine_chunks()
+        is_number = ~fields.invalid_mask(rating_text, NUMBER, allow_empty=False)
+        # Non-numbers become "0" (out of range) so the column casts at once; they are refused anyway.
+        numeric_text = pc.if_else(pa.array(is_number, pa.bool_()), rating_text, pa.scalar(b"0", pa.binary()))
+        ratings = np.asarray(numeric_text.cast(pa.string()).cast(pa.float64()).to_numpy(zero_copy_only=False))
+        user_rows = pc.index_in(users, value_set=self._user_keys)
+        item_rows = pc.index_in(items, value_set=self._item_keys)
+        checks = []
+        if self.files.layout == "grouplens":
+            gaps = np.zeros(table.num_rows, dtype=bool)
+            for name in GROUPLENS_GAPS:
+                gaps |= pc.binary_length(table.column(name)).to_numpy() > 0
+            checks.append(("wrong_column_count", gaps))
+        checks += [
+            ("bad_user_id", fields.invalid_mask(users, fields.TOKEN, allow_empty=False)),
+            ("bad_item_id", fields.invalid_mask(items, fields.TOKEN, allow_empty=False)),
+            ("bad_rating", (ratings < MIN_RATING) | (ratings > MAX_RATING)),
+            ("unknown_user", user_rows.is_null().to_numpy(zero_copy_only=False)),
+            ("unknown_item", item_rows.is_null().to_numpy(zero_copy_only=False)),
+        ]
+        bad, reasons = fields.first_reason(checks, table.num_rows)
+        fields.quarantine_rows(quarantine, block.file, table, block.lines, bad, reasons, delimiter)
+        neutral = ~bad & (ratings > NEGATIVE_UP_TO) & (ratings < POSITIVE_FROM)
+        if neutral.any():
+            values, counts = np.unique(ratings[neutral], return_counts=True)
+            for value, count in zip(values, counts):
+                dropped[f"rating_{value:g}"] += int(count)
+        keep_rows = ~bad & ~neutral
+        keep = pa.array(keep_rows, pa.bool_())
+        columns = {
+            "row_id": pa.array(block.lines[keep_rows], pa.int64()),
+            LABEL: pa.array(ratings[keep_rows] >= POSITIVE_FROM).cast(pa.float32()),
+            USER_ID: users.filter(keep).cast(pa.string()),
+            ITEM_ID: items.filter(keep).cast(pa.string()),
+        }
+        user_rows, item_rows = user_rows.filter(keep), item_rows.filter(keep)
+        for name in USER_FEATURES:
+            columns[name] = self.users.column(name).take(user_rows)
+        for name in ITEM_FEATURES:
+            columns[name] = self.items.column(name).take(item_rows)
+        return pa.table(columns)
