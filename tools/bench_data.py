@@ -1,0 +1,103 @@
+"""Data-layer benchmark: prepare and read throughput (rows/s) and peak RSS, 1M and 5M rows.
+
+Synthetic Criteo-shaped data (26 sparse + 13 dense fields). For each size, each phase runs in its
+own process so its peak RSS is its own:
+  synthesize     generate raw Criteo-format TSV (not a target, shown for context)
+  prepare-tsv    the Criteo converter on that TSV (hash ids, random split)
+  prepare-synth  the synthetic source straight to Parquet
+  read           the streaming reader over the train split, batch 4096, shuffle on
+
+Targets (issue 2): read >= 1,000,000 rows/s per process; prepare >= 200,000 rows/s per process;
+peak RSS at 5M rows within 10% of that at 1M rows.
+
+    .venv/bin/python tools/bench_data.py [--sizes 1000000 5000000] [--workdir runs/bench_data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def phase(name: str, rows: int, workdir: Path) -> dict:
+    """Runs one phase in this process and returns its figures (called in a child process)."""
+    from recsys_kd.data.prepare import IdConfig, PrepareConfig, prepare
+    from recsys_kd.data.synthetic import SyntheticConfig, write_criteo_tsv
+
+    synthetic = SyntheticConfig(rows=rows, seed=0, max_vocab=100_000)
+    raw = workdir / "raw.txt"
+    started = time.perf_counter()
+    if name == "synthesize":
+        write_criteo_tsv(synthetic, raw, progress=False)
+    elif name == "prepare-tsv":
+        prepare(PrepareConfig(format="criteo", inputs=[str(raw)], output=str(workdir / "tsv"), overwrite=True,
+                              progress=False, ids=IdConfig(rule="hash", num_embeddings=100_000)))
+    elif name == "prepare-synth":
+        prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(workdir / "synth"),
+                              overwrite=True, progress=False))
+    elif name == "read":
+        from recsys_kd.data.reader import ParquetReader, ReaderConfig
+
+        reader = ParquetReader(workdir / "synth", "train", ReaderConfig(batch_size=4096, shuffle=True), rank=0, world_size=1)
+        started = time.perf_counter()
+        rows = sum(batch.batch_size for batch in reader)
+    seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"phase": name, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak_mib}
+
+
+def run_child(name: str, rows: int, workdir: Path) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--rows", str(rows), "--workdir", str(workdir)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench_data"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(phase(args.child, args.rows, args.workdir)))
+        return
+
+    print(f"# bench_data  {time.strftime('%Y-%m-%d')}  {platform.machine()}  {os.cpu_count()} cores  "
+          f"python {platform.python_version()}")
+    results = []
+    for rows in args.sizes:
+        workdir = args.workdir / f"rows_{rows}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name in ("synthesize", "prepare-tsv", "prepare-synth", "read"):
+            result = run_child(name, rows, workdir)
+            results.append(result)
+            print(f"{name:14s} {rows:>10,d} rows  {result['seconds']:7.1f} s  {result['rows_per_s']:>12,.0f} rows/s  "
+                  f"peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
+        if not args.keep:
+            shutil.rmtree(workdir)
+    if len(args.sizes) > 1:
+        small, large = min(args.sizes), max(args.sizes)
+        print("\npeak RSS growth from the smallest to the largest size (target: within 10%):")
+        for name in ("prepare-tsv", "prepare-synth", "read"):
+            a = next(r for r in results if r["phase"] == name and r["rows"] == small)["peak_rss_mib"]
+            b = next(r for r in results if r["phase"] == name and r["rows"] == large)["peak_rss_mib"]
+            print(f"  {name:14s} {a:7.0f} MiB -> {b:7.0f} MiB  ({(b / a - 1) * 100:+.1f}%)")
+    targets = [("read", 1_000_000), ("prepare-tsv", 200_000), ("prepare-synth", 200_000)]
+    print("\nthroughput vs target (rows/s per process):")
+    for name, target in targets:
+        worst = min(r["rows_per_s"] for r in results if r["phase"] == name)
+        print(f"  {name:14s} worst {worst:>12,.0f}  target {target:>10,d}  {'ok' if worst >= target else 'BELOW'}")
+
+
+if __name__ == "__main__":
+    main()
