@@ -51,7 +51,7 @@ def phase(name: str, rows: int, workdir: Path) -> dict:
         rows = sum(batch.batch_size for batch in reader)
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"phase": name, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak_mib}
+    return {"phase": name, "size": synthetic.rows, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak_mib}
 
 
 def run_child(name: str, rows: int, workdir: Path) -> dict:
@@ -81,7 +81,7 @@ def main() -> None:
         for name in ("synthesize", "prepare-tsv", "prepare-synth", "read"):
             result = run_child(name, rows, workdir)
             results.append(result)
-            print(f"{name:14s} {rows:>10,d} rows  {result['seconds']:7.1f} s  {result['rows_per_s']:>12,.0f} rows/s  "
+            print(f"{name:14s} {result['rows']:>10,d} rows  {result['seconds']:7.1f} s  {result['rows_per_s']:>12,.0f} rows/s  "
                   f"peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
         if not args.keep:
             shutil.rmtree(workdir)
@@ -89,8 +89,8 @@ def main() -> None:
         small, large = min(args.sizes), max(args.sizes)
         print("\npeak RSS growth from the smallest to the largest size (target: within 10%):")
         for name in ("prepare-tsv", "prepare-synth", "read"):
-            a = next(r for r in results if r["phase"] == name and r["rows"] == small)["peak_rss_mib"]
-            b = next(r for r in results if r["phase"] == name and r["rows"] == large)["peak_rss_mib"]
+            a = next(r for r in results if r["phase"] == name and r["size"] == small)["peak_rss_mib"]
+            b = next(r for r in results if r["phase"] == name and r["size"] == large)["peak_rss_mib"]
             print(f"  {name:14s} {a:7.0f} MiB -> {b:7.0f} MiB  ({(b / a - 1) * 100:+.1f}%)")
     targets = [("read", 1_000_000), ("prepare-tsv", 200_000), ("prepare-synth", 200_000)]
     print("\nthroughput vs target (rows/s per process):")
