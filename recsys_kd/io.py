@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Tuple
 
 
 def _umask() -> int:
@@ -90,3 +92,46 @@ def staged_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if temp.exists():
             shutil.rmtree(temp)
+
+
+def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Runs ``iterator`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Overlaps I/O-and-parse work (Arrow and numpy release the GIL) with the consumer's work. An
+    exception in the producer is re-raised in the consumer; closing the consumer stops the producer.
+    """
+    items: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(entry: Tuple[Any, Optional[BaseException]]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            put((done, error))
+
+    thread = threading.Thread(target=produce, name="recsys-kd-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -88,3 +88,4 @@ def test_day_and_sequential_split():
 def test_split_config_rejects_bad_fractions():
     with pytest.raises(ValueError, match="sum to 1"):
         splitting.SplitConfig(fractions=[0.5, 0.5, 0.5]).validate()
+

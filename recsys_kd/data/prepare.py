@@ -30,7 +30,7 @@ from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFe
 from recsys_kd.data.source import DAY, LABEL, RawSource, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
-from recsys_kd.io import atomic_write_json, staged_directory
+from recsys_kd.io import atomic_write_json, prefetch, staged_directory
 
 RECORD_FILE = "prepare.json"
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -158,7 +158,7 @@ def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quara
         total=source.progress_total(), desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
         unit_scale=True, disable=not config.progress, mininterval=1.0,
     ) as bar:
-        for chunk in source.chunks(quarantine):
+        for chunk in prefetch(source.chunks(quarantine)):
             bar.update(chunk.progress)
             yield chunk
 
