@@ -31,6 +31,7 @@ from recsys_kd.data.source import DAY, LABEL, RawSource, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.io import atomic_write_json, prefetch, staged_directory
+from recsys_kd.memory import pin_mmap_threshold
 
 RECORD_FILE = "prepare.json"
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -85,6 +86,7 @@ class PrepareConfig:
 def prepare(config: PrepareConfig) -> Dict:
     """Runs the stage; returns (and writes as ``prepare.json``) the record of what it did."""
     started = time.time()
+    pin_mmap_threshold()
     source = open_source(config)
     output = Path(config.output)
     with staged_directory(output, overwrite=config.overwrite) as staging:
@@ -158,7 +160,7 @@ def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quara
         total=source.progress_total(), desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
         unit_scale=True, disable=not config.progress, mininterval=1.0,
     ) as bar:
-        for chunk in prefetch(source.chunks(quarantine)):
+        for chunk in prefetch(source.chunks(quarantine), depth=1):
             bar.update(chunk.progress)
             yield chunk
 

@@ -9,7 +9,6 @@ inputs are decompressed on the fly. Memory is bounded by the block size.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -55,34 +54,44 @@ def read_delimited(
     """
     separator = ord(delimiter)
     name = str(path)
+    transcode = encoding.lower().replace("-", "") not in ("utf8", "ascii")
     line_base = 0
-    carry = b""
+    # One reusable buffer: allocating a fresh block-sized bytes object per block fragments the C
+    # heap until peak memory creeps up with the input size.
+    buffer = np.empty(block_bytes, dtype=np.uint8)
+    filled = 0
+    first = True
     with pa.input_stream(str(path), compression="detect") as stream:
-        first = True
         while True:
-            chunk = stream.read(block_bytes)
-            data = carry + chunk
-            if not data:
+            if filled == len(buffer):  # a single line longer than the buffer
+                buffer = np.concatenate([buffer, np.empty(len(buffer), np.uint8)])
+            read = stream.readinto(memoryview(buffer)[filled:])
+            filled += read
+            at_end = read == 0
+            if filled == 0:
                 break
-            end = data.rfind(b"\n") + 1 if chunk else len(data)
-            if end == 0:
-                carry = data
+            newline_positions = np.flatnonzero(buffer[:filled] == NEWLINE)
+            if not at_end and len(newline_positions) == 0:
                 continue
-            block, carry = data[:end], data[end:]
-            if encoding.lower().replace("-", "") not in ("utf8", "ascii"):
-                block = block.decode(encoding).encode("utf-8")
+            end = filled if at_end else int(newline_positions[-1]) + 1
+            block = buffer[:end]
+            if transcode:
+                block = np.frombuffer(block.tobytes().decode(encoding).encode("utf-8"), dtype=np.uint8)
             table, lines, line_count = _split_block(
                 block, separator, column_names, name, line_base, quarantine, skip_header and first
             )
             line_base += line_count
             first = False
-            yield RawBlock(file=name, table=table, lines=lines, line_end=line_base, size=len(block))
-            if not chunk:
+            yield RawBlock(file=name, table=table, lines=lines, line_end=line_base, size=end)
+            carry = filled - end
+            buffer[:carry] = buffer[end:filled]
+            filled = carry
+            if at_end:
                 break
 
 
 def _split_block(
-    block: bytes,
+    buffer: np.ndarray,
     separator: int,
     column_names: List[str],
     file: str,
@@ -91,7 +100,6 @@ def _split_block(
     skip_first_line: bool,
 ):
     expected = len(column_names)
-    buffer = np.frombuffer(block, dtype=np.uint8)
     newlines = np.flatnonzero(buffer == NEWLINE)
     if len(newlines) == 0 or newlines[-1] != len(buffer) - 1:
         newlines = np.append(newlines, len(buffer))
@@ -110,21 +118,18 @@ def _split_block(
         bad = bad[1:]
     if quarantine is not None:
         for index in bad:
-            text = block[starts[index] : newlines[index]].rstrip(b"\r").decode("utf-8", "replace")
+            text = buffer[starts[index] : newlines[index]].tobytes().rstrip(b"\r").decode("utf-8", "replace")
             quarantine.add(file, int(numbers[index]) + 1, "wrong_column_count", text)
     if not good.any():
         empty = pa.table({column: pa.array([], pa.binary()) for column in column_names})
         return empty, numbers[good], line_count
     if good.all():
-        body = block
+        body = buffer
     else:
         lengths = np.minimum(newlines + 1, len(buffer)) - starts
-        keep = np.repeat(good, lengths)
-        body = buffer[keep].tobytes()
-    if body and body[-1] != NEWLINE:
-        body += b"\n"
+        body = buffer[np.repeat(good, lengths)]
     table = pacsv.read_csv(
-        io.BytesIO(body),
+        pa.BufferReader(pa.py_buffer(body)),
         read_options=pacsv.ReadOptions(column_names=column_names, use_threads=True),
         parse_options=pacsv.ParseOptions(delimiter=chr(separator), quote_char=False, ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(

@@ -48,6 +48,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.memory import pin_mmap_threshold
 
 # per multi-hot feature, the (values, offsets) arrays of each row group read so far
 _ListParts = Tuple[List[np.ndarray], List[np.ndarray]]
@@ -308,6 +309,7 @@ class ParquetReader(IterableDataset):
         num_workers: int = 1,
     ) -> None:
         super().__init__()
+        pin_mmap_threshold()
         self.config = config or ReaderConfig()
         self.config.validate()
         distributed = dist.is_available() and dist.is_initialized()
