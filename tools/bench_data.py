@@ -5,7 +5,9 @@ own process so its peak RSS is its own:
   synthesize     generate raw Criteo-format TSV (not a target, shown for context)
   prepare-tsv    the Criteo converter on that TSV (hash ids, random split)
   prepare-synth  the synthetic source straight to Parquet
-  read           the streaming reader over the train split, batch 4096, shuffle on
+  read-seq       the streaming reader over the train split, batch 4096, no shuffle
+  read-shuffle   the same with shuffle (window of 8 row groups): first epoch, buffers cold
+  read-warm      the same, second epoch of the same reader (steady state of a training run)
 
 Targets (issue 2): read >= 1,000,000 rows/s per process; prepare >= 200,000 rows/s per process;
 peak RSS at 5M rows within 10% of that at 1M rows.
@@ -43,12 +45,16 @@ def phase(name: str, rows: int, workdir: Path) -> dict:
     elif name == "prepare-synth":
         prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(workdir / "synth"),
                               overwrite=True, progress=False))
-    elif name == "read":
+    elif name.startswith("read"):
         from recsys_kd.data.reader import ParquetReader, ReaderConfig
 
-        reader = ParquetReader(workdir / "synth", "train", ReaderConfig(batch_size=4096, shuffle=True), rank=0, world_size=1)
-        started = time.perf_counter()
-        rows = sum(batch.batch_size for batch in reader)
+        config = ReaderConfig(batch_size=4096, shuffle=name != "read-seq")
+        reader = ParquetReader(workdir / "synth", "train", config, rank=0, world_size=1)
+        epochs = 2 if name == "read-warm" else 1
+        for epoch in range(epochs):
+            reader.set_epoch(epoch)
+            started = time.perf_counter()
+            rows = sum(batch.batch_size for batch in reader)
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"phase": name, "size": synthetic.rows, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak_mib}
@@ -78,7 +84,7 @@ def main() -> None:
     for rows in args.sizes:
         workdir = args.workdir / f"rows_{rows}"
         workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("synthesize", "prepare-tsv", "prepare-synth", "read"):
+        for name in ("synthesize", "prepare-tsv", "prepare-synth", "read-seq", "read-shuffle", "read-warm"):
             result = run_child(name, rows, workdir)
             results.append(result)
             print(f"{name:14s} {result['rows']:>10,d} rows  {result['seconds']:7.1f} s  {result['rows_per_s']:>12,.0f} rows/s  "
@@ -88,11 +94,12 @@ def main() -> None:
     if len(args.sizes) > 1:
         small, large = min(args.sizes), max(args.sizes)
         print("\npeak RSS growth from the smallest to the largest size (target: within 10%):")
-        for name in ("prepare-tsv", "prepare-synth", "read"):
+        for name in ("prepare-tsv", "prepare-synth", "read-seq", "read-shuffle"):
             a = next(r for r in results if r["phase"] == name and r["size"] == small)["peak_rss_mib"]
             b = next(r for r in results if r["phase"] == name and r["size"] == large)["peak_rss_mib"]
             print(f"  {name:14s} {a:7.0f} MiB -> {b:7.0f} MiB  ({(b / a - 1) * 100:+.1f}%)")
-    targets = [("read", 1_000_000), ("prepare-tsv", 200_000), ("prepare-synth", 200_000)]
+    targets = [("read-seq", 1_000_000), ("read-shuffle", 1_000_000), ("read-warm", 1_000_000),
+               ("prepare-tsv", 200_000), ("prepare-synth", 200_000)]
     print("\nthroughput vs target (rows/s per process):")
     for name, target in targets:
         worst = min(r["rows_per_s"] for r in results if r["phase"] == name)
