@@ -145,7 +145,9 @@ class FirstOrder(nn.Module):
         y = first_order(batch.dense, batch.sparse)  # [B, 1]
     """
 
-    def __init__(self, schema: Schema, dense_mode: str = "projected", device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, schema: Schema, dense_mode: str = "projected", device: Optional[torch.device] = None
+    ) -> None:
         super().__init__()
         self.weights = FieldEmbedding(schema, 1, dense_mode, table_prefix="w_", device=device)
         self.bias = nn.Parameter(torch.zeros(1))

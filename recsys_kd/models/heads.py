@@ -9,7 +9,7 @@ models whose output is a fixed sum (LR, the FM family) the terms of that sum. EC
 reads it. ``flops_per_example()`` follows the convention of ``recsys_kd.models.layers``.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -142,8 +142,8 @@ class DNNHead(CTRHead):
     .. math:: z = w^T \mathrm{MLP}([x_1, \dots, x_F]) + b \; (+ \text{first order for Wide \& Deep})
 
     Args:
-        in_features (int): F * D.
-        mlp (MLP): the hidden layers (activation on the last); its output is the hidden vector.
+        mlp (MLP): the hidden layers, reading F * D (activation on the last); its output is the hidden
+            vector.
         uses_first_order (bool): add the first-order ("wide") term.
 
     Shapes: ``[B, F, D] -> [B]``, hidden ``[B, mlp.out_features]``.
@@ -244,7 +244,9 @@ class CrossNetHead(CTRHead):
         logits = head(torch.randn(8, 39, 16))  # [8]
     """
 
-    def __init__(self, cross: nn.Module, in_features: int, mlp: Optional[MLP] = None, stacked: bool = False) -> None:
+    def __init__(
+        self, cross: nn.Module, in_features: int, mlp: Optional[MLP] = None, stacked: bool = False
+    ) -> None:
         if stacked and mlp is None:
             raise ValueError("a stacked cross network needs an MLP")
         if mlp is None:
@@ -367,7 +369,9 @@ class AutoIntPlusHead(CTRHead):
         layers: List[InteractingLayer] = []
         width = embedding_dim
         for _ in range(num_layers):
-            layers.append(InteractingLayer(width, attention_dim, num_heads, num_fields, use_residual, use_scale))
+            layers.append(
+                InteractingLayer(width, attention_dim, num_heads, num_fields, use_residual, use_scale)
+            )
             width = layers[-1].output_dim
         super().__init__(hidden_dim=num_fields * width + mlp.out_features, uses_first_order=False)
         self.attention = nn.Sequential(*layers)
@@ -403,14 +407,13 @@ class FiBiNetHead(CTRHead):
         embedding_dim (int): D.
         reduction_ratio (int): SENET's reduction ratio.
         bilinear_type (str): ``"field_all"``, ``"field_each"`` or ``"field_interaction"``.
-        mlp_layers (Sequence[int]), dropout (float), batch_norm (bool): the MLP, which reads
-            ``2 * F(F-1)/2 * D``.
+        mlp (MLP): the hidden layers, reading ``2 * F(F-1)/2 * D``.
 
     Shapes: ``[B, F, D]``, first order ``[B, 1] -> [B]``.
 
     Example::
 
-        head = FiBiNetHead(39, 16, 3, "field_interaction", [400, 400, 400])
+        head = FiBiNetHead(39, 16, 3, "field_interaction", MLP(2 * 741 * 16, [400, 400, 400]))
         logits = head(torch.randn(8, 39, 16), torch.randn(8, 1))  # [8]
     """
 
@@ -420,15 +423,13 @@ class FiBiNetHead(CTRHead):
         embedding_dim: int,
         reduction_ratio: int,
         bilinear_type: str,
-        mlp_layers: Sequence[int],
-        dropout: float = 0.0,
-        batch_norm: bool = False,
+        mlp: MLP,
     ) -> None:
-        super().__init__(hidden_dim=mlp_layers[-1], uses_first_order=True)
+        super().__init__(hidden_dim=mlp.out_features, uses_first_order=True)
         self.senet = SENETLayer(num_fields, embedding_dim, reduction_ratio)
         self.bilinear = BilinearInteraction(num_fields, embedding_dim, bilinear_type)
         self.bilinear_senet = BilinearInteraction(num_fields, embedding_dim, bilinear_type)
-        self.mlp = MLP(2 * self.bilinear.num_pairs * embedding_dim, mlp_layers, dropout=dropout, batch_norm=batch_norm)
+        self.mlp = mlp
         self.output = nn.Linear(self.hidden_dim, 1)
 
     def forward_with_hidden(
@@ -455,7 +456,9 @@ class DAGFMHead(CTRHead):
 
     .. math:: z = w^T [\sum_d h^0, \dots, \sum_d h^L] + b + w'^T \mathrm{MLP}([x_1, \dots, x_F]) + b'
 
-    The hidden vector is ``[B, F(L+1)]`` (and the MLP output concatenated for ``dagfm_plus``).
+    The hidden vector is ``[B, F(L+1)]`` (and the MLP output concatenated for ``dagfm_plus``). The
+    authors' released ``DeepDAGFM`` stacks instead: the MLP reads the summed states
+    :math:`h^0 + \dots + h^L` (``[B, F, D]``) and alone gives the logit; this is the parallel form.
 
     Args:
         dagfm (DAGFM): the DAGFM layer, whose own Linear gives the DAGFM logit.

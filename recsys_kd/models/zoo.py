@@ -149,7 +149,9 @@ class ModelConfig:
             raise ValueError(f"cin_split_half needs even cin_layers but the last, got {self.cin_layers}")
         implied = {"dagfm_inner": "inner", "dagfm_outer": "outer"}.get(self.name)
         if implied is not None and self.dagfm_type not in (None, implied):
-            raise ValueError(f"model {self.name!r} has dagfm_type {implied!r}, got dagfm_type {self.dagfm_type!r}")
+            raise ValueError(
+                f"model {self.name!r} has dagfm_type {implied!r}, got dagfm_type {self.dagfm_type!r}"
+            )
 
 
 class CTRModel(nn.Module):
@@ -177,7 +179,7 @@ class CTRModel(nn.Module):
     ) -> None:
         super().__init__()
         if head.uses_first_order != (first_order is not None):
-            need = "needs" if head.uses_first_order else "takes no"
+            need = "needs a" if head.uses_first_order else "takes no"
             raise ValueError(f"model {name!r}: its head {need} first-order term")
         self.name = name
         self.embedding = embedding
@@ -216,7 +218,10 @@ class CTRModel(nn.Module):
     def num_parameters(self) -> Dict[str, int]:
         """``embedding``: every embedding-table parameter; ``dense``: all others; ``total``."""
         tables = {
-            id(p) for module in self.modules() if isinstance(module, EmbeddingBagCollection) for p in module.parameters()
+            id(p)
+            for module in self.modules()
+            if isinstance(module, EmbeddingBagCollection)
+            for p in module.parameters()
         }
         embedding = sum(p.numel() for p in self.parameters() if id(p) in tables)
         total = sum(p.numel() for p in self.parameters())
@@ -246,7 +251,8 @@ def _dcnv2_cross(config: ModelConfig, n: int) -> nn.Module:
 
 def _dcnv2(config: ModelConfig, f: int, d: int) -> CTRHead:
     n = f * d
-    return CrossNetHead(_dcnv2_cross(config, n), n, _mlp(config, n), stacked=config.dcn_structure == "stacked")
+    stacked = config.dcn_structure == "stacked"
+    return CrossNetHead(_dcnv2_cross(config, n), n, _mlp(config, n), stacked=stacked)
 
 
 def _dagfm(interaction: str, with_mlp: bool = False) -> Callable[[ModelConfig, int, int], CTRHead]:
@@ -272,10 +278,18 @@ _HEADS: Dict[str, Callable[[ModelConfig, int, int], CTRHead]] = {
     "dcnv2": _dcnv2,
     "xdeepfm": lambda c, f, d: CINHead(_cin(c, f, d), _mlp(c, f * d), uses_first_order=True),
     "autoint_plus": lambda c, f, d: AutoIntPlusHead(
-        f, d, c.attention_layers, c.attention_dim, c.attention_heads, c.use_residual, c.use_scale, _mlp(c, f * d)
+        num_fields=f,
+        embedding_dim=d,
+        num_layers=c.attention_layers,
+        attention_dim=c.attention_dim,
+        num_heads=c.attention_heads,
+        use_residual=c.use_residual,
+        use_scale=c.use_scale,
+        mlp=_mlp(c, f * d),
     ),
+    # the MLP reads the bilinear products of all F(F-1)/2 pairs, raw and SENET-weighted
     "fibinet": lambda c, f, d: FiBiNetHead(
-        f, d, c.reduction_ratio, c.bilinear_type, c.mlp_layers, c.dropout, c.batch_norm
+        f, d, c.reduction_ratio, c.bilinear_type, _mlp(c, f * (f - 1) * d)
     ),
     "cin": lambda c, f, d: CINHead(_cin(c, f, d)),
     "crossnet": lambda c, f, d: CrossNetHead(CrossNetV2(f * d, c.cross_layers), f * d),
@@ -294,7 +308,9 @@ MODEL_NAMES: Tuple[str, ...] = tuple(_HEADS)
 _LR_EMBEDDING_DIM = 1
 
 
-def build_model(schema: Schema, config: ModelConfig, embedding_device: Optional[torch.device] = None) -> CTRModel:
+def build_model(
+    schema: Schema, config: ModelConfig, embedding_device: Optional[torch.device] = None
+) -> CTRModel:
     """
     Builds model ``config.name`` for ``schema``'s features.
 
@@ -312,7 +328,9 @@ def build_model(schema: Schema, config: ModelConfig, embedding_device: Optional[
     """
     config.validate()
     if config.name == "lr":
-        embedding = FieldEmbedding(schema, _LR_EMBEDDING_DIM, config.dense_mode, "w_", embedding_device)
+        embedding = FieldEmbedding(
+            schema, _LR_EMBEDDING_DIM, config.dense_mode, table_prefix="w_", device=embedding_device
+        )
     else:
         embedding = FieldEmbedding(schema, config.embedding_dim, config.dense_mode, device=embedding_device)
     head = _HEADS[config.name](config, embedding.num_fields, embedding.embedding_dim)
