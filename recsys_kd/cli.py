@@ -12,8 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
+from recsys_kd.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, SchemaError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ConfigError, SchemaError, CheckpointError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
     stage("synthesize", "write synthetic Criteo-format raw logs with planted interactions", _synthesize)
     stage("prepare", "convert raw logs to a Parquet dataset (schema.json, quarantine, record)", _prepare)
+    stage("train", "train a model with sharded embeddings (1..N processes: torchrun / torchx)", _train)
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
@@ -82,6 +84,24 @@ def _prepare(args) -> int:
         print(f"dropped by the labelling rule: {record['dropped_by_rule']}")
     print(f"{sum(record['rows'].values()):,} rows in {record['seconds']:.1f} s "
           f"({record['rows_per_second']:,.0f} rows/s) -> {record['output']}")
+    return 0
+
+
+def _train(args) -> int:
+    from recsys_kd.train.trainer import train
+
+    recipe = _recipe(args)
+    recipe.train.output = str(recipe.train_output())
+    record = train(recipe.train, Path(recipe.prepare.output), recipe.reader)
+    if record["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        test = record["test"]
+        print(format_table([{
+            "model": record["model"], "best valid " + recipe.train.monitor: round(record["best_valid"], 5),
+            "test auc": round(test["auc"], 5), "test logloss": round(test["logloss"], 5),
+            "params": record["parameters"]["total"], "flops/example": record["flops_per_example"],
+            "steps": record["steps"], "samples/s": round(record["samples_per_second_this_run"]),
+        }]))
+        print(f"record: {Path(record['output']) / 'train.json'}")
     return 0
 
 

@@ -21,6 +21,7 @@ from recsys_kd.config import load_config
 from recsys_kd.data.prepare import PrepareConfig
 from recsys_kd.data.reader import ReaderConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.train.trainer import TrainConfig
 
 
 @dataclass
@@ -37,6 +38,11 @@ class Recipe:
     synthesize: Optional[SynthesizeConfig] = None
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def train_output(self) -> Path:
+        """Where ``train`` writes: ``train.output``, or ``<run_dir>/train/<model name>``."""
+        return Path(self.train.output or Path(self.run_dir) / "train" / self.train.model.name)
 
 
 def load_recipe(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> Recipe:

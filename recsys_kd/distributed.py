@@ -1,0 +1,75 @@
+"""Process-group setup shared by every stage: the same code on 1..N processes, CPU (gloo) or GPU (NCCL).
+
+Under torchrun / torchx ``dist.ddp`` the environment names rank, world size and rendezvous; a plain
+``recsys-kd train`` gets a one-process group on a free local port so the sharded code path
+(DistributedModelParallel, collectives) is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str = "auto", timeout_seconds: int = 1800) -> DistributedContext:
+    """Joins (or creates) the default process group; returns this process's context.
+
+    ``backend``: ``auto`` (NCCL when CUDA is available, else gloo), ``gloo`` or ``nccl``.
+    """
+    use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
+    chosen = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise RuntimeError("backend 'nccl' needs CUDA, and no GPU is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_seconds)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(chosen, timeout=timeout)
+        else:
+            dist.init_process_group(
+                chosen, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+            )
+    else:
+        chosen = dist.get_backend()
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
+
+
+def all_gather_objects(value) -> List:
+    """Every rank's ``value`` (any picklable object of our own making), in rank order."""
+    gathered: List = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value, src: int = 0):
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

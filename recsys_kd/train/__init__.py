@@ -1,0 +1,1 @@
+"""Training: the sharded trainer, metrics, checkpoints, sharding plans."""

@@ -1,0 +1,123 @@
+"""Distributed checkpoints: torch.distributed.checkpoint for tensors, a JSON file per rank for the rest.
+
+Layout under ``<output>/checkpoints/``::
+
+    step_000001200/          one complete checkpoint: DCP shards + .metadata, rank_0.json .. rank_{N-1}.json
+    best/                    the best model so far (model tensors only, same format)
+    latest                   the name of the newest complete step_* directory
+
+A checkpoint is written under a temporary name and renamed by rank 0 only after every rank has
+finished, so a crash (of any rank, at any moment) never leaves a partial checkpoint under a final
+name; ``latest`` is replaced atomically after the rename. Loading uses DCP, never unpickling.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from recsys_kd.io import atomic_write_json, atomic_write_text
+
+LATEST = "latest"
+BEST = "best"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or was written by another number of ranks."""
+
+
+def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str, Any], keep: int = 0) -> Path:
+    """Collective: every rank calls it with its DCP state and its own JSON-able ``rank_state``.
+
+    ``keep`` > 0 prunes older ``step_*`` checkpoints beyond the newest ``keep``; ``name`` ``best``
+    replaces the previous best model.
+    """
+    directory = Path(directory)
+    rank = dist.get_rank()
+    final = directory / name
+    staging = directory / f".{name}.tmp"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(staging))
+    atomic_write_json(staging / f"rank_{rank}.json", {"world_size": dist.get_world_size(), **rank_state})
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            retired = directory / f".{name}.old"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, final)
+        if name.startswith("step_"):
+            atomic_write_text(directory / LATEST, name + "\n")
+            if keep > 0:
+                steps = sorted(p for p in directory.glob("step_*") if p.is_dir())
+                for old in steps[:-keep]:
+                    shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def latest(directory: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None when there is none."""
+    pointer = Path(directory) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def load(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Collective: loads DCP tensors into ``state`` in place; returns this rank's JSON state."""
+    path = Path(path)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank_file = path / f"rank_{rank}.json"
+    if not rank_file.exists():
+        raise CheckpointError(f"{path}: no state for rank {rank}; was it written by another number of ranks?")
+    rank_state = json.loads(rank_file.read_text())
+    if rank_state["world_size"] != world_size:
+        raise CheckpointError(
+            f"{path} was written by {rank_state['world_size']} ranks, this run has {world_size}; "
+            "resuming on another number of ranks is not supported yet"
+        )
+    dcp.load(state, checkpoint_id=str(path))
+    return rank_state
+
+
+def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Single process, no process group: fills a plain (unsharded) model state_dict from any
+    checkpoint, whatever its sharding. Returns ``state_dict``."""
+    path = Path(path)
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
+    dcp.load({"model": state_dict}, checkpoint_id=str(path), no_dist=True)
+    return state_dict
+
+
+def rng_state() -> Dict[str, str]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode("ascii")
+    return state
+
+
+def set_rng_state(state: Dict[str, str]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))

@@ -1,0 +1,102 @@
+"""Sharding plans for the embedding tables: torchrec's planner, with our constraints.
+
+On CPU torchrec's EBC sharder allows data_parallel, table_wise, column_wise and table_column_wise;
+row_wise and table_row_wise work on CPU too (and match single-process results, see STACK.md) but
+are not in its allow-list, so :class:`EmbeddingBagCollectionSharderAnyDevice` adds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+
+
+@dataclass
+class ShardingConfig:
+    """``type``: one sharding type for every table, or ``auto`` (the planner chooses);
+    ``tables``: per-table overrides {table name: type}, e.g. {t_C1: row_wise};
+    ``column_wise_min_partition``: column shard width for column-wise tables (defaults to D/2)."""
+
+    type: Literal["auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"] = "auto"
+    tables: Dict[str, str] = field(default_factory=dict)
+    column_wise_min_partition: Optional[int] = None
+
+    def validate(self) -> None:
+        for table, kind in self.tables.items():
+            if kind not in SHARDING_TYPES[1:]:
+                raise ValueError(f"tables.{table}: unknown sharding type {kind!r} (known: {', '.join(SHARDING_TYPES[1:])})")
+
+    def type_of(self, table: str, embedding_dim: int) -> str:
+        """The table's sharding type. Tables whose width is not a multiple of 4 (the D = 1
+        first-order weights) cannot use FBGEMM's fused kernels: they are data-parallel."""
+        if table in self.tables:
+            return self.tables[table]
+        return self.type if embedding_dim % 4 == 0 else "data_parallel"
+
+
+class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
+    """torchrec's EBC sharder, with row-wise sharding allowed on CPU as well."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = super().sharding_types(compute_device_type)
+        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+
+def table_configs(model: nn.Module) -> Dict[str, "object"]:
+    """Every embedding table of ``model`` by name (its EmbeddingBagConfig)."""
+    tables = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for config in module.embedding_bag_configs():
+                tables[config.name] = config
+    return tables
+
+
+def data_parallel_tables(model: nn.Module, config: ShardingConfig) -> List[str]:
+    return [name for name, table in table_configs(model).items() if config.type_of(name, table.embedding_dim) == "data_parallel"]
+
+
+def make_plan(model: nn.Module, config: ShardingConfig, device: torch.device, world_size: int) -> ShardingPlan:
+    """Plans every table with the configured type (or the planner's choice) and the kernel that type
+    needs: dense for data_parallel (plain DDP parameters, any optimizer), fused otherwise."""
+    constraints = {}
+    for name, table in table_configs(model).items():
+        kind = config.type_of(name, table.embedding_dim)
+        if kind == "auto":
+            continue
+        kernel = EmbeddingComputeKernel.DENSE.value if kind == "data_parallel" else EmbeddingComputeKernel.FUSED.value
+        min_partition = None
+        if kind in ("column_wise", "table_column_wise"):
+            min_partition = config.column_wise_min_partition or max(1, table.embedding_dim // 2)
+        constraints[name] = ParameterConstraints(sharding_types=[kind], compute_kernels=[kernel], min_partition=min_partition)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device.type), constraints=constraints, debug=False
+    )
+    return planner.collective_plan(model, [EmbeddingBagCollectionSharderAnyDevice()], dist.GroupMember.WORLD)
+
+
+def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
+    """{table: {sharding_type, compute_kernel, ranks}} for the run record."""
+    described = {}
+    for module_plan in plan.plan.values():
+        for table, option in module_plan.items():
+            described[table] = {
+                "sharding_type": option.sharding_type,
+                "compute_kernel": option.compute_kernel,
+                "ranks": list(option.ranks or []),
+            }
+    return described

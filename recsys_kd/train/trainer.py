@@ -1,0 +1,431 @@
+"""The ``train`` stage: a CTR model with sharded embedding tables, on 1..N processes.
+
+Top-down: join the process group; build the model and a sharding plan; wrap it in
+DistributedModelParallel with a fused optimizer for sharded tables and a dense optimizer for the
+rest; resume from the latest checkpoint if there is one; train epoch by epoch, evaluating AUC and
+logloss on the validation split, checkpointing, keeping the best model and stopping early; finally
+evaluate the best model on the test split and write the record ``train.json``.
+
+Every rank runs the same number of steps per epoch (the largest rank's batch count): a rank whose
+rows run out first steps on a zero-weight batch, so every row is trained on exactly once per epoch
+and collectives stay matched. Evaluation pads the same way and gathers predictions, so metrics are
+exact and identical on every rank and for any number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
+
+from recsys_kd.config import to_dict
+from recsys_kd.data.reader import Batch, ParquetReader, ReaderConfig
+from recsys_kd.data.schema import Schema
+from recsys_kd.distributed import DistributedContext, init_distributed
+from recsys_kd.io import atomic_write_json
+from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
+from recsys_kd.train import checkpoint
+from recsys_kd.train.metrics import classification_metrics, gather_predictions
+from recsys_kd.train.sharding import (
+    EmbeddingBagCollectionSharderAnyDevice,
+    ShardingConfig,
+    data_parallel_tables,
+    describe_plan,
+    make_plan,
+    table_configs,
+)
+
+RECORD_FILE = "train.json"
+METRICS_LOG = "metrics.jsonl"
+KILL_ENV = "RECSYS_KD_KILL_AT_STEP"  # "rank:step" -> SIGKILL that rank at that step (fault tests)
+
+
+@dataclass
+class OptimConfig:
+    """Sharded tables train with a fused optimizer (CPU kernels: sgd, adagrad, rowwise_adagrad);
+    data-parallel tables and every dense parameter with ``dense`` (adam, adagrad or sgd).
+
+    ``l2_embedding`` adds l2 * mean over the batch of ||e||^2 of the looked-up field embeddings (the
+    regulariser of the KD-DAGFM/RecBole code); ``l2_dense`` is weight decay on dense parameters."""
+
+    embedding: Literal["sgd", "adagrad", "rowwise_adagrad"] = "adagrad"
+    embedding_lr: float = 0.05
+    dense: Literal["adam", "adagrad", "sgd"] = "adam"
+    lr: float = 1e-3
+    l2_embedding: float = 0.0
+    l2_dense: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    output: str = ""
+    epochs: int = 10
+    max_steps: int = 0
+    eval_every_steps: int = 0
+    eval_batch_size: int = 8192
+    monitor: Literal["auc", "logloss"] = "auc"
+    patience: int = 2
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 2022
+    deterministic_init: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    log_every_steps: int = 50
+    progress: bool = True
+
+    def validate(self) -> None:
+        for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.patience < 0 or self.max_steps < 0:
+            raise ValueError("patience and max_steps must be >= 0")
+
+
+class TrainingModule(nn.Module):
+    """What DistributedModelParallel wraps: forward returns logits, hidden and field embeddings
+    together, so every output the loss needs goes through DMP's forward (and DDP's hooks).
+
+    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT -> ``([B], [B, H], [B, F, D])``.
+    """
+
+    def __init__(self, model: CTRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_hidden(dense, sparse)
+
+
+@dataclass
+class Progress:
+    """The loop position and early-stopping state; saved in every rank's checkpoint JSON."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: Optional[float] = None
+    best_step: int = 0
+    bad_evals: int = 0
+    stopped: bool = False
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Dict[str, Any]:
+    """Runs (or resumes) training; returns the record written to ``<output>/train.json``."""
+    ctx = init_distributed(config.backend)
+    output = Path(config.output)
+    schema = Schema.load(dataset)
+    torch.manual_seed(config.seed)
+    model = build_model(schema, config.model)
+    parameters, flops = model.num_parameters(), model.flops_per_example()
+    dmp, optimizer, plan = _distribute(model, config, ctx)
+    train_reader = ParquetReader(dataset, "train", reader_config, ctx.rank, ctx.world_size)
+    eval_config = ReaderConfig(batch_size=config.eval_batch_size, validate_ids=reader_config.validate_ids)
+    progress = _resume(output, dmp, optimizer, train_reader, ctx) or Progress()
+    torch.manual_seed(config.seed + 7919 * ctx.rank + progress.global_step)
+    log = MetricsLog(output / METRICS_LOG, ctx.is_main)
+    started = time.time()
+    samples = _train_loop(config, ctx, dmp, optimizer, train_reader, dataset, eval_config, progress, output, log)
+    seconds = time.time() - started
+    test = _final_test(config, ctx, dmp, output, dataset, eval_config)
+    record = {
+        "stage": "train",
+        "model": config.model.name,
+        "dataset": str(dataset),
+        "output": str(output),
+        "world_size": ctx.world_size,
+        "backend": ctx.backend,
+        "config": to_dict(config),
+        "reader": to_dict(reader_config),
+        "sharding_plan": describe_plan(plan),
+        "parameters": parameters,
+        "flops_per_example": flops,
+        "epochs_run": progress.epoch,
+        "steps": progress.global_step,
+        "best_step": progress.best_step,
+        "best_valid": progress.best,
+        "history": progress.history,
+        "test": test,
+        "train_seconds_this_run": round(seconds, 3),
+        "samples_per_second_this_run": round(samples / max(seconds, 1e-9), 1),
+    }
+    if ctx.is_main:
+        atomic_write_json(output / RECORD_FILE, record)
+    log.close()
+    dist.barrier()
+    return record
+
+
+def _distribute(model: CTRModel, config: TrainConfig, ctx: DistributedContext):
+    """DMP-wraps the model with a planner-made plan; returns (dmp, combined optimizer, plan)."""
+    module = TrainingModule(model)
+    initial = copy.deepcopy(module.state_dict()) if config.deterministic_init else None
+    replicated = set(data_parallel_tables(module, config.sharding))
+    fused_weights = [
+        bag.weight
+        for ebc in _ebcs(module)
+        for name, bag in ebc.embedding_bags.items()
+        if name not in replicated
+    ]
+    if fused_weights:
+        apply_optimizer_in_backward(_fused_optimizer_class(config.optim.embedding), fused_weights, {"lr": config.optim.embedding_lr})
+    plan = make_plan(module, config.sharding, ctx.device, ctx.world_size)
+    dmp = DistributedModelParallel(
+        module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()]
+    )
+    if initial is not None:
+        # DMP re-initialises the tables it shards, rank by rank; loading the seeded full model makes
+        # every world size start from identical weights (costs one full copy of the tables).
+        dmp.load_state_dict(initial)
+    dense_parameters = dict(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
+    dense = KeyedOptimizerWrapper(dense_parameters, lambda params: _dense_optimizer(config.optim, params))
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    return dmp, optimizer, plan
+
+
+def _ebcs(module: nn.Module):
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return [m for m in module.modules() if isinstance(m, EmbeddingBagCollection)]
+
+
+def _fused_optimizer_class(name: str):
+    from torchrec.optim import RowWiseAdagrad
+
+    return {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}[name]
+
+
+def _dense_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
+    if optim.dense == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, eps=optim.eps, weight_decay=optim.l2_dense)
+    if optim.dense == "adagrad":
+        return torch.optim.Adagrad(params, lr=optim.lr, eps=optim.eps, weight_decay=optim.l2_dense)
+    return torch.optim.SGD(params, lr=optim.lr, weight_decay=optim.l2_dense)
+
+
+def _train_loop(config, ctx, dmp, optimizer, reader, dataset, eval_config, progress: Progress, output, log) -> int:
+    samples = 0
+    kill_rank, kill_step = _kill_point()
+    while progress.epoch < config.epochs and not progress.stopped:
+        reader.set_epoch(progress.epoch)
+        steps = _max_over_ranks(reader.num_batches())
+        batches = iter(reader)
+        bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"train {config.model.name} epoch {progress.epoch}",
+                   unit="step", disable=not (config.progress and ctx.is_main), mininterval=1.0)
+        window_started, window_samples = time.time(), 0
+        while progress.step_in_epoch < steps:
+            if progress.global_step == kill_step and ctx.rank == kill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            batch = next(batches, None)
+            weight = 1.0 if batch is not None else 0.0
+            batch = batch if batch is not None else _padding_batch(reader)
+            loss = _step(config, dmp, optimizer, batch.to(ctx.device), weight)
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            rows = batch.batch_size * int(weight) * ctx.world_size
+            samples += rows
+            window_samples += rows
+            bar.update(1)
+            if progress.global_step % config.log_every_steps == 0:
+                rate = window_samples / max(time.time() - window_started, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+                log.write({"step": progress.global_step, "epoch": progress.epoch, "loss": loss, "samples_per_second": rate})
+                window_started, window_samples = time.time(), 0
+            at_max = config.max_steps and progress.global_step >= config.max_steps
+            epoch_end = progress.step_in_epoch == steps
+            if (config.eval_every_steps and progress.global_step % config.eval_every_steps == 0) or epoch_end or at_max:
+                _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress, output, log)
+            if epoch_end:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+            if at_max:
+                progress.stopped = True
+            checkpoint_due = config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0
+            if checkpoint_due or epoch_end or progress.stopped:
+                _save(output, dmp, optimizer, reader, progress, config.keep_checkpoints)
+            if progress.stopped or epoch_end:
+                break
+        bar.close()
+    return samples
+
+
+def _step(config: TrainConfig, dmp, optimizer, batch: Batch, weight: float) -> float:
+    logits, _, fields = dmp(batch.dense, batch.sparse)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    if config.optim.l2_embedding:
+        loss = loss + config.optim.l2_embedding * fields.pow(2).sum() / batch.batch_size
+    optimizer.zero_grad()
+    (loss * weight).backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress: Progress, output, log) -> None:
+    metrics = evaluate(dmp, ParquetReader(dataset, "valid", eval_config, ctx.rank, ctx.world_size), ctx)
+    value = metrics[config.monitor]
+    better = progress.best is None or (value > progress.best if config.monitor == "auc" else value < progress.best)
+    entry = {"step": progress.global_step, "epoch": progress.epoch, "valid": metrics, "improved": better}
+    progress.history.append(entry)
+    log.write(entry)
+    if ctx.is_main and config.progress:
+        tqdm.write(f"valid step {progress.global_step}: auc {metrics['auc']:.5f} logloss {metrics['logloss']:.5f}"
+                   f"{' (best)' if better else ''}")
+    if better:
+        progress.best, progress.best_step, progress.bad_evals = value, progress.global_step, 0
+        checkpoint.save(output / "checkpoints", checkpoint.BEST, {"model": dmp.state_dict()}, {"step": progress.global_step})
+    else:
+        progress.bad_evals += 1
+        if progress.bad_evals >= max(config.patience, 1):
+            progress.stopped = True
+
+
+def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext) -> Dict[str, float]:
+    """AUC and logloss of ``dmp`` over the reader's split, exact across ranks."""
+    steps = _max_over_ranks(reader.num_batches())
+    batches = iter(reader)
+    labels, logits = [], []
+    dmp.eval()
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = next(batches, None)
+            padding = batch is None
+            batch = batch if batch is not None else _padding_batch(reader)
+            output, _, _ = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
+            if not padding:
+                labels.append(batch.labels)
+                logits.append(output.float().cpu())
+    dmp.train()
+    local_labels = torch.cat(labels) if labels else torch.zeros(0)
+    local_logits = torch.cat(logits) if logits else torch.zeros(0)
+    gathered = gather_predictions(local_labels, local_logits)
+    return classification_metrics(gathered["labels"], gathered["logits"])
+
+
+def _final_test(config, ctx, dmp, output: Path, dataset: Path, eval_config: ReaderConfig) -> Dict[str, float]:
+    best = output / "checkpoints" / checkpoint.BEST
+    if (best / ".metadata").exists():
+        state = {"model": dmp.state_dict()}
+        dcp_load(best, state)
+        dmp.load_state_dict(state["model"])
+    return evaluate(dmp, ParquetReader(dataset, "test", eval_config, ctx.rank, ctx.world_size), ctx)
+
+
+def dcp_load(path: Path, state: Dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(path))
+
+
+def _save(output: Path, dmp, optimizer, reader: ParquetReader, progress: Progress, keep: int) -> None:
+    rank_state = {"progress": progress.__dict__, "reader": reader.state_dict(), "rng": checkpoint.rng_state()}
+    state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+    checkpoint.save(output / "checkpoints", f"step_{progress.global_step:09d}", state, rank_state, keep=keep)
+
+
+def _resume(output: Path, dmp, optimizer, reader: ParquetReader, ctx: DistributedContext) -> Optional[Progress]:
+    path = checkpoint.latest(output / "checkpoints")
+    if path is None:
+        return None
+    optimizer.init_state()
+    state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+    rank_state = checkpoint.load(path, state)
+    dmp.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    reader.load_state_dict(rank_state["reader"])
+    checkpoint.set_rng_state(rank_state["rng"])
+    if ctx.is_main:
+        tqdm.write(f"resumed from {path}")
+    return Progress(**rank_state["progress"])
+
+
+def _padding_batch(reader: ParquetReader) -> Batch:
+    """A batch of missing-valued rows (id 0 everywhere) for steps where this rank has no rows left."""
+    schema = reader.schema
+    size = reader.config.batch_size
+    keys = schema.sparse_names
+    return Batch(
+        dense=torch.zeros(size, len(schema.dense)),
+        sparse=KeyedJaggedTensor(
+            keys=keys,
+            values=torch.zeros(size * len(keys), dtype=torch.int64),
+            lengths=torch.ones(size * len(keys), dtype=torch.int32),
+            stride=size,
+        ),
+        labels=torch.zeros(size),
+        extras={name: torch.zeros(size) for name in reader.config.extras},
+        row_ids=torch.full((size,), -1, dtype=torch.int64),
+    )
+
+
+def _max_over_ranks(value: int) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _kill_point() -> Tuple[int, int]:
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec:
+        return -1, -1
+    rank, _, step = spec.partition(":")
+    return int(rank), int(step)
+
+
+class MetricsLog:
+    """JSON lines of training and evaluation metrics (rank 0), plus TensorBoard scalars when the
+    ``tensorboard`` package is installed."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self._handle = None
+        self._tensorboard = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, entry: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._handle.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+        self._handle.flush()
+        if self._tensorboard is not None:
+            step = entry["step"]
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tensorboard.add_scalar(f"train/{key}", value, step)
+            for key, value in entry.get("valid", {}).items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self._tensorboard.add_scalar(f"valid/{key}", value, step)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
