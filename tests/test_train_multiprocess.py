@@ -1,0 +1,92 @@
+"""Sharded training on 2 gloo processes: equal to 1 process; killed and resumed equal to uninterrupted."""
+
+import json
+
+import pytest
+import torch
+
+from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.synthetic import SyntheticConfig
+from tests.trainrun import final_weights, run_ranks, write_recipe
+
+pytestmark = pytest.mark.multiprocess
+
+BATCH = 128
+MODEL = {"name": "deepfm", "embedding_dim": 8, "mlp_layers": [32, 16]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_mp")
+    synthetic = SyntheticConfig(rows=6000, seed=5, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=2000)
+    # Row groups of exactly one per-rank batch: without shuffle, the 1-process batch k (2 * BATCH rows)
+    # is the union of the 2 ranks' batch k, so both runs see the same data in the same steps.
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=BATCH))
+    return root
+
+
+def recipe(root, name, batch, sharding, **train):
+    return write_recipe(root / f"{name}.yaml", {
+        "run_dir": str(root / name),
+        "prepare": {"format": "synthetic", "output": str(root / "data")},
+        "reader": {"batch_size": batch, "shuffle": False},
+        "train": {
+            "model": MODEL, "output": str(root / name), "epochs": 1, "progress": False,
+            "sharding": {"type": sharding}, "eval_batch_size": 1024,
+            "optim": {"embedding": "adagrad", "embedding_lr": 0.05, "lr": 0.003}, **train,
+        },
+    })
+
+
+def record(root, name):
+    return json.loads((root / name / "train.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_process(dataset):
+    assert run_ranks(recipe(dataset, "single", 2 * BATCH, "table_wise", max_steps=8), 1) == [0]
+    return record(dataset, "single"), final_weights(dataset / "single", dataset / "data", MODEL)
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+def test_two_ranks_match_one_process(dataset, single_process, sharding):
+    name = f"two_{sharding}"
+    assert run_ranks(recipe(dataset, name, BATCH, sharding, max_steps=8), 2) == [0, 0]
+    two = record(dataset, name)
+    assert {t["sharding_type"] for n, t in two["sharding_plan"].items() if n.startswith("t_")} == {sharding}
+    one, one_weights = single_process
+    assert two["steps"] == one["steps"] == 8
+    for a, b in zip(one["history"], two["history"]):
+        assert a["valid"]["rows"] == b["valid"]["rows"]
+        assert a["valid"]["logloss"] == pytest.approx(b["valid"]["logloss"], abs=2e-5)
+        assert a["valid"]["auc"] == pytest.approx(b["valid"]["auc"], abs=2e-5)
+    assert one["test"]["auc"] == pytest.approx(two["test"]["auc"], abs=2e-5)
+    two_weights = final_weights(dataset / name, dataset / "data", MODEL)
+    assert one_weights.keys() == two_weights.keys()
+    moved = 0
+    for key in one_weights:
+        torch.testing.assert_close(two_weights[key], one_weights[key], rtol=1e-4, atol=2e-5, msg=key)
+        moved += 1
+    assert moved > 10
+
+
+def test_killed_rank_resumes_to_the_same_result(dataset):
+    settings = dict(max_steps=14, checkpoint_every_steps=4, eval_every_steps=5, patience=10)
+    uninterrupted = recipe(dataset, "whole", BATCH, "row_wise", **settings)
+    assert run_ranks(uninterrupted, 2) == [0, 0]
+    interrupted = recipe(dataset, "killed", BATCH, "row_wise", **settings)
+    codes = run_ranks(interrupted, 2, env={"RECSYS_KD_KILL_AT_STEP": "1:10"})
+    assert codes[1] == -9 and not (dataset / "killed" / "train.json").exists()
+    assert (dataset / "killed" / "checkpoints" / "latest").read_text().strip() == "step_000000008"
+    assert run_ranks(interrupted, 2) == [0, 0]
+    whole, resumed = record(dataset, "whole"), record(dataset, "killed")
+    assert resumed["steps"] == whole["steps"] == 14
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in whole["history"]] == [5, 10, 14]
+    for a, b in zip(resumed["history"], whole["history"]):
+        assert a["valid"] == pytest.approx(b["valid"], abs=1e-6)
+    assert resumed["test"] == pytest.approx(whole["test"], abs=1e-6)
+    a = final_weights(dataset / "whole", dataset / "data", MODEL)
+    b = final_weights(dataset / "killed", dataset / "data", MODEL)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -1,0 +1,65 @@
+"""Runs ``recsys-kd train`` on N local processes the way torchrun does (RANK, WORLD_SIZE, ...)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+from recsys_kd.models.zoo import ModelConfig, build_model
+from recsys_kd.data.schema import Schema
+from recsys_kd.train import checkpoint
+from recsys_kd.train.trainer import TrainingModule
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_recipe(path: Path, recipe: Dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_ranks(config: Path, world_size: int, overrides: List[str] = (), env: Optional[Dict[str, str]] = None,
+              timeout: float = 240) -> List[int]:
+    """Starts one process per rank; when any rank dies, the others are killed (as torchrun does).
+    Returns the exit codes in rank order."""
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        process_env = {
+            **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1", **(env or {}),
+        }
+        command = [sys.executable, "-m", "recsys_kd.cli", "train", "--config", str(config), *overrides]
+        processes.append(subprocess.Popen(command, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in processes):
+        if any(p.poll() not in (None, 0) for p in processes) or time.time() > deadline:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+    codes = [p.returncode for p in processes]
+    if any(codes) and not (env or {}).get("RECSYS_KD_KILL_AT_STEP"):
+        for rank, p in enumerate(processes):
+            print(f"--- rank {rank} exit {p.returncode}\n" + p.stdout.read().decode(errors="replace")[-4000:])
+    return codes
+
+
+def final_weights(output: Path, dataset: Path, model: Dict) -> Dict[str, torch.Tensor]:
+    """The newest checkpoint's model tensors as a plain state_dict (single process, no group)."""
+    module = TrainingModule(build_model(Schema.load(dataset), ModelConfig(**model)))
+    latest = checkpoint.latest(output / "checkpoints")
+    return checkpoint.load_model_tensors(latest, module.state_dict())
