@@ -13,6 +13,7 @@ from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.train.checkpoint import CheckpointError
+from recsys_kd.warnings_filter import silence_third_party_warnings
 
 USER_ERRORS = (ConfigError, SchemaError, CheckpointError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
 
@@ -20,6 +21,7 @@ USER_ERRORS = (ConfigError, SchemaError, CheckpointError, TooManyBadRows, FileNo
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    silence_third_party_warnings()
     try:
         return args.handler(args)
     except USER_ERRORS as error:

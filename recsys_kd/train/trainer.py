@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,7 +357,7 @@ def _resume(output: Path, dmp, optimizer, reader: ParquetReader, ctx: Distribute
     reader.load_state_dict(rank_state["reader"])
     checkpoint.set_rng_state(rank_state["rng"])
     if ctx.is_main:
-        tqdm.write(f"resumed from {path}")
+        tqdm.write(f"resumed from {path} (epoch {rank_state['progress']['epoch']}, step {rank_state['progress']['global_step']})", file=sys.stderr)
     return Progress(**rank_state["progress"])
 
 

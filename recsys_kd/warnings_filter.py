@@ -1,0 +1,21 @@
+"""Silences the known, harmless deprecation chatter of third-party libraries (torchrec, fbgemm,
+torch.distributed, torch.jit) so our own warnings stay visible. Used by the CLI; tests get the same
+filters from setup.cfg."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+_THIRD_PARTY = r"(torchrec|fbgemm_gpu|torch\.distributed|torch\.jit|torch\.fx)(\..*)?"
+
+
+def silence_third_party_warnings() -> None:
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    # fbgemm's CPU dense-kernel lookup (data-parallel tables) backpropagates through autograd's
+    # fallback; its gradients are correct (tests check data-parallel training against 1 process).
+    warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function")
+    for name in ("torchrec.distributed.planner", "torch.fx._symbolic_trace"):
+        logging.getLogger(name).setLevel(logging.ERROR)
