@@ -1,0 +1,69 @@
+"""Trains several models on one recipe's dataset over several seeds; prints test AUC / logloss.
+
+Each (model, seed) is an ordinary ``recsys-kd train`` run (same recipe, ``train.model.name`` and
+``train.seed`` overridden, output ``<run_dir>/compare/<model>/seed_<s>``), so its record and
+checkpoints stay on disk. Finished runs are reused.
+
+    .venv/bin/python tools/compare_models.py -c configs/movielens.yaml --models lr fm dcn dcnv2 xdeepfm --seeds 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", type=Path, required=True)
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
+    args = parser.parse_args()
+
+    from recsys_kd.recipe import load_recipe
+    from recsys_kd.train.trainer import RECORD_FILE, train
+    from recsys_kd.warnings_filter import silence_third_party_warnings
+
+    silence_third_party_warnings()
+    rows = []
+    for name in args.models:
+        results = []
+        for seed in args.seeds:
+            recipe = load_recipe(args.config, [*args.overrides, f"train.model.name={name}", f"train.seed={seed}",
+                                               "train.progress=false"])
+            output = Path(recipe.run_dir) / "compare" / name / f"seed_{seed}"
+            record_path = output / RECORD_FILE
+            if record_path.exists():
+                record = json.loads(record_path.read_text())
+            else:
+                recipe.train.output = str(output)
+                record = train(recipe.train, Path(recipe.prepare.output), recipe.reader)
+            results.append(record)
+            print(f"{name} seed {seed}: test auc {record['test']['auc']:.4f} logloss {record['test']['logloss']:.4f}",
+                  flush=True)
+        aucs = [r["test"]["auc"] for r in results]
+        losses = [r["test"]["logloss"] for r in results]
+        rows.append({
+            "model": name,
+            "test AUC mean": f"{statistics.mean(aucs):.4f}",
+            "min-max": f"{min(aucs):.4f}-{max(aucs):.4f}",
+            "test logloss": f"{statistics.mean(losses):.4f}",
+            "params": f"{results[0]['parameters']['total']:,}",
+            "FLOPs/example": f"{results[0]['flops_per_example']:,}",
+            "train samples/s": f"{statistics.mean(r['samples_per_second_this_run'] for r in results):,.0f}",
+        })
+    from recsys_kd.cli import format_table
+
+    print(f"\n# {args.config} seeds {args.seeds}  {time.strftime('%Y-%m-%d')}  {platform.machine()} "
+          f"{os.cpu_count()} cores")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
