@@ -108,7 +108,7 @@ def _train(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from recsys_kd.pipeline import run_pipeline, summary_rows
+    from recsys_kd.pipeline import model_rows, run_pipeline, summary_rows
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
@@ -116,6 +116,8 @@ def _pipeline(args) -> int:
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")
     print(format_table(summary_rows(record, Path(recipe.prepare.output))))
+    if model_rows(record):
+        print(format_table(model_rows(record)))
     print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / 'pipeline.json'}")
     return 0
 

@@ -63,6 +63,18 @@ def all_gather_objects(value) -> List:
     return gathered
 
 
+def max_over_ranks(value: int) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def sum_over_ranks(value: int) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
 def broadcast_object(value, src: int = 0):
     box = [value]
     dist.broadcast_object_list(box, src=src)

@@ -1,6 +1,6 @@
 """The stages that exist, run in order from one recipe, each skipped when its output is complete
 and was made from the same config: synthesize (raw logs, when the recipe has that section) ->
-prepare -> read back (every row of every split through the streaming reader).
+prepare -> read back (every row of every split through the streaming reader) -> train.
 
 Each stage writes a JSON record; the pipeline's own record (``<run_dir>/pipeline.json``) collects
 them with the result table.
@@ -33,6 +33,7 @@ def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
         stages["synthesize"] = synthesize(recipe.synthesize, progress=recipe.prepare.progress)
     stages["prepare"] = prepare_if_needed(recipe.prepare)
     stages["read_back"] = read_back(Path(recipe.prepare.output), recipe.reader, progress=recipe.prepare.progress)
+    stages["train"] = train_if_needed(recipe)
     record = {"stages": stages, "seconds": round(time.time() - started, 3)}
     atomic_write_json(run_dir / "pipeline.json", record)
     return record
@@ -68,6 +69,21 @@ def prepare_if_needed(config: PrepareConfig) -> Dict[str, Any]:
     return {**prepare(config), "skipped": False}
 
 
+def train_if_needed(recipe: Recipe) -> Dict[str, Any]:
+    """Trains ``recipe.train`` unless its output holds a finished record of the same config and data
+    (an unfinished run resumes from its last checkpoint)."""
+    from recsys_kd.train.trainer import RECORD_FILE, train
+
+    recipe.train.output = str(recipe.train_output())
+    record_path = Path(recipe.train.output) / RECORD_FILE
+    if record_path.exists():
+        previous = json.loads(record_path.read_text())
+        same = _stable(previous.get("config", {})) == _stable(to_dict(recipe.train)) and previous.get("reader") == to_dict(recipe.reader)
+        if same and previous.get("dataset") == str(Path(recipe.prepare.output)):
+            return {**previous, "skipped": True}
+    return {**train(recipe.train, Path(recipe.prepare.output), recipe.reader), "skipped": False}
+
+
 def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True) -> Dict[str, Any]:
     """Streams every split once through the reader; checks the row counts against the schema."""
     schema = Schema.load(dataset)
@@ -89,6 +105,21 @@ def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True)
             "rows_per_second": round(rows / max(seconds, 1e-9), 1),
         }
     return result
+
+
+def model_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per trained model: test AUC/logloss, parameters, FLOPs, training speed."""
+    train = record["stages"].get("train")
+    if not train:
+        return []
+    return [{
+        "model": train["model"],
+        "test auc": round(train["test"]["auc"], 5),
+        "test logloss": round(train["test"]["logloss"], 5),
+        "params": train["parameters"]["total"],
+        "flops/example": train["flops_per_example"],
+        "train samples/s": f"{train['samples_per_second_this_run']:,.0f}",
+    }]
 
 
 def summary_rows(record: Dict[str, Any], dataset: Path) -> List[Dict[str, Any]]:

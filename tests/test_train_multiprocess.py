@@ -26,7 +26,7 @@ def dataset(tmp_path_factory):
     return root
 
 
-def recipe(root, name, batch, sharding, **train):
+def recipe(root, name, batch, sharding, embedding_optimizer="adagrad", **train):
     return write_recipe(root / f"{name}.yaml", {
         "run_dir": str(root / name),
         "prepare": {"format": "synthetic", "output": str(root / "data")},
@@ -34,7 +34,7 @@ def recipe(root, name, batch, sharding, **train):
         "train": {
             "model": MODEL, "output": str(root / name), "epochs": 1, "progress": False,
             "sharding": {"type": sharding}, "eval_batch_size": 1024,
-            "optim": {"embedding": "adagrad", "embedding_lr": 0.05, "lr": 0.003}, **train,
+            "optim": {"embedding": embedding_optimizer, "embedding_lr": 0.05, "lr": 0.003}, **train,
         },
     })
 
@@ -45,17 +45,28 @@ def record(root, name):
 
 @pytest.fixture(scope="module")
 def single_process(dataset):
-    assert run_ranks(recipe(dataset, "single", 2 * BATCH, "table_wise", max_steps=8), 1) == [0]
-    return record(dataset, "single"), final_weights(dataset / "single", dataset / "data", MODEL)
+    """One-process reference runs, per embedding optimizer."""
+    runs = {}
+
+    def run(optimizer):
+        if optimizer not in runs:
+            name = f"single_{optimizer}"
+            assert run_ranks(recipe(dataset, name, 2 * BATCH, "table_wise", optimizer, max_steps=8), 1) == [0]
+            runs[optimizer] = record(dataset, name), final_weights(dataset / name, dataset / "data", MODEL)
+        return runs[optimizer]
+
+    return run
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
-def test_two_ranks_match_one_process(dataset, single_process, sharding):
+@pytest.mark.parametrize(
+    "sharding, optimizer", [("table_wise", "adagrad"), ("row_wise", "sgd"), ("column_wise", "rowwise_adagrad")]
+)
+def test_two_ranks_match_one_process(dataset, single_process, sharding, optimizer):
     name = f"two_{sharding}"
-    assert run_ranks(recipe(dataset, name, BATCH, sharding, max_steps=8), 2) == [0, 0]
+    assert run_ranks(recipe(dataset, name, BATCH, sharding, optimizer, max_steps=8), 2) == [0, 0]
     two = record(dataset, name)
     assert {t["sharding_type"] for n, t in two["sharding_plan"].items() if n.startswith("t_")} == {sharding}
-    one, one_weights = single_process
+    one, one_weights = single_process(optimizer)
     assert two["steps"] == one["steps"] == 8
     for a, b in zip(one["history"], two["history"]):
         assert a["valid"]["rows"] == b["valid"]["rows"]

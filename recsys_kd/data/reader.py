@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -307,6 +308,7 @@ class ParquetReader(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         num_workers: int = 1,
+        side_inputs: Sequence[Union[str, Path]] = (),
     ) -> None:
         super().__init__()
         pin_mmap_threshold()
@@ -331,16 +333,20 @@ class ParquetReader(IterableDataset):
         self.split = split
         info = self.schema.split(split)
         self.files = [self.dataset_dir / name for name in info.files]
-        unknown = [name for name in self.config.extras if name not in self.schema.extra]
+        self._side = _side_columns(side_inputs, self.schema, split, info.files)
+        unknown = [name for name in self.config.extras if name not in self.schema.extra and name not in self._side]
         if unknown:
+            available = [*self.schema.extra, *self._side]
             raise SchemaError(
-                f"{self.dataset_dir}: extra column {unknown[0]!r} is not in the schema's extra {self.schema.extra}"
+                f"{self.dataset_dir}: extra column {unknown[0]!r} is neither in the schema's extra nor in a side "
+                f"input (available: {available})"
             )
+        own_extras = [name for name in self.config.extras if name not in self._side]
 
         self._single = [f.name for f in self.schema.sparse if not f.multi_hot]
         self._multi = [f.name for f in self.schema.sparse if f.multi_hot]
         self._single_limits = np.array([self.schema.feature(name).num_embeddings for name in self._single])
-        self._columns = [ROW_ID, self.schema.label, *self.schema.dense, *self.schema.sparse_names, *self.config.extras]
+        self._columns = [ROW_ID, self.schema.label, *self.schema.dense, *self.schema.sparse_names, *own_extras]
         self._units = self._enumerate_units()
         self.split_rows = sum(unit.rows for unit in self._units)
         if self.split_rows != info.rows:
@@ -414,6 +420,24 @@ class ParquetReader(IterableDataset):
 
     def _advance(self, batch: Batch) -> None:
         self._consumed[batch.worker] = batch.rows_consumed
+
+    # ----- one file in order (inference) ----------------------------------------------------------
+
+    def file_row_groups(self, file_index: int) -> List[int]:
+        """Row counts of the row groups of ``files[file_index]``, in order."""
+        return [unit.rows for unit in self._units if unit.file == file_index]
+
+    def file_batches(self, file_index: int) -> Iterator[Tuple[int, Batch]]:
+        """(row group, batch) over ``files[file_index]`` in file order, no shuffle, ignoring rank
+        assignment; batches of up to ``batch_size`` rows never span row groups."""
+        size = self.config.batch_size
+        for u, unit in enumerate(self._units):
+            if unit.file != file_index:
+                continue
+            block = self._read([u], _Block.allocate(unit.rows, len(self.schema.dense), len(self._single),
+                                                   len(self.config.extras)))
+            for start in range(0, unit.rows, size):
+                yield unit.row_group, self._to_batch(block.slice(start, min(start + size, unit.rows)), 0, 0)
 
     # ----- sizes ---------------------------------------------------------------------------------
 
@@ -573,6 +597,7 @@ class ParquetReader(IterableDataset):
             path = self.files[unit.file]
             with pq.ParquetFile(path) as parquet:
                 table = parquet.read_row_group(unit.row_group, columns=self._columns)
+            table = self._join_side_inputs(table, unit, path)
             rows = slice(start, start + unit.rows)
             self._fill(block, rows, table, path)
             for (values, offsets), name in zip(list_parts, self._multi):
@@ -584,6 +609,28 @@ class ParquetReader(IterableDataset):
             start += unit.rows
         block.lists = [_concat_lists(values, offsets) for values, offsets in list_parts]
         return block
+
+    def _join_side_inputs(self, table: pa.Table, unit: "_Unit", path: Path) -> pa.Table:
+        """Appends the wanted side-input columns of the same (part, row group); their row_ids must
+        equal the dataset's, row for row (alignment is checked, never assumed)."""
+        wanted: Dict[Path, List[str]] = {}
+        for name in self.config.extras:
+            if name in self._side:
+                wanted.setdefault(self._side[name], []).append(name)
+        for side_dir, names in wanted.items():
+            side_path = side_dir / self.split / path.name
+            with pq.ParquetFile(side_path) as parquet:
+                side = parquet.read_row_group(unit.row_group, columns=[ROW_ID, *names])
+            if side.num_rows != table.num_rows or not np.array_equal(
+                side.column(ROW_ID).to_numpy(), table.column(ROW_ID).to_numpy()
+            ):
+                raise SchemaError(
+                    f"{side_path} row group {unit.row_group} is not aligned with {path}: "
+                    f"{side.num_rows} rows vs {table.num_rows}, or different row_ids"
+                )
+            for name in names:
+                table = table.append_column(name, side.column(name))
+        return table
 
     def _fill(self, block: _Block, rows: slice, table: pa.Table, path: Path) -> None:
         block.row_ids[rows] = _column(table, ROW_ID, path)
@@ -656,6 +703,48 @@ class ParquetReader(IterableDataset):
             worker=worker,
             rows_consumed=rows_consumed,
         )
+
+
+def padding_batch(schema: Schema, size: int, extras: Sequence[str] = ()) -> Batch:
+    """``size`` rows with every feature missing (id 0), zero dense and labels, row_id -1: what a rank
+    feeds a collective forward when its own rows have run out."""
+    keys = schema.sparse_names
+    return Batch(
+        dense=torch.zeros(size, len(schema.dense)),
+        sparse=KeyedJaggedTensor(
+            keys=keys,
+            values=torch.zeros(size * len(keys), dtype=torch.int64),
+            lengths=torch.ones(size * len(keys), dtype=torch.int32),
+            stride=size,
+        ),
+        labels=torch.zeros(size),
+        extras={name: torch.zeros(size) for name in extras},
+        row_ids=torch.full((size,), -1, dtype=torch.int64),
+    )
+
+
+SIDE_INPUT_FILE = "side.json"
+
+
+def _side_columns(side_inputs: Sequence[Union[str, Path]], schema: Schema, split: str, files: List[str]) -> Dict[str, Path]:
+    """column -> side-input directory, for directories of per-row columns aligned with a dataset
+    (``side.json`` names the columns and each split's parts, which mirror the dataset's)."""
+    columns: Dict[str, Path] = {}
+    for side in side_inputs:
+        side = Path(side)
+        manifest_path = side / SIDE_INPUT_FILE
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError as error:
+            raise SchemaError(f"{manifest_path}: not found; is {side} a complete side input (e.g. infer output)?") from error
+        parts = manifest["splits"].get(split, {}).get("files")
+        if parts != files:
+            raise SchemaError(f"{manifest_path}: split {split!r} parts {parts} do not mirror the dataset's {files}")
+        for name in manifest["columns"]:
+            if name in schema.columns() or name in columns:
+                raise SchemaError(f"{manifest_path}: column {name!r} already exists in the dataset or another side input")
+            columns[name] = side
+    return columns
 
 
 def _column(table: pa.Table, name: str, path: Path) -> np.ndarray:

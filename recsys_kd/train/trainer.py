@@ -38,9 +38,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from recsys_kd.config import to_dict
-from recsys_kd.data.reader import Batch, ParquetReader, ReaderConfig
+from recsys_kd.data.reader import Batch, ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import Schema
-from recsys_kd.distributed import DistributedContext, init_distributed
+from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
 from recsys_kd.train import checkpoint
@@ -231,7 +231,7 @@ def _train_loop(config, ctx, dmp, optimizer, reader, dataset, eval_config, progr
     kill_rank, kill_step = _kill_point()
     while progress.epoch < config.epochs and not progress.stopped:
         reader.set_epoch(progress.epoch)
-        steps = _max_over_ranks(reader.num_batches())
+        steps = max_over_ranks(reader.num_batches())
         batches = iter(reader)
         bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"train {config.model.name} epoch {progress.epoch}",
                    unit="step", disable=not (config.progress and ctx.is_main), mininterval=1.0)
@@ -241,7 +241,7 @@ def _train_loop(config, ctx, dmp, optimizer, reader, dataset, eval_config, progr
                 os.kill(os.getpid(), signal.SIGKILL)
             batch = next(batches, None)
             weight = 1.0 if batch is not None else 0.0
-            batch = batch if batch is not None else _padding_batch(reader)
+            batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size, reader.config.extras)
             loss = _step(config, dmp, optimizer, batch.to(ctx.device), weight)
             progress.step_in_epoch += 1
             progress.global_step += 1
@@ -304,7 +304,7 @@ def _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress: Progre
 
 def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext) -> Dict[str, float]:
     """AUC and logloss of ``dmp`` over the reader's split, exact across ranks."""
-    steps = _max_over_ranks(reader.num_batches())
+    steps = max_over_ranks(reader.num_batches())
     batches = iter(reader)
     labels, logits = [], []
     dmp.eval()
@@ -312,7 +312,7 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext) -> 
         for _ in range(steps):
             batch = next(batches, None)
             padding = batch is None
-            batch = batch if batch is not None else _padding_batch(reader)
+            batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size, reader.config.extras)
             output, _, _ = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
             if not padding:
                 labels.append(batch.labels)
@@ -359,31 +359,6 @@ def _resume(output: Path, dmp, optimizer, reader: ParquetReader, ctx: Distribute
     if ctx.is_main:
         tqdm.write(f"resumed from {path} (epoch {rank_state['progress']['epoch']}, step {rank_state['progress']['global_step']})", file=sys.stderr)
     return Progress(**rank_state["progress"])
-
-
-def _padding_batch(reader: ParquetReader) -> Batch:
-    """A batch of missing-valued rows (id 0 everywhere) for steps where this rank has no rows left."""
-    schema = reader.schema
-    size = reader.config.batch_size
-    keys = schema.sparse_names
-    return Batch(
-        dense=torch.zeros(size, len(schema.dense)),
-        sparse=KeyedJaggedTensor(
-            keys=keys,
-            values=torch.zeros(size * len(keys), dtype=torch.int64),
-            lengths=torch.ones(size * len(keys), dtype=torch.int32),
-            stride=size,
-        ),
-        labels=torch.zeros(size),
-        extras={name: torch.zeros(size) for name in reader.config.extras},
-        row_ids=torch.full((size,), -1, dtype=torch.int64),
-    )
-
-
-def _max_over_ranks(value: int) -> int:
-    tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 def _kill_point() -> Tuple[int, int]:
