@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("synthesize", "write synthetic Criteo-format raw logs with planted interactions", _synthesize)
     stage("prepare", "convert raw logs to a Parquet dataset (schema.json, quarantine, record)", _prepare)
     stage("train", "train a model with sharded embeddings (1..N processes: torchrun / torchx)", _train)
+    stage("infer", "score the logs with a sharded teacher ensemble; write aligned soft labels", _infer)
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
@@ -104,6 +105,24 @@ def _train(args) -> int:
             "steps": record["steps"], "samples/s": round(record["samples_per_second_this_run"]),
         }]))
         print(f"record: {Path(record['output']) / 'train.json'}")
+    return 0
+
+
+def _infer(args) -> int:
+    from recsys_kd.distill.infer import infer
+
+    recipe = _recipe(args)
+    recipe.infer.output = str(recipe.infer_output())
+    record = infer(recipe.infer, Path(recipe.prepare.output))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table([
+            {"teacher": name, "model": t["model"], "test auc": round((t["test"] or {}).get("auc", float("nan")), 5),
+             "params": t["parameters"]["total"], "flops/example": t["flops_per_example"]}
+            for name, t in record["teachers"].items()
+        ]))
+        print(f"{record['rows_scored_this_run']:,} rows scored in {record['seconds_this_run']:.1f} s "
+              f"({record['rows_per_second_this_run']:,.0f} rows/s, peak RSS rank 0 {record['peak_rss_mib_rank0']:.0f} MiB)"
+              f" -> {record['output']}")
     return 0
 
 

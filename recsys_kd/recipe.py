@@ -21,6 +21,7 @@ from recsys_kd.config import load_config
 from recsys_kd.data.prepare import PrepareConfig
 from recsys_kd.data.reader import ReaderConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.distill.infer import InferConfig
 from recsys_kd.train.trainer import TrainConfig
 
 
@@ -39,10 +40,15 @@ class Recipe:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def train_output(self) -> Path:
         """Where ``train`` writes: ``train.output``, or ``<run_dir>/train/<model name>``."""
         return Path(self.train.output or Path(self.run_dir) / "train" / self.train.model.name)
+
+    def infer_output(self) -> Path:
+        """Where ``infer`` writes the soft labels: ``infer.output``, or ``<run_dir>/soft_labels``."""
+        return Path(self.infer.output or Path(self.run_dir) / "soft_labels")
 
 
 def load_recipe(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> Recipe:

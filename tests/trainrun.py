@@ -32,6 +32,12 @@ def write_recipe(path: Path, recipe: Dict) -> Path:
 
 def run_ranks(config: Path, world_size: int, overrides: List[str] = (), env: Optional[Dict[str, str]] = None,
               timeout: float = 240) -> List[int]:
+    """``recsys-kd train`` on ``world_size`` processes; the exit codes in rank order."""
+    return run_stage("train", config, world_size, overrides, env, timeout)
+
+
+def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = (),
+              env: Optional[Dict[str, str]] = None, timeout: float = 240) -> List[int]:
     """Starts one process per rank; when any rank dies, the others are killed (as torchrun does).
     Returns the exit codes in rank order."""
     port = free_port()
@@ -42,7 +48,7 @@ def run_ranks(config: Path, world_size: int, overrides: List[str] = (), env: Opt
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1", **(env or {}),
         }
-        command = [sys.executable, "-m", "recsys_kd.cli", "train", "--config", str(config), *overrides]
+        command = [sys.executable, "-m", "recsys_kd.cli", stage, "--config", str(config), *overrides]
         processes.append(subprocess.Popen(command, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     deadline = time.time() + timeout
     while any(p.poll() is None for p in processes):
@@ -52,7 +58,7 @@ def run_ranks(config: Path, world_size: int, overrides: List[str] = (), env: Opt
                     p.kill()
         time.sleep(0.1)
     codes = [p.returncode for p in processes]
-    if any(codes) and not (env or {}).get("RECSYS_KD_KILL_AT_STEP"):
+    if any(codes) and not any(key.startswith("RECSYS_KD_KILL") for key in (env or {})):
         for rank, p in enumerate(processes):
             print(f"--- rank {rank} exit {p.returncode}\n" + p.stdout.read().decode(errors="replace")[-4000:])
     return codes

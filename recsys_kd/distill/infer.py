@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from recsys_kd.train.sharding import EmbeddingBagCollectionSharderAnyDevice, Sha
 from recsys_kd.train.trainer import RECORD_FILE as TRAIN_RECORD
 
 RECORD_FILE = "infer.json"
+KILL_ENV = "RECSYS_KD_KILL_AT_PART"  # "rank:n" -> SIGKILL that rank as it starts its n-th part (fault tests)
 COLUMN_PREFIX = "teacher_"
 
 
@@ -175,7 +177,12 @@ def _load_teachers(dmp: nn.Module, config: InferConfig) -> None:
 def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, output: Path, columns: List[str]) -> int:
     reader = ParquetReader(dataset, split, ReaderConfig(batch_size=config.batch_size), ctx.rank, ctx.world_size)
     files = schema.split(split).files
+    if ctx.is_main:
+        for stale in (output / split).glob(".*.tmp"):  # parts a killed run had begun
+            stale.unlink()
+    dist.barrier()
     scored = 0
+    kill_rank, _, kill_part = os.environ.get(KILL_ENV, "-1:-1").partition(":")
     rounds = -(-len(files) // ctx.world_size)
     bar = tqdm(total=len(files), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
     for round_index in range(rounds):
@@ -184,6 +191,10 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
         groups = reader.file_row_groups(index) if mine else []
         steps = max_over_ranks(sum(-(-rows // config.batch_size) for rows in groups))
         batches = reader.file_batches(index) if mine else iter(())
+        if mine:
+            _parts_started[0] += 1
+            if ctx.rank == int(kill_rank) and _parts_started[0] == int(kill_part):
+                os.kill(os.getpid(), signal.SIGKILL)
         writer = _PartWriter(output, split, files[index], columns) if mine else None
         padding = None
         with torch.no_grad():
@@ -203,6 +214,9 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
     bar.close()
     dist.barrier()
     return scored
+
+
+_parts_started = [0]  # parts this process began scoring (for the fault-injection hook)
 
 
 class _PartWriter:
@@ -268,7 +282,10 @@ def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = No
     """Checks every part of ``side`` against the dataset's part: row counts and row_id checksums.
     Raises SchemaError naming the first part that differs; returns rows per split."""
     schema = Schema.load(dataset)
-    manifest = json.loads((Path(side) / SIDE_INPUT_FILE).read_text())
+    manifest_path = Path(side) / SIDE_INPUT_FILE
+    if not manifest_path.exists():
+        raise SchemaError(f"{side}: {SIDE_INPUT_FILE} missing or incomplete: infer has not finished; rerun it")
+    manifest = json.loads(manifest_path.read_text())
     checked = {}
     for split in splits or list(manifest["splits"]):
         rows = 0

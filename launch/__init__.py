@@ -1,0 +1,1 @@
+"""TorchX launchers for the recsys-kd stages (``torchx run launch/components.py:train ...``)."""

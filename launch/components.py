@@ -1,0 +1,263 @@
+"""TorchX components for the ``recsys-kd`` stages: the same job on a laptop, Slurm or Kubernetes.
+
+Components: ``train``, ``infer``, ``prepare``, ``synthesize``, ``pipeline``. Each returns an ``AppDef`` built by ``torchx.components.dist.ddp``: one role whose
+replicas (nodes) each run ``torchrun ... -m recsys_kd.cli <stage> --config X.yaml [key.sub=value ...]``.
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, which ``recsys_kd.distributed`` reads.
+
+    torchx run -s local_cwd launch/components.py:train -j 1x2 --config configs/movielens.yaml train.epochs=1
+    torchx run -s slurm launch/components.py:train -j 2x1 --config configs/movielens.yaml
+
+torchx derives each component's command line from its signature and docstring (``torchx run
+launch/components.py:train --help``): every argument is typed and documented below.
+
+Fault tolerance: ``max_retries`` lets the scheduler restart the whole job (Slurm requeues it,
+Kubernetes/Volcano restarts it; the local schedulers ignore it), ``max_restarts`` lets torchrun
+restart the workers in place (every scheduler, local included). Either way the restarted ``train``
+resumes from ``<train.output>/checkpoints/latest``, which must be on storage every node sees.
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import torchx.specs as specs
+from torchx.components.dist import ddp
+
+MODULE = "recsys_kd.cli"
+DEFAULT_IMAGE = "recsys-kd:latest"  # a container with this project installed (Kubernetes); ignored by local_cwd
+
+
+def train(
+    *overrides: str,
+    config: str,
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/train",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Trains a model with sharded embedding tables on nnodes x nproc_per_node processes
+    (``recsys-kd train``); resumes from ``<train.output>/checkpoints/latest`` when it exists.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value`` (e.g. ``train.max_steps=100 train.output=runs/x``)
+        config: recipe YAML, relative to the job's working directory (e.g. configs/movielens.yaml)
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 (one node, two processes) or 2x1 (two nodes, one each)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        memMB: memory per node (replica) in MB
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
+        max_retries: scheduler retries of the whole job after a failure (Slurm requeue, Volcano
+            restart; ignored by local schedulers); the restarted job resumes from the last checkpoint
+        max_restarts: torchrun restarts of all workers after one fails (works on every scheduler,
+            local included); the restarted workers resume from the last checkpoint
+        rdzv_backend: torchrun rendezvous backend; keep c10d (the only one reliable with torchx)
+        rdzv_port: port of the c10d store on the first node (multi-node jobs only)
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "train", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port, mounts=mounts,
+    )
+
+
+def infer(
+    *overrides: str,
+    config: str,
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/infer",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Scores the logs with a sharded teacher ensemble on nnodes x nproc_per_node processes
+    (``recsys-kd infer``); a restarted job writes only the parts that are not complete yet.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value`` (e.g. ``infer.output=runs/x/soft_labels``)
+        config: recipe YAML with an ``infer`` section, relative to the job's working directory
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 (one node, two processes) or 2x1 (two nodes, one each)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        memMB: memory per node (replica) in MB
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
+        max_retries: scheduler retries of the whole job after a failure; finished parts are kept
+        max_restarts: torchrun restarts of all workers after one fails (every scheduler, local included)
+        rdzv_backend: torchrun rendezvous backend; keep c10d (the only one reliable with torchx)
+        rdzv_port: port of the c10d store on the first node (multi-node jobs only)
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "infer", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port, mounts=mounts,
+    )
+
+
+def prepare(
+    *overrides: str,
+    config: str,
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/prepare",
+    cpu: int = 2,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Converts raw logs to a Parquet dataset (``recsys-kd prepare``): one process on one node.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value`` (e.g. ``prepare.output=runs/x/data``)
+        config: recipe YAML, relative to the job's working directory (e.g. configs/movielens.yaml)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs for the process; OMP_NUM_THREADS defaults to this
+        memMB: memory in MB
+        h: a registered named resource (overrides cpu and memMB)
+        env: environment variables ``K1=v1,K2=v2``
+        max_retries: scheduler retries after a failure (prepare writes its outputs atomically)
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "prepare", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, threads=cpu, mounts=mounts,
+    )
+
+
+def synthesize(
+    *overrides: str,
+    config: str,
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/synthesize",
+    cpu: int = 2,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Writes synthetic Criteo-format raw logs (``recsys-kd synthesize``; the recipe needs a
+    ``synthesize`` section): one process on one node.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value``
+        config: recipe YAML with a ``synthesize`` section (e.g. configs/demo.yaml)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs for the process; OMP_NUM_THREADS defaults to this
+        memMB: memory in MB
+        h: a registered named resource (overrides cpu and memMB)
+        env: environment variables ``K1=v1,K2=v2``
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "synthesize", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
+        env=env, threads=cpu, mounts=mounts,
+    )
+
+
+def pipeline(
+    *overrides: str,
+    config: str,
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/pipeline",
+    cpu: int = 2,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Runs every available stage of a recipe in order (synthesize, prepare, read back, train),
+    skipping finished ones (``recsys-kd pipeline``): one process on one node, because its data
+    stages are not rank-aware; to train on several processes run the ``prepare`` and ``train``
+    components instead.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value``
+        config: recipe YAML (e.g. configs/movielens.yaml)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs for the process; OMP_NUM_THREADS defaults to this
+        memMB: memory in MB
+        h: a registered named resource (overrides cpu and memMB)
+        env: environment variables ``K1=v1,K2=v2``
+        max_retries: scheduler retries after a failure; finished stages are skipped on the retry
+            and an unfinished train resumes from its last checkpoint
+        max_restarts: torchrun restarts of the process after it fails (every scheduler, local included)
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "pipeline", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, max_restarts=max_restarts, threads=cpu, mounts=mounts,
+    )
+
+
+def _stage_app(
+    stage: str,
+    config: str,
+    overrides: Sequence[str],
+    *,
+    j: str,
+    image: str,
+    name: str,
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    h: Optional[str],
+    env: Optional[Dict[str, str]],
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    threads: int = 1,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """``dist.ddp`` running ``python -m recsys_kd.cli <stage> --config <config> <overrides>``."""
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        raise ValueError(f"{stage}: overrides must be key.sub=value, got {bad}")
+    if max_retries < 0 or max_restarts < 0:
+        raise ValueError(f"{stage}: max_retries and max_restarts must be >= 0")
+    env = dict(env or {})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+    env.setdefault("PYTHONUNBUFFERED", "1")  # a killed rank's last lines still reach the log
+    app = ddp(
+        stage, "--config", config, *overrides,
+        m=MODULE, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env,
+        max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
+    )
+    role = app.roles[0]
+    role.name = stage  # ddp names the role after the module ("cli"); logs go to <log_dir>/<session>/<app>/<stage>/
+    if max_restarts:
+        # Restarted workers must not share torchrun's rendezvous TCPStore: keys of the failed attempt
+        # linger there and the new gloo/NCCL group can read a dead peer's address ("Connection refused"
+        # in connectFullMesh, or hang; pytorch/pytorch#135712). Without this, 2 of 3 restarts failed here.
+        role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        command = role.args[-1]
+        assert command.startswith("torchrun "), command
+        role.args[-1] = f"torchrun --max_restarts {max_restarts} " + command[len("torchrun "):]
+    return app

@@ -1,0 +1,28 @@
+"""Knowledge distillation: the KD losses of ECKD and KD-DAGFM (``losses``) and the ECKD teacher gate
+(``gating``)."""
+
+from recsys_kd.distill.gating import TeacherGate
+from recsys_kd.distill.losses import (
+    KDLossConfig,
+    detach_teacher,
+    hard_label_bce,
+    hint_loss,
+    kd_loss,
+    logit_mse,
+    mean_teacher,
+    soft_label_bce,
+    weighted_teacher,
+)
+
+__all__ = [
+    "KDLossConfig",
+    "TeacherGate",
+    "detach_teacher",
+    "hard_label_bce",
+    "hint_loss",
+    "kd_loss",
+    "logit_mse",
+    "mean_teacher",
+    "soft_label_bce",
+    "weighted_teacher",
+]

@@ -1,0 +1,117 @@
+"""Teacher-ensemble inference: values, alignment, 2 processes == 1 process, kill and rerun."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.data.schema import Schema, SchemaError
+from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.distill.infer import verify_alignment
+from tests.trainrun import final_weights, run_ranks, run_stage, write_recipe
+
+pytestmark = pytest.mark.multiprocess
+
+TEACHERS = {"dcn": {"name": "dcn", "embedding_dim": 8, "mlp_layers": [16]},
+            "fm": {"name": "fm", "embedding_dim": 8}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    synthetic = SyntheticConfig(rows=5000, seed=3, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=1000)
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=300, rows_per_part=900))
+    for name, model in TEACHERS.items():
+        config = write_recipe(root / f"train_{name}.yaml", {
+            "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+            "reader": {"batch_size": 256, "shuffle": True},
+            "train": {"model": model, "output": str(root / name), "epochs": 1, "max_steps": 6, "progress": False},
+        })
+        assert run_ranks(config, 1) == [0]
+    return root
+
+
+def infer_recipe(root, name):
+    return write_recipe(root / f"{name}.yaml", {
+        "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+        "infer": {"teachers": [{"name": n, "train_output": str(root / n)} for n in TEACHERS],
+                  "output": str(root / name), "batch_size": 128, "progress": False,
+                  "sharding": {"type": "row_wise"}},
+    })
+
+
+def direct_logits(root, teacher, split):
+    """The teacher's logits computed directly: plain model, best checkpoint, one process."""
+    from recsys_kd.models.zoo import ModelConfig, build_model
+    from recsys_kd.train import checkpoint
+
+    schema = Schema.load(root / "data")
+    model = build_model(schema, ModelConfig(**TEACHERS[teacher]))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    checkpoint.load_model_tensors(root / teacher / "checkpoints" / "best", state)
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    model.eval()
+    reader = ParquetReader(root / "data", split, ReaderConfig(batch_size=100_000), rank=0, world_size=1)
+    batch = next(iter(reader))
+    with torch.no_grad():
+        return dict(zip(batch.row_ids.tolist(), model(batch.dense, batch.sparse).tolist()))
+
+
+def read_side(path, split):
+    schema = Schema.load(path.parent / "data")
+    return [pq.read_table(path / f) for f in schema.split(split).files]
+
+
+def test_one_and_two_processes_write_identical_aligned_soft_labels(setup):
+    root = setup
+    assert run_stage("infer", infer_recipe(root, "soft1"), 1) == [0]
+    assert run_stage("infer", infer_recipe(root, "soft2"), 2) == [0, 0]
+    assert verify_alignment(root / "data", root / "soft1") == verify_alignment(root / "data", root / "soft2")
+    schema = Schema.load(root / "data")
+    for split in ("train", "valid", "test"):
+        one, two = read_side(root / "soft1", split), read_side(root / "soft2", split)
+        for a, b, relative in zip(one, two, schema.split(split).files):
+            data_part = pq.ParquetFile(root / "data" / relative)
+            assert a.num_rows == data_part.metadata.num_rows
+            assert [pq.ParquetFile(root / "soft1" / relative).metadata.row_group(i).num_rows
+                    for i in range(data_part.num_row_groups)] == [data_part.metadata.row_group(i).num_rows
+                                                                  for i in range(data_part.num_row_groups)]
+            assert a["row_id"].equals(pq.read_table(root / "data" / relative, columns=["row_id"])["row_id"])
+            for column in ("teacher_dcn", "teacher_fm"):
+                np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-5, atol=1e-6)
+    expected = direct_logits(root, "dcn", "test")
+    got = {r: v for t in read_side(root / "soft1", "test") for r, v in zip(t["row_id"].to_pylist(), t["teacher_dcn"].to_pylist())}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-5)
+    # The reader joins the soft labels to the logs as extras, row for row.
+    reader = ParquetReader(root / "data", "train", ReaderConfig(batch_size=512, extras=["teacher_fm"]),
+                           rank=0, world_size=1, side_inputs=[root / "soft1"])
+    joined = {r: v for b in reader for r, v in zip(b.row_ids.tolist(), b.extras["teacher_fm"].tolist())}
+    side = {r: v for t in read_side(root / "soft1", "train") for r, v in zip(t["row_id"].to_pylist(), t["teacher_fm"].to_pylist())}
+    assert joined == pytest.approx(side)
+
+
+def test_killed_infer_rerun_completes_without_loss_or_duplicates(setup):
+    root = setup
+    config = infer_recipe(root, "soft_killed")
+    codes = run_stage("infer", config, 2, env={"RECSYS_KD_KILL_AT_PART": "1:2"})
+    assert codes[1] == -9
+    with pytest.raises(SchemaError, match="missing or incomplete"):
+        verify_alignment(root / "data", root / "soft_killed")
+    done_before = sorted(p.name for p in (root / "soft_killed" / "train").glob("*.parquet"))
+    assert run_stage("infer", config, 2) == [0, 0]
+    rows = verify_alignment(root / "data", root / "soft_killed")
+    schema = Schema.load(root / "data")
+    assert rows == {s: schema.split(s).rows for s in ("train", "valid", "test")}
+    all_ids = [i for s in ("train", "valid", "test") for t in read_side(root / "soft_killed", s) for i in t["row_id"].to_pylist()]
+    assert len(all_ids) == len(set(all_ids)) == sum(rows.values())
+    assert not [p for p in (root / "soft_killed").rglob(".*tmp")]
+    record = json.loads((root / "soft_killed" / "infer.json").read_text())
+    assert record["rows_scored_this_run"] < sum(rows.values())  # the finished parts were not redone
+    assert done_before
