@@ -17,5 +17,5 @@ def silence_third_party_warnings() -> None:
     # fbgemm's CPU dense-kernel lookup (data-parallel tables) backpropagates through autograd's
     # fallback; its gradients are correct (tests check data-parallel training against 1 process).
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function")
-    for name in ("torchrec.distributed.planner", "torch.fx._symbolic_trace"):
+    for name in ("torchrec.distributed.planner", "torchrec.distributed.utils", "torch.fx._symbolic_trace"):
         logging.getLogger(name).setLevel(logging.ERROR)
