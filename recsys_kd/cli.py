@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("prepare", "convert raw logs to a Parquet dataset (schema.json, quarantine, record)", _prepare)
     stage("train", "train a model with sharded embeddings (1..N processes: torchrun / torchx)", _train)
     stage("infer", "score the logs with a sharded teacher ensemble; write aligned soft labels", _infer)
+    stage("distill", "train a student on logs + soft labels (KD-DAGFM / ECKD), then the FT phase", _distill)
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
@@ -123,6 +124,31 @@ def _infer(args) -> int:
         print(f"{record['rows_scored_this_run']:,} rows scored in {record['seconds_this_run']:.1f} s "
               f"({record['rows_per_second_this_run']:,.0f} rows/s, peak RSS rank 0 {record['peak_rss_mib_rank0']:.0f} MiB)"
               f" -> {record['output']}")
+    return 0
+
+
+def _distill(args) -> int:
+    from recsys_kd.train.trainer import train
+
+    recipe = _recipe(args)
+    if recipe.distill is None or recipe.distill.distill is None:
+        raise ConfigError(f"{args.config}: no 'distill' section with a 'distill.distill' part")
+    output = recipe.distill_output()
+    recipe.distill.output = str(output)
+    if recipe.distill.distill.soft_labels == "" and recipe.distill.distill.scheme == "pretrain":
+        recipe.distill.distill.soft_labels = str(recipe.infer_output())
+    records = [("distill", train(recipe.distill, Path(recipe.prepare.output), recipe.reader))]
+    if recipe.finetune is not None:
+        recipe.finetune.output = recipe.finetune.output or str(output / "ft")
+        recipe.finetune.init_from = recipe.finetune.init_from or str(output / "checkpoints" / "best")
+        records.append(("finetune", train(recipe.finetune, Path(recipe.prepare.output), recipe.reader)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table([
+            {"phase": phase, "model": r["model"], "test auc": round(r["test"]["auc"], 5),
+             "test logloss": round(r["test"]["logloss"], 5), "params": r["parameters"]["total"],
+             "flops/example": r["flops_per_example"], "steps": r["steps"]}
+            for phase, r in records
+        ]))
     return 0
 
 

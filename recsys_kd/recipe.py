@@ -41,10 +41,16 @@ class Recipe:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    distill: Optional[TrainConfig] = None
+    finetune: Optional[TrainConfig] = None
 
     def train_output(self) -> Path:
         """Where ``train`` writes: ``train.output``, or ``<run_dir>/train/<model name>``."""
         return Path(self.train.output or Path(self.run_dir) / "train" / self.train.model.name)
+
+    def distill_output(self) -> Path:
+        """Where ``distill`` writes the student: ``distill.output``, or ``<run_dir>/distill/<student>``."""
+        return Path(self.distill.output or Path(self.run_dir) / "distill" / self.distill.model.name)
 
     def infer_output(self) -> Path:
         """Where ``infer`` writes the soft labels: ``infer.output``, or ``<run_dir>/soft_labels``."""

@@ -36,6 +36,7 @@ from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.ids import splitmix64
 from recsys_kd.data.reader import SIDE_INPUT_FILE, ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.distill.objective import teacher_column
 from recsys_kd.distributed import init_distributed, max_over_ranks, sum_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import ModelConfig, build_model
@@ -45,7 +46,6 @@ from recsys_kd.train.trainer import RECORD_FILE as TRAIN_RECORD
 
 RECORD_FILE = "infer.json"
 KILL_ENV = "RECSYS_KD_KILL_AT_PART"  # "rank:n" -> SIGKILL that rank as it starts its n-th part (fault tests)
-COLUMN_PREFIX = "teacher_"
 
 
 @dataclass
@@ -88,10 +88,6 @@ class TeacherEnsemble(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
         return torch.stack([self.teachers[name](dense, sparse) for name in self.names], dim=1)
-
-
-def teacher_column(name: str) -> str:
-    return f"{COLUMN_PREFIX}{name}"
 
 
 def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:

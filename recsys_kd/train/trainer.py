@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -37,9 +38,11 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
-from recsys_kd.config import to_dict
+from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.reader import Batch, ParquetReader, ReaderConfig, padding_batch
-from recsys_kd.data.schema import Schema
+from recsys_kd.data.schema import Schema, SchemaError
+from recsys_kd.distill.gating import TeacherGate
+from recsys_kd.distill.objective import DistillConfig, aggregate, distillation_terms, teacher_matrix
 from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
@@ -86,7 +89,7 @@ class TrainConfig:
     max_steps: int = 0
     eval_every_steps: int = 0
     eval_batch_size: int = 8192
-    monitor: Literal["auc", "logloss"] = "auc"
+    monitor: Literal["auc", "logloss", "distill_loss"] = "auc"
     patience: int = 2
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
@@ -95,8 +98,14 @@ class TrainConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     log_every_steps: int = 50
     progress: bool = True
+    init_from: str = ""
+    init_from_part: Literal["all", "embeddings"] = "all"
+    freeze_embeddings: bool = False
+    distill: Optional[DistillConfig] = None
 
     def validate(self) -> None:
+        if self.monitor == "distill_loss" and self.distill is None:
+            raise ValueError("monitor 'distill_loss' needs a distill section")
         for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -105,18 +114,32 @@ class TrainConfig:
 
 
 class TrainingModule(nn.Module):
-    """What DistributedModelParallel wraps: forward returns logits, hidden and field embeddings
-    together, so every output the loss needs goes through DMP's forward (and DDP's hooks).
+    """What DistributedModelParallel wraps, so every output the loss needs goes through DMP's forward
+    (and DDP's hooks): the model's logits, hidden vector and field embeddings, and when distilling
+    the teacher logit: the ECKD ``gate`` over the soft labels [B, M], or a co-trained ``teacher``.
 
-    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT -> ``([B], [B, H], [B, F, D])``.
+    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT, ``teacher_logits [B, M]`` (optional) ->
+    ``([B], [B, H], [B, F, D], teacher logit [B] or None, co-trained teacher's own logits [B] or None)``.
     """
 
-    def __init__(self, model: CTRModel) -> None:
+    def __init__(self, model: CTRModel, gate: Optional[nn.Module] = None, teacher: Optional[CTRModel] = None) -> None:
         super().__init__()
         self.model = model
+        self.gate = gate
+        self.teacher = teacher
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_hidden(dense, sparse)
+    def forward(
+        self, dense: torch.Tensor, sparse: KeyedJaggedTensor, teacher_logits: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        logits, hidden, fields = self.model.forward_with_hidden(dense, sparse)
+        own = None
+        if self.teacher is not None:
+            own = self.teacher(dense, sparse)
+            teacher_logits = own.detach().unsqueeze(1)  # the KD terms never train the teacher
+        teacher = None
+        if teacher_logits is not None:
+            teacher = self.gate(teacher_logits)[1] if self.gate is not None else None
+        return logits, hidden, fields, teacher if teacher is not None else teacher_logits, own
 
 
 @dataclass
@@ -141,9 +164,12 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
     torch.manual_seed(config.seed)
     model = build_model(schema, config.model)
     parameters, flops = model.num_parameters(), model.flops_per_example()
-    dmp, optimizer, plan = _distribute(model, config, ctx)
-    train_reader = ParquetReader(dataset, "train", reader_config, ctx.rank, ctx.world_size)
-    eval_config = ReaderConfig(batch_size=config.eval_batch_size, validate_ids=reader_config.validate_ids)
+    module = _training_module(model, schema, config)
+    dmp, optimizer, plan = _distribute(module, config, ctx)
+    extras, side = _distill_inputs(config)
+    reader_config = dataclasses.replace(reader_config, extras=list(reader_config.extras) + extras)
+    train_reader = ParquetReader(dataset, "train", reader_config, ctx.rank, ctx.world_size, side_inputs=side)
+    eval_config = ReaderConfig(batch_size=config.eval_batch_size, validate_ids=reader_config.validate_ids, extras=extras)
     progress = _resume(output, dmp, optimizer, train_reader, ctx) or Progress()
     torch.manual_seed(config.seed + 7919 * ctx.rank + progress.global_step)
     log = MetricsLog(output / METRICS_LOG, ctx.is_main)
@@ -179,10 +205,52 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
     return record
 
 
-def _distribute(model: CTRModel, config: TrainConfig, ctx: DistributedContext):
-    """DMP-wraps the model with a planner-made plan; returns (dmp, combined optimizer, plan)."""
-    module = TrainingModule(model)
-    initial = copy.deepcopy(module.state_dict()) if config.deterministic_init else None
+def _training_module(model: CTRModel, schema: Schema, config: TrainConfig) -> TrainingModule:
+    gate = teacher = None
+    if config.distill is not None:
+        if config.distill.aggregation == "gate":
+            gate = TeacherGate(len(config.distill.teachers))
+        if config.distill.scheme == "cotrain":
+            teacher_config = from_dict(ModelConfig, config.distill.cotrain_teacher, source="distill.cotrain_teacher")
+            teacher = build_model(schema, teacher_config)
+    module = TrainingModule(model, gate=gate, teacher=teacher)
+    if config.init_from:
+        prefix = "model.embedding." if config.init_from_part == "embeddings" else ""
+        loaded = checkpoint.load_matching_tensors(Path(config.init_from), module, prefix)
+        if not loaded:
+            raise checkpoint.CheckpointError(f"init_from {config.init_from}: no tensor matches this model")
+    return module
+
+
+def _distill_inputs(config: TrainConfig) -> Tuple[List[str], List[Path]]:
+    """Extra columns and side inputs the readers need (the pre-train scheme's soft labels)."""
+    if config.distill is None or not config.distill.columns:
+        return [], []
+    soft_labels = Path(config.distill.soft_labels)
+    from recsys_kd.distill.infer import verify_alignment
+
+    verify_alignment_once(soft_labels, verify_alignment)
+    return config.distill.columns, [soft_labels]
+
+
+def verify_alignment_once(soft_labels: Path, verify) -> None:
+    """Checks the soft labels against the logs (rank 0 reads, every rank learns the verdict)."""
+    side = json.loads((soft_labels / "side.json").read_text()) if (soft_labels / "side.json").exists() else {}
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            verify(Path(side.get("dataset", "")), soft_labels)
+        except Exception as failure:  # re-raised on every rank below
+            error = str(failure)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise SchemaError(box[0])
+
+
+def _distribute(module: TrainingModule, config: TrainConfig, ctx: DistributedContext):
+    """DMP-wraps the module with a planner-made plan; returns (dmp, combined optimizer, plan)."""
+    initial = copy.deepcopy(module.state_dict()) if (config.deterministic_init or config.init_from) else None
     replicated = set(data_parallel_tables(module, config.sharding))
     fused_weights = [
         bag.weight
@@ -191,7 +259,10 @@ def _distribute(model: CTRModel, config: TrainConfig, ctx: DistributedContext):
         if name not in replicated
     ]
     if fused_weights:
-        apply_optimizer_in_backward(_fused_optimizer_class(config.optim.embedding), fused_weights, {"lr": config.optim.embedding_lr})
+        # Frozen tables (KD-DAGFM distils with the teacher's embeddings fixed) step with lr 0.
+        lr = 0.0 if config.freeze_embeddings else config.optim.embedding_lr
+        optimizer_class = torch.optim.SGD if config.freeze_embeddings else _fused_optimizer_class(config.optim.embedding)
+        apply_optimizer_in_backward(optimizer_class, fused_weights, {"lr": lr})
     plan = make_plan(module, config.sharding, ctx.device, ctx.world_size)
     dmp = DistributedModelParallel(
         module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()]
@@ -201,6 +272,8 @@ def _distribute(model: CTRModel, config: TrainConfig, ctx: DistributedContext):
         # every world size start from identical weights (costs one full copy of the tables).
         dmp.load_state_dict(initial)
     dense_parameters = dict(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
+    if config.freeze_embeddings:
+        dense_parameters = {name: p for name, p in dense_parameters.items() if ".embedding_bags." not in name}
     dense = KeyedOptimizerWrapper(dense_parameters, lambda params: _dense_optimizer(config.optim, params))
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     return dmp, optimizer, plan
@@ -273,18 +346,36 @@ def _train_loop(config, ctx, dmp, optimizer, reader, dataset, eval_config, progr
 
 
 def _step(config: TrainConfig, dmp, optimizer, batch: Batch, weight: float) -> float:
-    logits, _, fields = dmp(batch.dense, batch.sparse)
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-    if config.optim.l2_embedding:
-        loss = loss + config.optim.l2_embedding * fields.pow(2).sum() / batch.batch_size
+    terms, _ = _loss_terms(config, dmp, batch)
     optimizer.zero_grad()
-    (loss * weight).backward()
+    (terms["total"] * weight).backward()
     optimizer.step()
-    return float(loss.detach())
+    return float(terms["total"].detach())
+
+
+def _loss_terms(config: TrainConfig, dmp, batch: Batch) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """The objective's terms (label BCE, or the distillation terms; plus L2 on looked-up embeddings
+    and, in co-training, the teacher's own label loss) and the student's logits."""
+    distill = config.distill
+    teachers = teacher_matrix(batch.extras, distill) if distill is not None else None
+    logits, _, fields, teacher, own = dmp(batch.dense, batch.sparse, teachers)
+    if distill is None:
+        terms = {"total": F.binary_cross_entropy_with_logits(logits, batch.labels)}
+    else:
+        if teacher is not None and teacher.dim() == 2:
+            teacher = aggregate(distill, teacher)
+        terms = distillation_terms(distill.loss, logits, batch.labels, teacher)
+        if own is not None:
+            terms["teacher_hard"] = F.binary_cross_entropy_with_logits(own, batch.labels)
+            terms["total"] = terms["total"] + terms["teacher_hard"]
+    if config.optim.l2_embedding:
+        terms["total"] = terms["total"] + config.optim.l2_embedding * fields.pow(2).sum() / batch.batch_size
+    return terms, logits
 
 
 def _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress: Progress, output, log) -> None:
-    metrics = evaluate(dmp, ParquetReader(dataset, "valid", eval_config, ctx.rank, ctx.world_size), ctx)
+    reader = ParquetReader(dataset, "valid", eval_config, ctx.rank, ctx.world_size, side_inputs=_distill_inputs_side(config))
+    metrics = evaluate(dmp, reader, ctx, config)
     value = metrics[config.monitor]
     better = progress.best is None or (value > progress.best if config.monitor == "auc" else value < progress.best)
     entry = {"step": progress.global_step, "epoch": progress.epoch, "valid": metrics, "improved": better}
@@ -302,26 +393,39 @@ def _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress: Progre
             progress.stopped = True
 
 
-def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext) -> Dict[str, float]:
-    """AUC and logloss of ``dmp`` over the reader's split, exact across ranks."""
+def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, config: Optional[TrainConfig] = None) -> Dict[str, float]:
+    """AUC and logloss of ``dmp`` over the reader's split, exact across ranks; with a distill
+    config also ``distill_loss``, the mean weighted distillation terms (ECKD early stopping)."""
     steps = max_over_ranks(reader.num_batches())
     batches = iter(reader)
-    labels, logits = [], []
+    labels, logits, distill_sum = [], [], 0.0
     dmp.eval()
     with torch.no_grad():
         for _ in range(steps):
             batch = next(batches, None)
             padding = batch is None
             batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size, reader.config.extras)
-            output, _, _ = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
+            batch = batch.to(ctx.device)
+            distilling = config is not None and config.distill is not None
+            if distilling:
+                terms, output = _loss_terms(config, dmp, batch)
+            else:
+                output = dmp(batch.dense, batch.sparse)[0]
             if not padding:
-                labels.append(batch.labels)
+                labels.append(batch.labels.cpu())
                 logits.append(output.float().cpu())
+                if distilling:
+                    distill_sum += float(terms["distill"]) * batch.batch_size
     dmp.train()
     local_labels = torch.cat(labels) if labels else torch.zeros(0)
     local_logits = torch.cat(logits) if logits else torch.zeros(0)
     gathered = gather_predictions(local_labels, local_logits)
-    return classification_metrics(gathered["labels"], gathered["logits"])
+    metrics = classification_metrics(gathered["labels"], gathered["logits"])
+    if config is not None and config.distill is not None:
+        totals = torch.tensor([distill_sum, float(local_labels.shape[0])], dtype=torch.float64)
+        dist.all_reduce(totals)
+        metrics["distill_loss"] = float(totals[0] / max(totals[1], 1.0))
+    return metrics
 
 
 def _final_test(config, ctx, dmp, output: Path, dataset: Path, eval_config: ReaderConfig) -> Dict[str, float]:
@@ -330,7 +434,12 @@ def _final_test(config, ctx, dmp, output: Path, dataset: Path, eval_config: Read
         state = {"model": dmp.state_dict()}
         dcp_load(best, state)
         dmp.load_state_dict(state["model"])
-    return evaluate(dmp, ParquetReader(dataset, "test", eval_config, ctx.rank, ctx.world_size), ctx)
+    reader = ParquetReader(dataset, "test", eval_config, ctx.rank, ctx.world_size, side_inputs=_distill_inputs_side(config))
+    return evaluate(dmp, reader, ctx, config)
+
+
+def _distill_inputs_side(config: TrainConfig) -> List[Path]:
+    return [Path(config.distill.soft_labels)] if config.distill is not None and config.distill.columns else []
 
 
 def dcp_load(path: Path, state: Dict[str, Any]) -> None:

@@ -1,0 +1,20 @@
+"""Export: the serving module (one fused embedding lookup + the model's head, plain tensors in,
+probabilities out), TorchScript artifacts with metadata and a parity check, and their torch-only loader.
+
+Importing this package imports torch only; :func:`export_artifact` imports torchrec when called.
+"""
+
+from recsys_kd.export.artifact import ArtifactError, ParityError, export_artifact, load_artifact, record_path
+from recsys_kd.export.serving import ServingModel, example_major_inputs, quantize_rows_int8, script_serving
+
+__all__ = [
+    "ArtifactError",
+    "ParityError",
+    "ServingModel",
+    "example_major_inputs",
+    "export_artifact",
+    "load_artifact",
+    "quantize_rows_int8",
+    "record_path",
+    "script_serving",
+]

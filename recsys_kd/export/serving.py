@@ -1,0 +1,443 @@
+"""The serving module: a plain-tensor, torch-only, scriptable copy of a trained ``CTRModel``.
+
+Input contract (``forward(dense, ids, offsets) -> probabilities``)::
+
+    dense    float32 [B, n_dense]        the schema's dense columns, in schema order ([B, 0] when none)
+    ids      int64   [N]                 sparse ids, concatenated bag after bag
+    offsets  int64   [B * F_sparse + 1]  bag boundaries: bag k holds ids[offsets[k] : offsets[k + 1]]
+
+Bags are **example-major**: bag ``k = b * F_sparse + f`` holds example ``b``'s ids of sparse feature ``f``
+(``schema.sparse`` order), so one example's request is one contiguous slice of ``ids`` and requests are
+concatenated as they come. A single-valued feature has a bag of length 1, a multi-hot feature a bag
+of any length (an empty bag pools to zeros, as torchrec's sum pooling does). For a batch of
+single-valued features only, ``ids`` is the ``[B, F_sparse]`` id matrix flattened row by row and
+``offsets`` is ``arange(B * F_sparse + 1)``; that case takes a faster path (one plain
+``F.embedding`` lookup). Ids are the dataset's ids: 0 = missing, 1 = out of vocabulary, and every id
+must lie in ``[0, num_embeddings)`` of its feature, otherwise ``forward`` raises an error naming the
+feature, the example and the id (checked before any lookup). Output: probabilities ``[B]`` float32
+(``forward_logits`` returns the logits).
+
+How it is fast (see STACK.md, "Serving speed"): every sparse table is concatenated row-wise into one
+table ``[sum_f V_f, D]`` (plus one column for the first-order weight when the model has a
+first-order term), and a feature's ids are shifted by its row offset, so ONE lookup gathers every
+field of every example, with no Python loop over fields. The dense projection is a broadcast multiply.
+The head is the trained model's own head, copied unchanged (it is scriptable).
+
+Storage of the fused table: ``float32`` (exact), ``fp16`` (half the bytes; upcast after the lookup) or
+``int8`` (per-row asymmetric quantisation, ``w ~ q * scale + bias`` with one float32 scale and bias per
+row, dequantised after the lookup; the first-order weights stay float32 beside the scales).
+
+This file imports torch only: the torchrec model is read through its attributes, never imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recsys_kd.models.zoo import CTRModel
+
+STORAGE_DTYPES = ("float32", "fp16", "int8")
+INPUT_ORDER = "example-major"
+
+
+class ServingModel(nn.Module):
+    """
+    A trained CTR model as one fused embedding lookup + the model's head, taking plain tensors.
+
+    Build it with :meth:`from_model`; see the module docstring for the input contract.
+
+    Args:
+        head (nn.Module): the model's head, ``(fields [B, F, D], first_order [B, 1] or None) -> [B]``.
+        tables (List[torch.Tensor]): the sparse field tables ``[V_f, D]`` in ``schema.sparse`` order.
+        sparse_names (List[str]): the sparse features, same order.
+        dense_weight (Optional[torch.Tensor]): ``[n_dense, D]`` projection of the dense fields, or None
+            when dense features are not model inputs.
+        first_order_tables (Optional[List[torch.Tensor]]): the first-order tables ``[V_f, 1]``, when the
+            model has a first-order term.
+        first_order_dense (Optional[torch.Tensor]): ``[n_dense, 1]`` first-order dense weights.
+        first_order_bias (Optional[torch.Tensor]): ``[1]``.
+        num_dense_inputs (int): width of the ``dense`` input (the schema's dense columns); it may be
+            wider than the model uses only when ``dense_weight`` is None (then ``dense`` is ignored).
+        storage (str): ``"float32"``, ``"fp16"`` or ``"int8"``.
+
+    Shapes: ``dense [B, n_dense]``, ``ids [N]``, ``offsets [B * F_sparse + 1] -> [B]``.
+
+    Example::
+
+        serving = ServingModel.from_model(model.eval(), num_dense_inputs=len(schema.dense))
+        ids, offsets = example_major_inputs(kjt.values(), kjt.lengths(), batch_size, len(schema.sparse))
+        probabilities = script_serving(serving)(dense, ids, offsets)  # [B]
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        tables: List[torch.Tensor],
+        sparse_names: List[str],
+        dense_weight: Optional[torch.Tensor] = None,
+        first_order_tables: Optional[List[torch.Tensor]] = None,
+        first_order_dense: Optional[torch.Tensor] = None,
+        first_order_bias: Optional[torch.Tensor] = None,
+        num_dense_inputs: int = 0,
+        storage: str = "float32",
+    ) -> None:
+        super().__init__()
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {list(STORAGE_DTYPES)}, got {storage!r}")
+        if not tables or len(tables) != len(sparse_names):
+            raise ValueError(f"need one table per sparse feature: {len(tables)} tables, {len(sparse_names)} names")
+        dims = {int(t.shape[1]) for t in tables}
+        if len(dims) != 1:
+            raise ValueError(f"all sparse tables must have the same embedding_dim, got {sorted(dims)}")
+        dim = dims.pop()
+        with_first_order = first_order_tables is not None
+        if with_first_order:
+            assert first_order_tables is not None
+            if [t.shape[0] for t in first_order_tables] != [t.shape[0] for t in tables]:
+                raise ValueError("first-order tables must have the rows of the field tables")
+        num_dense = 0 if dense_weight is None else int(dense_weight.shape[0])
+        if dense_weight is not None and num_dense_inputs != num_dense:
+            raise ValueError(f"num_dense_inputs is {num_dense_inputs} but the model projects {num_dense} dense fields")
+
+        self.head = head
+        self.sparse_names: List[str] = list(sparse_names)
+        self.num_sparse: int = len(tables)
+        self.num_dense: int = num_dense
+        self.num_dense_inputs: int = num_dense_inputs
+        self.embedding_dim: int = dim
+        self.with_first_order: bool = with_first_order
+        self.storage: str = storage
+        self._int8: bool = storage == "int8"
+        self._fp16: bool = storage == "fp16"
+
+        sizes = torch.tensor([int(t.shape[0]) for t in tables], dtype=torch.int64)
+        self.register_buffer("num_embeddings", sizes)
+        self.register_buffer("row_offsets", torch.cumsum(sizes, 0) - sizes)
+        self.register_buffer("bag_feature", torch.arange(len(tables), dtype=torch.int64))
+
+        fused = torch.cat([t.detach().float() for t in tables], dim=0)  # [R, D]
+        first = (
+            torch.cat([t.detach().float() for t in first_order_tables], dim=0)
+            if first_order_tables is not None
+            else torch.zeros(fused.shape[0], 0)
+        )  # [R, 1] or [R, 0]
+        # float storage: one table [R, D (+1)], the first-order weight as its last column
+        # int8 storage: codes [R, D] int8 and params [R, 2 (+1)] = (scale, bias (, first-order weight))
+        if storage == "int8":
+            codes, scale, bias = quantize_rows_int8(fused)
+            self.register_buffer("weight", torch.zeros(0, dim + first.shape[1]))
+            self.register_buffer("codes", codes)
+            self.register_buffer("row_params", torch.cat([scale, bias, first], dim=1))
+        else:
+            weight = torch.cat([fused, first], dim=1)
+            self.register_buffer("weight", weight.half() if storage == "fp16" else weight)
+            self.register_buffer("codes", torch.zeros(0, dim, dtype=torch.int8))
+            self.register_buffer("row_params", torch.zeros(0, 2 + first.shape[1]))
+        self.register_buffer(
+            "dense_weight", dense_weight.detach().float().clone() if dense_weight is not None else torch.zeros(0, dim)
+        )
+        self.register_buffer(
+            "first_order_dense",
+            first_order_dense.detach().float().reshape(-1, 1).clone()
+            if first_order_dense is not None
+            else torch.zeros(num_dense, 1),
+        )
+        self.register_buffer(
+            "first_order_bias",
+            first_order_bias.detach().float().reshape(1).clone() if first_order_bias is not None else torch.zeros(1),
+        )
+
+    @classmethod
+    def from_model(
+        cls, model: "CTRModel", num_dense_inputs: Optional[int] = None, storage: str = "float32"
+    ) -> "ServingModel":
+        """
+        Builds the serving module from a plain (unsharded) ``CTRModel``; the model is not modified.
+
+        Args:
+            model (CTRModel): the trained model (tables on CPU, not sharded).
+            num_dense_inputs (Optional[int]): width of the ``dense`` input, ``len(schema.dense)``;
+                defaults to the number of dense fields the model projects.
+            storage (str): ``"float32"``, ``"fp16"`` or ``"int8"`` for the fused table.
+        """
+        embedding = model.embedding
+        sparse_names, tables = _field_tables(embedding)
+        num_dense = 0 if embedding.dense_weight is None else int(embedding.dense_weight.shape[0])
+        first_order_tables = first_order_dense = first_order_bias = None
+        if model.first_order is not None:
+            fo_names, first_order_tables = _field_tables(model.first_order.weights)
+            if fo_names != sparse_names:
+                raise ValueError(f"first-order features {fo_names} differ from the field features {sparse_names}")
+            first_order_dense = model.first_order.weights.dense_weight
+            first_order_bias = model.first_order.bias
+        head = copy.deepcopy(model.head).eval()
+        return cls(
+            head,
+            tables,
+            sparse_names,
+            dense_weight=embedding.dense_weight,
+            first_order_tables=first_order_tables,
+            first_order_dense=first_order_dense,
+            first_order_bias=first_order_bias,
+            num_dense_inputs=num_dense if num_dense_inputs is None else num_dense_inputs,
+            storage=storage,
+        )
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            dense (torch.Tensor): float32 [B, n_dense].
+            ids (torch.Tensor): int64 [N], example-major bags.
+            offsets (torch.Tensor): int64 [B * F_sparse + 1].
+
+        Returns:
+            torch.Tensor: click probabilities, float32 [B].
+        """
+        return torch.sigmoid(self.forward_logits(dense, ids, offsets))
+
+    @torch.jit.export
+    def forward_logits(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """As :meth:`forward`, returning logits [B]."""
+        if dense.dim() != 2 or dense.size(1) != self.num_dense_inputs:
+            raise ValueError(
+                f"dense must have shape [B, {self.num_dense_inputs}] (the schema's dense columns), "
+                f"got {list(dense.shape)}"
+            )
+        if dense.dtype != torch.float32:
+            raise ValueError("dense must be float32")
+        batch_size = dense.size(0)
+        num_features = self.num_sparse
+        rows, single = _bag_rows(
+            ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature, self.sparse_names
+        )
+        if batch_size == 0:  # some heads cannot reshape an empty batch
+            return torch.zeros(0)
+        dim = self.embedding_dim
+        columns = dim + (1 if self.with_first_order else 0)
+        # the lookup: every field of every example in one gather (+ sum pooling of the bags)
+        if self._int8:
+            params = self.row_params.index_select(0, rows)  # [N, 2 (+1)]: scale, bias (, first-order weight)
+            values = self.codes.index_select(0, rows).float() * params[:, 0:1] + params[:, 1:2]
+            if self.with_first_order:
+                values = torch.cat([values, params[:, 2:3]], dim=1)
+            if single:
+                pooled = values
+            else:
+                positions = torch.arange(rows.size(0), dtype=torch.int64)
+                pooled = F.embedding_bag(positions, values, offsets, mode="sum", include_last_offset=True)
+        else:
+            if single:
+                pooled = F.embedding(rows, self.weight)
+            else:
+                pooled = F.embedding_bag(rows, self.weight, offsets, mode="sum", include_last_offset=True)
+            if self._fp16:
+                pooled = pooled.float()
+        pooled = pooled.view(batch_size, num_features, columns)  # [B, F_sparse, D (+1)]
+
+        fields = pooled.narrow(2, 0, dim) if self.with_first_order else pooled
+        if self.num_dense > 0:
+            fields = torch.cat([dense.unsqueeze(2) * self.dense_weight, fields], dim=1)
+        first_order: Optional[torch.Tensor] = None
+        if self.with_first_order:
+            first = pooled.select(2, dim).sum(dim=1, keepdim=True)  # [B, 1]
+            if self.num_dense > 0:
+                first = first + torch.mm(dense, self.first_order_dense)
+            first_order = first + self.first_order_bias
+        return self.head(fields, first_order)
+
+
+# Input checks are free functions called from the exported methods, never private methods: a frozen
+# module drops its non-preserved methods, and an error raised in code inlined from one of them made
+# torch 2.13's interpreter crash (a dangling call-stack entry) in the second frozen instance of the
+# class in a process. Artifacts loaded with torch.jit.load are not affected.
+
+
+def _bag_rows(
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    batch_size: int,
+    num_embeddings: torch.Tensor,
+    row_offsets: torch.Tensor,
+    bag_feature: torch.Tensor,
+    sparse_names: List[str],
+) -> Tuple[torch.Tensor, bool]:
+    """Checks ids and bag offsets; returns the fused-table rows of the ids [N] and whether every bag
+    holds exactly one id (then the rows are example-major [B * F_sparse] and need no pooling)."""
+    num_features = len(sparse_names)
+    num_bags = batch_size * num_features
+    if ids.dim() != 1 or ids.dtype != torch.int64:
+        raise ValueError(f"ids must be a 1-D int64 (torch.long) tensor, got shape {list(ids.shape)}")
+    if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.size(0) != num_bags + 1:
+        raise ValueError(
+            f"offsets must be a 1-D int64 tensor of B * F_sparse + 1 = {batch_size} * {num_features} + 1 = "
+            f"{num_bags + 1} bag boundaries (example-major), got shape {list(offsets.shape)}"
+        )
+    num_ids = ids.size(0)
+    single = num_ids == num_bags and bool(torch.equal(offsets, torch.arange(num_bags + 1, dtype=torch.int64)))
+    if single:
+        # one id per bag: ids is the [B, F_sparse] id matrix, row by row
+        by_example = ids.view(batch_size, num_features)
+        _check_ids(by_example, num_embeddings, sparse_names)
+        return (by_example + row_offsets).view(-1), True
+    if int(offsets[0]) != 0 or int(offsets[-1]) != num_ids:
+        raise ValueError(
+            f"offsets must start at 0 and end at len(ids) = {num_ids}, got {int(offsets[0])} and {int(offsets[-1])}"
+        )
+    lengths = offsets[1:] - offsets[:-1]
+    if num_bags > 0 and int(lengths.min()) < 0:
+        raise ValueError("offsets must be non-decreasing")
+    feature = torch.repeat_interleave(bag_feature.repeat(batch_size), lengths, output_size=num_ids)
+    _check_ids(ids, num_embeddings[feature], sparse_names, offsets, feature)
+    return ids + row_offsets[feature], False
+
+
+def _check_ids(
+    ids: torch.Tensor,
+    limits: torch.Tensor,
+    sparse_names: List[str],
+    offsets: Optional[torch.Tensor] = None,
+    feature: Optional[torch.Tensor] = None,
+) -> None:
+    """Raises a ValueError naming feature, example and id for the first id outside [0, limit)."""
+    bad = (ids < 0) | (ids >= limits)
+    if bool(bad.any()):
+        num_features = len(sparse_names)
+        position = int(torch.nonzero(bad.reshape(-1))[0, 0])
+        value = int(ids.reshape(-1)[position])
+        if offsets is None or feature is None:
+            example = position // num_features
+            f = position % num_features
+            limit = int(limits[f])
+        else:
+            bag = int(torch.searchsorted(offsets, torch.tensor([position]), right=True)[0]) - 1
+            example = bag // num_features
+            f = int(feature[position])
+            limit = int(limits[position])
+        raise ValueError(
+            f"sparse feature '{sparse_names[f]}' of example {example} has id {value}, "
+            f"outside [0, {limit}) (num_embeddings={limit}); ids 0 and 1 mean missing and out of vocabulary"
+        )
+
+
+def script_serving(serving: ServingModel, roundtrip: bool = True) -> torch.jit.ScriptModule:
+    """
+    ``torch.jit.script`` + ``torch.jit.freeze`` (eval mode, ``forward_logits`` preserved) of a serving
+    module: parameters become constants and the storage branches fold away.
+
+    Args:
+        serving (ServingModel): the module.
+        roundtrip (bool): return the module as ``torch.jit.load`` gives it back from its serialised
+            bytes. In torch 2.13 a runtime error inside code that freezing inlined from a dropped
+            method (e.g. a head's ``forward_with_hidden``) can crash the interpreter while it builds
+            the error's call stack, for the second frozen module of a class in one process; a loaded
+            module owns its code and raises normally. Saved artifacts are always loaded modules.
+
+    Returns:
+        torch.jit.ScriptModule: ``forward(dense, ids, offsets)`` and ``forward_logits``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # every torch.jit call warns in torch 2.13
+        frozen = torch.jit.freeze(torch.jit.script(serving.eval()), preserved_attrs=["forward_logits"])
+        if not roundtrip:
+            return frozen
+        buffer = io.BytesIO()
+        torch.jit.save(frozen, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer)
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Per-row asymmetric int8 quantisation: ``weight ~ codes * scale + bias``.
+
+    Each row's range [min, max] maps onto the 256 codes -128..127 (``scale = (max - min) / 255``,
+    ``bias = min + 128 * scale``); a constant row gets scale 1 and is exact. The error per entry is at
+    most ``scale / 2``.
+
+    Args:
+        weight (torch.Tensor): float [R, D].
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: codes int8 [R, D], scale float32 [R, 1],
+        bias float32 [R, 1].
+    """
+    weight = weight.detach().float()
+    if weight.numel() == 0:
+        rows = weight.shape[0]
+        return weight.to(torch.int8), torch.ones(rows, 1), torch.zeros(rows, 1)
+    low = weight.min(dim=1, keepdim=True).values
+    high = weight.max(dim=1, keepdim=True).values
+    span = high - low
+    scale = torch.where(span > 0, span / 255.0, torch.ones_like(span))
+    codes = torch.clamp(torch.round((weight - low) / scale) - 128.0, -128.0, 127.0).to(torch.int8)
+    return codes, scale, low + 128.0 * scale
+
+
+def example_major_inputs(
+    values: torch.Tensor, lengths: torch.Tensor, batch_size: int, num_features: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Reorders key-major jagged ids (a ``KeyedJaggedTensor``'s ``values()`` / ``lengths()``: every
+    example of feature 0, then feature 1, ...) into the serving module's example-major ``ids`` and
+    ``offsets``.
+
+    Args:
+        values (torch.Tensor): ids [N], key-major.
+        lengths (torch.Tensor): bag lengths [F * B], key-major (any integer dtype).
+        batch_size (int): B.
+        num_features (int): F (the schema's sparse features, in order).
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: ``ids`` int64 [N] and ``offsets`` int64 [B * F + 1],
+        example-major.
+    """
+    if lengths.numel() != batch_size * num_features:
+        raise ValueError(f"lengths has {lengths.numel()} bags, expected B * F = {batch_size} * {num_features}")
+    values = values.to(torch.int64)
+    lengths = lengths.to(torch.int64)
+    if bool((lengths == 1).all()):  # single-valued: a transpose
+        ids = values.view(num_features, batch_size).t().reshape(-1)
+        return ids, torch.arange(batch_size * num_features + 1, dtype=torch.int64)
+    starts = torch.cumsum(lengths, 0) - lengths  # key-major bag starts
+    by_example = lengths.view(num_features, batch_size).t().reshape(-1)
+    starts = starts.view(num_features, batch_size).t().reshape(-1)
+    offsets = torch.zeros(by_example.numel() + 1, dtype=torch.int64)
+    torch.cumsum(by_example, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    # output position k of bag j reads values[starts[j] + (k - offsets[j])]
+    source = torch.repeat_interleave(starts - offsets[:-1], by_example, output_size=total)
+    source = source + torch.arange(total, dtype=torch.int64)
+    return values[source], offsets
+
+
+def _field_tables(embedding: nn.Module) -> Tuple[List[str], List[torch.Tensor]]:
+    """(sparse feature names in field order, their tables) of a ``FieldEmbedding``."""
+    num_dense = 0 if embedding.dense_weight is None else int(embedding.dense_weight.shape[0])
+    sparse_names = list(embedding.field_names[num_dense:])
+    ebc = embedding.ebc
+    by_feature = {}
+    for config in ebc.embedding_bag_configs():
+        if len(config.feature_names) != 1:
+            raise ValueError(f"table {config.name!r} serves {config.feature_names}; expected one feature per table")
+        pooling = getattr(config.pooling, "name", str(config.pooling))
+        if pooling != "SUM":
+            raise ValueError(f"table {config.name!r} uses {pooling} pooling; the serving module sums bags")
+        weight = ebc.embedding_bags[config.name].weight
+        if type(weight) not in (torch.Tensor, nn.Parameter) or weight.device.type == "meta":
+            raise ValueError(
+                f"table {config.name!r} is a {type(weight).__name__} on {weight.device}; the serving module needs "
+                "a plain model with its tables loaded (unshard with checkpoint.load_model_tensors first)"
+            )
+        by_feature[config.feature_names[0]] = weight
+    missing = [name for name in sparse_names if name not in by_feature]
+    if missing:
+        raise ValueError(f"no table for sparse features {missing}")
+    return sparse_names, [by_feature[name].detach() for name in sparse_names]

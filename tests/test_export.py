@@ -1,0 +1,328 @@
+"""Export: the serving module against the training model (every path: single-valued, multi-hot, dense
+projection, first-order term, fp16/int8 storage), id and offset errors, and end-to-end artifacts (one
+trained with the CLI, others from saved checkpoints) loaded in a fresh process that imports torch only."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_kd.cli import main
+from recsys_kd.config import to_dict
+from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.data.schema import IdRule, Schema, SparseFeature
+from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.export import (
+    ArtifactError,
+    ParityError,
+    ServingModel,
+    example_major_inputs,
+    export_artifact,
+    load_artifact,
+    quantize_rows_int8,
+    record_path,
+    script_serving,
+)
+from recsys_kd.models import CTRModel, ModelConfig, build_model
+from recsys_kd.train import checkpoint
+
+PROJECT = Path(__file__).resolve().parents[1]
+IDENTITY = IdRule(kind="identity")
+SCHEMA = Schema(
+    name="tiny",
+    label="label",
+    dense=["d0", "d1"],
+    sparse=[
+        SparseFeature("user", 11, IDENTITY),
+        SparseFeature("tags", 7, IDENTITY, multi_hot=True),
+        SparseFeature("item", 13, IDENTITY),
+    ],
+)
+SMALL: Dict[str, Any] = dict(embedding_dim=4, mlp_layers=[16, 8], cross_layers=2, cin_layers=[6, 4], dagfm_layers=2)
+TOL = dict(rtol=0, atol=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _script(module: ServingModel) -> torch.jit.ScriptModule:
+    return script_serving(module)  # scripted, frozen, saved and loaded back, as an artifact is
+
+
+def _model(name: str, schema: Schema = SCHEMA, seed: int = 0, **overrides: Any) -> CTRModel:
+    """A model with visible tables (the default init, std 1e-4, would make every model near-constant)."""
+    torch.manual_seed(seed)
+    model = build_model(schema, ModelConfig(name=name, **{**SMALL, **overrides}))
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if ".embedding_bags." in key:
+                parameter.normal_(0.0, 0.5)
+            elif key.endswith("bias"):
+                parameter.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def _batch(batch_size: int, seed: int = 0, empty_bags: bool = True) -> Tuple[torch.Tensor, KeyedJaggedTensor]:
+    """dense [B, 2] and a key-major KJT; the multi-hot feature has bags of 0..3 ids."""
+    generator = torch.Generator().manual_seed(seed)
+    values, lengths = [], []
+    for feature in SCHEMA.sparse:
+        if feature.multi_hot:
+            length = torch.randint(0 if empty_bags else 1, 4, (batch_size,), generator=generator)
+        else:
+            length = torch.ones(batch_size, dtype=torch.int64)
+        lengths.append(length)
+        values.append(torch.randint(0, feature.num_embeddings, (int(length.sum()),), generator=generator))
+    kjt = KeyedJaggedTensor.from_lengths_sync(SCHEMA.sparse_names, torch.cat(values), torch.cat(lengths).int())
+    return torch.randn(batch_size, 2, generator=generator), kjt
+
+
+def _serving_inputs(dense: torch.Tensor, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, offsets = example_major_inputs(kjt.values(), kjt.lengths(), dense.shape[0], len(kjt.keys()))
+    return dense, ids, offsets
+
+
+# ------------------------------------------------------------------------------ the serving module
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [("deepfm", {}), ("xdeepfm", {}), ("dcnv2", {}), ("dagfm_outer", {}), ("lr", {}), ("fm", {"dense_mode": "none"})],
+)
+def test_serving_module_matches_the_training_model(name: str, overrides: Dict[str, Any]) -> None:
+    model = _model(name, **overrides)
+    serving = _script(ServingModel.from_model(model, num_dense_inputs=2))
+    dense, kjt = _batch(32)
+    with torch.no_grad():
+        logits = model(dense, kjt)
+        inputs = _serving_inputs(dense, kjt)
+        torch.testing.assert_close(serving.forward_logits(*inputs), logits, **TOL)
+        torch.testing.assert_close(serving(*inputs), torch.sigmoid(logits), **TOL)
+        # all bags of length 1: the fast path (one F.embedding) computes the same function
+        dense, kjt = _batch(16, seed=1)
+        single = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values()[: 16 * 3], torch.ones(48, dtype=torch.int32))
+        ids, offsets = example_major_inputs(single.values(), single.lengths(), 16, 3)
+        assert torch.equal(offsets, torch.arange(49))
+        torch.testing.assert_close(serving(dense, ids, offsets), torch.sigmoid(model(dense, single)), **TOL)
+        # one example alone gives its row of the batch
+        torch.testing.assert_close(serving(dense[2:3], ids[6:9], torch.arange(4)), serving(dense, ids, offsets)[2:3], **TOL)
+
+
+def test_example_major_inputs_reorder_key_major_bags() -> None:
+    # B = 2, F = 2: feature a bags [1], [2, 3]; feature b bags [], [4]
+    ids, offsets = example_major_inputs(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 1]), 2, 2)
+    assert ids.tolist() == [1, 2, 3, 4] and offsets.tolist() == [0, 1, 1, 3, 4]
+    ids, offsets = example_major_inputs(torch.tensor([5, 6, 7, 8]), torch.tensor([1, 1, 1, 1]), 2, 2)
+    assert ids.tolist() == [5, 7, 6, 8] and offsets.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_out_of_range_ids_and_bad_offsets_raise_clear_errors() -> None:
+    serving = _script(ServingModel.from_model(_model("deepfm"), num_dense_inputs=2))
+    dense = torch.zeros(2, 2)
+    good = torch.tensor([3, 2, 5, 1, 6, 12])  # example-major, one id per bag
+    assert serving(dense, good, torch.arange(7)).shape == (2,)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert serving(torch.zeros(0, 2), empty, torch.zeros(1, dtype=torch.int64)).shape == (0,)
+    with pytest.raises(Exception, match=r"feature 'item' of example 1 has id 13, outside \[0, 13\)"):
+        serving(dense, torch.tensor([3, 2, 5, 1, 6, 13]), torch.arange(7))
+    with pytest.raises(Exception, match=r"feature 'user' of example 0 has id -1"):
+        serving(dense, torch.tensor([-1, 2, 5, 1, 6, 12]), torch.arange(7))
+    # multi-hot path: example 1's tags bag [6, 7]
+    with pytest.raises(Exception, match=r"feature 'tags' of example 1 has id 7, outside \[0, 7\)"):
+        serving(dense, torch.tensor([3, 2, 5, 1, 6, 7, 12]), torch.tensor([0, 1, 2, 3, 4, 6, 7]))
+    with pytest.raises(Exception, match=r"offsets must be a 1-D int64 tensor of B \* F_sparse \+ 1"):
+        serving(dense, good, torch.arange(6))
+    with pytest.raises(Exception, match="end at len"):
+        serving(dense, good, torch.tensor([0, 1, 2, 3, 4, 5, 7]))
+    with pytest.raises(Exception, match="ids must be a 1-D int64"):
+        serving(dense, good.int(), torch.arange(7))
+    with pytest.raises(Exception, match=r"dense must have shape \[B, 2\]"):
+        serving(torch.zeros(2, 3), good, torch.arange(7))
+
+
+def test_int8_and_fp16_storage() -> None:
+    weight = torch.randn(50, 8)
+    weight[3] = 0.25  # a constant row is exact
+    codes, scale, bias = quantize_rows_int8(weight)
+    assert codes.dtype == torch.int8
+    error = (codes.float() * scale + bias - weight).abs()
+    assert (error <= scale / 2 + 1e-6).all() and error[3].max() == 0
+    model = _model("deepfm")
+    dense, kjt = _batch(64)
+    inputs = _serving_inputs(dense, kjt)
+    reference = torch.sigmoid(model(dense, kjt)).detach()
+    for storage, tolerance in (("fp16", 2e-3), ("int8", 2e-2)):
+        serving = ServingModel.from_model(model, num_dense_inputs=2, storage=storage)
+        assert serving.weight.dtype == (torch.float16 if storage == "fp16" else torch.float32)
+        assert storage != "int8" or serving.codes.dtype == torch.int8
+        with torch.no_grad():
+            difference = (_script(serving)(*inputs) - reference).abs().max()
+        assert 0 < difference < tolerance, (storage, difference)
+
+
+# ----------------------------------------------------------------------------- end-to-end artifacts
+
+
+def _fake_train_output(root: Path, dataset: Path, name: str, **overrides: Any) -> Path:
+    """A train output as the trainer leaves it (train.json + checkpoints/best in DCP), without training."""
+    schema = Schema.load(dataset)
+    model = _model(name, schema=schema, **overrides)
+    config = ModelConfig(name=name, **{**SMALL, **overrides})
+    output = root / name
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    dcp.save({"model": state}, checkpoint_id=str(output / "checkpoints" / "best"), no_dist=True)
+    record = {"config": {"model": to_dict(config)}, "dataset": str(dataset), "test": {"auc": 0.5, "logloss": 0.7}}
+    (output / "train.json").write_text(json.dumps(record))
+    return output
+
+
+def _training_probabilities(train_output: Path, rows: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The plain training model's probabilities on the first test rows, and the artifact inputs."""
+    record = json.loads((train_output / "train.json").read_text())
+    dataset = Path(record["dataset"])
+    schema = Schema.load(dataset)
+    model = build_model(schema, ModelConfig(**record["config"]["model"]))
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    checkpoint.load_model_tensors(train_output / "checkpoints" / "best", state)
+    model.load_state_dict({key[len("model."):]: value for key, value in state.items()})
+    batch = next(iter(ParquetReader(dataset, "test", ReaderConfig(batch_size=rows), rank=0, world_size=1)))
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model.eval()(batch.dense, batch.sparse))
+    dense, ids, offsets = _serving_inputs(batch.dense, batch.sparse)
+    return probabilities, {"dense": dense, "ids": ids, "offsets": offsets}
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, shared_data) -> Dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    movielens = root / "movielens"
+    assert main(["prepare", "-c", "configs/movielens.yaml", f"prepare.inputs=[{shared_data / 'movielens-100k-recbole'}]",
+                 f"prepare.output={movielens}", "prepare.progress=false"]) == 0
+    synthetic = root / "synthetic"
+    prepare(PrepareConfig(format="synthetic", output=str(synthetic), progress=False,
+                          synthetic=SyntheticConfig(rows=3000, sparse_features=5, dense_features=2, max_vocab=200)))
+    return {"root": root, "movielens": movielens, "synthetic": synthetic}
+
+
+@pytest.fixture(scope="module")
+def exported(datasets) -> List[Dict[str, Any]]:
+    """One model trained with the CLI (deepfm, movielens) and three from saved checkpoints (synthetic,
+    projected dense features), exported; with the training model's probabilities to compare."""
+    root = datasets["root"]
+    trained = root / "deepfm"
+    assert main(["train", "-c", "configs/movielens.yaml", f"prepare.output={datasets['movielens']}",
+                 f"train.output={trained}", "train.model.name=deepfm", "train.model.mlp_layers=[32,16]",
+                 "train.max_steps=20", "train.epochs=1", "train.progress=false", "train.eval_batch_size=65536",
+                 "train.sharding.type=table_wise"]) == 0
+    outputs = [
+        (trained, "float32"),
+        (_fake_train_output(root, datasets["synthetic"], "xdeepfm"), "float32"),
+        (_fake_train_output(root, datasets["synthetic"], "dagfm_outer"), "float32"),
+        (_fake_train_output(root, datasets["synthetic"], "dcnv2", cross_type="low_rank", low_rank=3), "int8"),
+    ]
+    cases = []
+    for output, dtype in outputs:
+        artifact = root / "artifacts" / f"{output.name}-{dtype}.pt"
+        record = export_artifact(output, artifact, parity_rows=256, dtype=dtype)
+        probabilities, inputs = _training_probabilities(output, 256)
+        cases.append({"output": output, "artifact": artifact, "dtype": dtype, "record": record,
+                      "probabilities": probabilities, "inputs": inputs})
+    return cases
+
+
+def test_export_records_and_metadata(exported) -> None:
+    for case in exported:
+        record, artifact = case["record"], case["artifact"]
+        assert artifact.exists() and json.loads(record_path(artifact).read_text()) == json.loads(json.dumps(record))
+        assert record["size_bytes"] == artifact.stat().st_size > 0
+        assert record["parity"]["rows"] == 256 and record["latency_batch1_ms"] > 0
+        if case["dtype"] == "float32":
+            assert record["parity"]["max_abs_diff"] < 1e-5 and abs(record["parity"]["auc_delta"]) < 1e-3
+        else:
+            assert 0 < record["parity"]["max_abs_diff"] < 0.05 and record["parity"]["tolerance"] is None
+        module, metadata = load_artifact(artifact)
+        schema = Schema.load(Path(record["dataset"]))
+        assert metadata["schema"] == json.loads(schema.to_json())
+        model = metadata["model"]
+        assert model["model"] == case["output"].name and model["storage_dtype"] == case["dtype"]
+        assert model["libraries"]["torch"] == torch.__version__ and model["libraries"]["torchrec"]
+        assert model["parameters"]["total"] > 0 and model["flops_per_example"] > 0
+        assert model["source"]["checkpoint"].endswith("best") and model["metrics"]["test"]["auc"] > 0
+        contract = model["input"]
+        assert contract["bag_order"] == "example-major" and contract["offsets"]["F_sparse"] == len(schema.sparse)
+        assert [f["name"] for f in contract["sparse_features"]] == schema.sparse_names
+        assert contract["dense"]["columns"] == schema.dense
+    trained = exported[0]["record"]
+    assert trained["parity"]["split"] == "test" and exported[0]["output"].joinpath("train.json").exists()
+    dense_used = [case["record"] for case in exported[1:]]
+    assert all(load_artifact(r["artifact"])[1]["model"]["input"]["dense"]["used"] for r in dense_used)
+
+
+def test_artifacts_load_and_match_in_a_process_with_torch_only(exported, tmp_path) -> None:
+    cases = [case for case in exported if case["dtype"] == "float32"]
+    for index, case in enumerate(cases):
+        torch.save(case["inputs"], tmp_path / f"inputs_{index}.pt")
+    script = f"""
+import sys, torch
+paths = {[str(case["artifact"]) for case in cases]!r}
+outputs = []
+for index, path in enumerate(paths):
+    extra = {{"schema.json": "", "model.json": ""}}
+    module = torch.jit.load(path, _extra_files=extra)
+    assert extra["model.json"] and extra["schema.json"]
+    inputs = torch.load(r"{tmp_path}/inputs_%d.pt" % index, weights_only=True)
+    with torch.no_grad():
+        outputs.append(module(inputs["dense"], inputs["ids"], inputs["offsets"]))
+assert "torchrec" not in sys.modules and "fbgemm_gpu" not in sys.modules, sorted(sys.modules)
+from recsys_kd.export import load_artifact
+module, metadata = load_artifact(paths[0])
+assert metadata["model"]["input"]["bag_order"] == "example-major"
+assert "torchrec" not in sys.modules and "fbgemm_gpu" not in sys.modules
+torch.save(outputs, r"{tmp_path}/outputs.pt")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT, timeout=120)
+    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    for case, output in zip(cases, outputs):
+        assert output.shape == case["probabilities"].shape
+        torch.testing.assert_close(output, case["probabilities"], **TOL)
+
+
+def test_parity_failure_raises_and_leaves_no_artifact(exported, monkeypatch, tmp_path) -> None:
+    build = ServingModel.from_model
+
+    def corrupted(model, *args, **kwargs):
+        serving = build(model, *args, **kwargs)
+        serving.weight[0].add_(1.0)  # row 0 of the first feature: id "missing", common in the data
+        serving.weight[serving.row_offsets] += 1.0
+        serving.dense_weight.add_(0.5)
+        return serving
+
+    monkeypatch.setattr(ServingModel, "from_model", corrupted)
+    artifact = tmp_path / "broken.pt"
+    with pytest.raises(ParityError, match="differ from the training model's"):
+        export_artifact(exported[1]["output"], artifact, parity_rows=64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_choice_and_fp16_storage(exported, tmp_path) -> None:
+    trained = exported[0]["output"]
+    record = export_artifact(trained, tmp_path / "latest.pt", checkpoint="latest", parity_rows=128, dtype="fp16")
+    assert Path(record["checkpoint"]).name.startswith("step_")
+    assert record["parity"]["tolerance"] is None and record["parity"]["max_abs_diff"] < 1e-2
+    assert abs(record["parity"]["auc_delta"]) < 0.01
+    assert load_artifact(tmp_path / "latest.pt")[1]["model"]["storage_dtype"] == "fp16"
+    with pytest.raises(ArtifactError, match="step_9.*not a checkpoint.*known: best"):
+        export_artifact(trained, tmp_path / "nope.pt", checkpoint="step_9")
+    assert not (tmp_path / "nope.pt").exists()
