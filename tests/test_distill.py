@@ -1,0 +1,120 @@
+"""Distillation through the trainer: pre-train (soft labels from infer) with a gate, frozen shared
+embeddings, co-train; the terms equal the tested kd_loss."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from recsys_kd.cli import main
+from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.distill.losses import KDLossConfig, kd_loss
+from recsys_kd.distill.objective import distillation_terms
+from recsys_kd.train import checkpoint
+
+
+def test_distillation_terms_equal_kd_loss():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(64), torch.randn(64), torch.randint(0, 2, (64,)).float()
+    config = KDLossConfig(hard=0.3, soft=0.5, mse=2.0, temperature=2.0)
+    ours = distillation_terms(config, student, labels, teacher)
+    reference = kd_loss(config, student, None, labels, teacher)
+    for name in ("hard", "soft", "mse", "total"):
+        torch.testing.assert_close(ours[name], reference[name])
+    torch.testing.assert_close(ours["distill"], 0.5 * reference["soft"] + 2.0 * reference["mse"])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    synthetic = SyntheticConfig(rows=4000, seed=4, sparse_features=5, dense_features=0, max_vocab=200, chunk_rows=1000)
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=500))
+    recipe = {
+        "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+        "reader": {"batch_size": 256, "shuffle": True},
+        "train": {"model": {"name": "dcn", "embedding_dim": 8, "mlp_layers": [16]}, "epochs": 1, "progress": False,
+                  "sharding": {"type": "table_wise"}},
+        "infer": {"teachers": [{"name": "dcn", "train_output": str(root / "train" / "dcn")},
+                               {"name": "fm", "train_output": str(root / "train" / "fm")}], "progress": False},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    for model in ("dcn", "fm"):
+        assert main(["train", "-c", str(root / "recipe.yaml"), f"train.model.name={model}"]) == 0
+    assert main(["infer", "-c", str(root / "recipe.yaml")]) == 0
+    return root
+
+
+def distill(root, name, distill_section, **student):
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    recipe["distill"] = {"model": {"name": "dagfm_outer", "embedding_dim": 8}, "output": str(root / name),
+                         "epochs": 2, "progress": False, "sharding": {"type": "table_wise"},
+                         "distill": distill_section, **student}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["distill", "-c", str(path)]) == 0
+    return json.loads((root / name / "train.json").read_text())
+
+
+def test_gated_ensemble_distillation_with_distill_loss_early_stopping(root):
+    record = distill(root, "gated", {"teachers": ["dcn", "fm"], "aggregation": "gate",
+                                     "loss": {"hard": 0.5, "soft": 0.5, "temperature": 2.0}},
+                     monitor="distill_loss")
+    assert record["history"] and all("distill_loss" in h["valid"] for h in record["history"])
+    assert record["best_valid"] == min(h["valid"]["distill_loss"] for h in record["history"])
+    assert 0.5 < record["test"]["auc"] < 1
+    from recsys_kd.train.trainer import TrainingModule  # the gate is part of the checkpointed module
+
+    path = checkpoint.latest(root / "gated" / "checkpoints")
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    assert "model.gate.w" in stored and "model.gate.b" in stored
+    state = {"model": {"gate.w": torch.zeros(2), "gate.b": torch.zeros(2)}}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    assert state["model"]["gate.w"].abs().sum() > 0  # starts at 0 (plain mean), then learns
+
+
+def test_kd_dagfm_shared_frozen_embeddings_then_fine_tune(root):
+    teacher_best = root / "train" / "dcn" / "checkpoints" / "best"
+    record = distill(root, "shared", {"teachers": ["dcn"], "loss": {"hard": 0.1, "mse": 1.0}},
+                     init_from=str(teacher_best), init_from_part="embeddings", freeze_embeddings=True)
+    assert record["test"]["auc"] > 0.5
+    import torch.distributed.checkpoint as dcp
+
+    key = "model.model.embedding.ebc.embedding_bags.t_C1.weight"
+    stored = dcp.FileSystemReader(str(teacher_best)).read_metadata().state_dict_metadata[key]
+    teacher_table = {key: torch.zeros(tuple(stored.size))}
+    student_table = {key: torch.zeros(tuple(stored.size))}
+    dcp.load(teacher_table, checkpoint_id=str(teacher_best), no_dist=True)
+    dcp.load(student_table, checkpoint_id=str(checkpoint.latest(root / "shared" / "checkpoints")), no_dist=True)
+    torch.testing.assert_close(student_table[key], teacher_table[key])  # shared and frozen
+
+
+def test_cotrain_teacher_is_trained_by_its_labels_only(root):
+    record = distill(root, "cotrain", {"scheme": "cotrain", "cotrain_teacher": {"name": "dnn", "embedding_dim": 8,
+                                                                                 "mlp_layers": [16]},
+                                       "loss": {"hard": 0.5, "soft": 0.5}})
+    assert record["test"]["auc"] > 0.5 and record["steps"] > 0
+
+
+def test_cotrain_distillation_terms_send_no_gradient_to_the_teacher(root):
+    from recsys_kd.data.reader import ParquetReader, ReaderConfig
+    from recsys_kd.data.schema import Schema
+    from recsys_kd.models.zoo import ModelConfig, build_model
+    from recsys_kd.train.trainer import TrainingModule
+
+    schema = Schema.load(root / "data")
+    module = TrainingModule(build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8])),
+                            teacher=build_model(schema, ModelConfig(name="fm", embedding_dim=8)))
+    batch = next(iter(ParquetReader(root / "data", "train", ReaderConfig(batch_size=64), rank=0, world_size=1)))
+    logits, _, _, teacher, own = module(batch.dense, batch.sparse)
+    terms = distillation_terms(KDLossConfig(hard=0.5, soft=0.5, mse=1.0), logits, batch.labels, teacher)
+    terms["total"].backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
+    torch.nn.functional.binary_cross_entropy_with_logits(own, batch.labels).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.teacher.parameters())
