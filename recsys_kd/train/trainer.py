@@ -132,14 +132,12 @@ class TrainingModule(nn.Module):
         self, dense: torch.Tensor, sparse: KeyedJaggedTensor, teacher_logits: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         logits, hidden, fields = self.model.forward_with_hidden(dense, sparse)
-        own = None
         if self.teacher is not None:
             own = self.teacher(dense, sparse)
-            teacher_logits = own.detach().unsqueeze(1)  # the KD terms never train the teacher
-        teacher = None
-        if teacher_logits is not None:
-            teacher = self.gate(teacher_logits)[1] if self.gate is not None else None
-        return logits, hidden, fields, teacher if teacher is not None else teacher_logits, own
+            return logits, hidden, fields, own.detach(), own  # the KD terms never train the teacher
+        if teacher_logits is not None and self.gate is not None:
+            teacher_logits = self.gate(teacher_logits)[1]
+        return logits, hidden, fields, teacher_logits, None
 
 
 @dataclass
