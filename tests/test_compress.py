@@ -4,7 +4,7 @@ baseline, and the surgery on whole models (full rank leaves logits unchanged, fu
 parameters and FLOPs at small rank, the head still scripts)."""
 
 import warnings
-from typing import Iterator, List
+from typing import List
 
 import numpy as np
 import pytest
@@ -37,38 +37,17 @@ from recsys_kd.compress import (
     svd_linear_factors,
 )
 from recsys_kd.data.reader import Batch
-from recsys_kd.data.schema import IdRule, Schema, SparseFeature
+from recsys_kd.data.schema import Schema
 from recsys_kd.models import CTRModel, ModelConfig, build_model
+from tests.helpers import tiny_schema
 
 F64 = torch.float64
-IDENTITY = IdRule(kind="identity")
-SCHEMA = Schema(
-    name="tiny",
-    label="label",
-    dense=["d0", "d1"],
-    sparse=[
-        SparseFeature("user", 11, IDENTITY),
-        SparseFeature("tags", 7, IDENTITY, multi_hot=True),
-        SparseFeature("item", 13, IDENTITY),
-        SparseFeature("hour", 5, IDENTITY),
-    ],
-)
+
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
+SCHEMA = tiny_schema(with_hour=True)
 NUM_DENSE, SPARSE = 2, ["user", "tags", "item", "hour"]
 D = 4
 MLP_LAYERS = [12, 10, 10]
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_batch(seed: int, batch_size: int = 32) -> Batch:

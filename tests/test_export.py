@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from recsys_kd.cli import main
 from recsys_kd.config import to_dict
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
-from recsys_kd.data.schema import IdRule, Schema, SparseFeature
+from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.export import (
     ArtifactError,
@@ -32,29 +32,14 @@ from recsys_kd.export import (
 )
 from recsys_kd.models import CTRModel, ModelConfig, build_model
 from recsys_kd.train import checkpoint
+from tests.helpers import tiny_schema
 
 PROJECT = Path(__file__).resolve().parents[1]
-IDENTITY = IdRule(kind="identity")
-SCHEMA = Schema(
-    name="tiny",
-    label="label",
-    dense=["d0", "d1"],
-    sparse=[
-        SparseFeature("user", 11, IDENTITY),
-        SparseFeature("tags", 7, IDENTITY, multi_hot=True),
-        SparseFeature("item", 13, IDENTITY),
-    ],
-)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCHEMA = tiny_schema(with_hour=False)
 SMALL: Dict[str, Any] = dict(embedding_dim=4, mlp_layers=[16, 8], cross_layers=2, cin_layers=[6, 4], dagfm_layers=2)
 TOL = dict(rtol=0, atol=1e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _script(module: ServingModel) -> torch.jit.ScriptModule:

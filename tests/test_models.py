@@ -5,7 +5,7 @@ tables are sharded by DistributedModelParallel (which returns the pooled embeddi
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -17,22 +17,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.config import ConfigError, from_dict
 from recsys_kd.data.reader import Batch
-from recsys_kd.data.schema import IdRule, Schema, SchemaError, SparseFeature
+from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.models import MODEL_NAMES, CTRModel, FieldEmbedding, ModelConfig, build_model
+from tests.helpers import tiny_schema
 
 B = 8
-IDENTITY = IdRule(kind="identity")
-SCHEMA = Schema(
-    name="tiny",
-    label="label",
-    dense=["d0", "d1"],
-    sparse=[
-        SparseFeature("user", 11, IDENTITY),
-        SparseFeature("tags", 7, IDENTITY, multi_hot=True),
-        SparseFeature("item", 13, IDENTITY),
-        SparseFeature("hour", 5, IDENTITY),
-    ],
-)
+
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
+SCHEMA = tiny_schema(with_hour=True)
 NUM_FIELDS = 6  # 2 projected dense + 4 sparse
 D = 4
 SMALL: Dict[str, Any] = dict(
@@ -56,21 +48,6 @@ CASES: List[Tuple[str, Dict[str, Any]]] = [(name, {}) for name in MODEL_NAMES] +
     ("deepfm", {"dense_mode": "none", "batch_norm": True, "dropout": 0.1}),
 ]
 CASE_IDS = [name + "".join(f"-{v}" for v in overrides.values()) for name, overrides in CASES]
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny tensors gain nothing from intra-op threads, and on a busy shared machine the threads' spin
-    # waits made these tests ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_batch(seed: int = 0, batch_size: int = B) -> Batch:
@@ -216,7 +193,11 @@ def test_flops_hand_counts() -> None:
 
 
 def test_sharded_model_gives_the_same_logits(tmp_path: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    # Stages run in-process by other tests leave a one-process default group behind: reuse it.
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         model = build("deepfm")  # field embeddings and first-order tables: two EBCs
         reference = copy.deepcopy(model).eval()
@@ -255,4 +236,5 @@ def test_sharded_model_gives_the_same_logits(tmp_path: Path) -> None:
         torch.testing.assert_close(fields, expected_fields, atol=0.0, rtol=0.0)
         torch.testing.assert_close(hidden, expected_hidden, atol=0.0, rtol=0.0)
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
