@@ -58,8 +58,10 @@ def single_process(dataset):
     return run
 
 
+# Not column_wise + rowwise_adagrad: that optimizer's per-row state averages squared gradients over
+# the columns a shard holds, so column shards differ from one process by design.
 @pytest.mark.parametrize(
-    "sharding, optimizer", [("table_wise", "adagrad"), ("row_wise", "sgd"), ("column_wise", "rowwise_adagrad")]
+    "sharding, optimizer", [("table_wise", "rowwise_adagrad"), ("row_wise", "sgd"), ("column_wise", "adagrad")]
 )
 def test_two_ranks_match_one_process(dataset, single_process, sharding, optimizer):
     name = f"two_{sharding}"
