@@ -13,9 +13,10 @@ from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.train.checkpoint import CheckpointError
+from recsys_kd.export.artifact import ArtifactError, ParityError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
-USER_ERRORS = (ConfigError, SchemaError, CheckpointError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ConfigError, SchemaError, CheckpointError, ArtifactError, ParityError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("train", "train a model with sharded embeddings (1..N processes: torchrun / torchx)", _train)
     stage("infer", "score the logs with a sharded teacher ensemble; write aligned soft labels", _infer)
     stage("distill", "train a student on logs + soft labels (KD-DAGFM / ECKD), then the FT phase", _distill)
+    stage("export", "export a trained model as a TorchScript serving artifact, parity-checked", _export)
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
@@ -152,8 +154,22 @@ def _distill(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from recsys_kd.export import export_artifact
+
+    recipe = _recipe(args)
+    source = recipe.export_source()
+    model_name = json.loads((source / "train.json").read_text())["model"]
+    record = export_artifact(source, recipe.export_output(model_name), checkpoint=recipe.export.checkpoint,
+                             dtype=recipe.export.dtype, parity_rows=recipe.export.parity_rows,
+                             dataset=recipe.prepare.output)
+    print(json.dumps({key: record[key] for key in ("artifact", "model", "dtype", "size_bytes", "parity",
+                                                    "latency_batch1_ms")}, indent=2))
+    return 0
+
+
 def _pipeline(args) -> int:
-    from recsys_kd.pipeline import model_rows, run_pipeline, summary_rows
+    from recsys_kd.pipeline import artifact_rows, model_rows, run_pipeline, summary_rows
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
@@ -161,8 +177,9 @@ def _pipeline(args) -> int:
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")
     print(format_table(summary_rows(record, Path(recipe.prepare.output))))
-    if model_rows(record):
-        print(format_table(model_rows(record)))
+    for rows in (model_rows(record), artifact_rows(record)):
+        if rows:
+            print(format_table(rows))
     print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / 'pipeline.json'}")
     return 0
 

@@ -34,6 +34,11 @@ def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
     stages["prepare"] = prepare_if_needed(recipe.prepare)
     stages["read_back"] = read_back(Path(recipe.prepare.output), recipe.reader, progress=recipe.prepare.progress)
     stages["train"] = train_if_needed(recipe)
+    if recipe.infer.teachers:
+        stages["infer"] = infer_stage(recipe)
+    if recipe.distill is not None:
+        stages.update(distill_if_needed(recipe))
+    stages["export"] = export_if_needed(recipe)
     record = {"stages": stages, "seconds": round(time.time() - started, 3)}
     atomic_write_json(run_dir / "pipeline.json", record)
     return record
@@ -72,16 +77,63 @@ def prepare_if_needed(config: PrepareConfig) -> Dict[str, Any]:
 def train_if_needed(recipe: Recipe) -> Dict[str, Any]:
     """Trains ``recipe.train`` unless its output holds a finished record of the same config and data
     (an unfinished run resumes from its last checkpoint)."""
+    recipe.train.output = str(recipe.train_output())
+    return _train_config_if_needed(recipe.train, recipe)
+
+
+def infer_stage(recipe: Recipe) -> Dict[str, Any]:
+    """Scores the logs with the teachers; finished parts are kept, so a complete output costs only
+    its verification."""
+    from recsys_kd.distill.infer import infer
+
+    recipe.infer.output = str(recipe.infer_output())
+    recipe.infer.progress = recipe.train.progress
+    return infer(recipe.infer, Path(recipe.prepare.output))
+
+
+def distill_if_needed(recipe: Recipe) -> Dict[str, Any]:
+    """The student (and its FT phase), each skipped when already trained with the same config."""
+    stages = {}
+    output = recipe.distill_output()
+    recipe.distill.output = str(output)
+    if recipe.distill.distill is not None and recipe.distill.distill.scheme == "pretrain" and not recipe.distill.distill.soft_labels:
+        recipe.distill.distill.soft_labels = str(recipe.infer_output())
+    stages["distill"] = _train_config_if_needed(recipe.distill, recipe)
+    if recipe.finetune is not None:
+        recipe.finetune.output = recipe.finetune.output or str(output / "ft")
+        recipe.finetune.init_from = recipe.finetune.init_from or str(output / "checkpoints" / "best")
+        stages["finetune"] = _train_config_if_needed(recipe.finetune, recipe)
+    return stages
+
+
+def export_if_needed(recipe: Recipe) -> Dict[str, Any]:
+    """Exports the final model as a TorchScript artifact (parity-checked) unless it is up to date."""
+    from recsys_kd.export import export_artifact
+    from recsys_kd.export.artifact import record_path
+
+    source = recipe.export_source()
+    model_name = json.loads((source / "train.json").read_text())["model"]
+    output = recipe.export_output(model_name)
+    previous = record_path(output)
+    if output.exists() and previous.exists():
+        record = json.loads(previous.read_text())
+        checkpoint_metadata = Path(record["checkpoint"]) / ".metadata"
+        if checkpoint_metadata.exists() and checkpoint_metadata.stat().st_mtime <= output.stat().st_mtime:
+            return {**record, "skipped": True}
+    record = export_artifact(source, output, checkpoint=recipe.export.checkpoint, dtype=recipe.export.dtype,
+                             parity_rows=recipe.export.parity_rows, dataset=recipe.prepare.output)
+    return {**record, "skipped": False}
+
+
+def _train_config_if_needed(config, recipe: Recipe) -> Dict[str, Any]:
     from recsys_kd.train.trainer import RECORD_FILE, train
 
-    recipe.train.output = str(recipe.train_output())
-    record_path = Path(recipe.train.output) / RECORD_FILE
+    record_path = Path(config.output) / RECORD_FILE
     if record_path.exists():
         previous = json.loads(record_path.read_text())
-        same = _stable(previous.get("config", {})) == _stable(to_dict(recipe.train)) and previous.get("reader") == to_dict(recipe.reader)
-        if same and previous.get("dataset") == str(Path(recipe.prepare.output)):
+        if _stable(previous.get("config", {})) == _stable(to_dict(config)) and previous.get("reader") == to_dict(recipe.reader):
             return {**previous, "skipped": True}
-    return {**train(recipe.train, Path(recipe.prepare.output), recipe.reader), "skipped": False}
+    return {**train(config, Path(recipe.prepare.output), recipe.reader), "skipped": False}
 
 
 def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True) -> Dict[str, Any]:
@@ -108,17 +160,34 @@ def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True)
 
 
 def model_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per trained model: test AUC/logloss, parameters, FLOPs, training speed."""
-    train = record["stages"].get("train")
-    if not train:
+    """One row per trained model and phase: test AUC/logloss, parameters, FLOPs, training speed; the
+    exported artifact's size and batch-1 latency on the last row."""
+    rows = []
+    for stage in ("train", "distill", "finetune"):
+        result = record["stages"].get(stage)
+        if result:
+            rows.append({
+                "stage": stage,
+                "model": result["model"],
+                "test auc": round(result["test"]["auc"], 5),
+                "test logloss": round(result["test"]["logloss"], 5),
+                "params": result["parameters"]["total"],
+                "flops/example": result["flops_per_example"],
+                "train samples/s": f"{result['samples_per_second_this_run']:,.0f}",
+            })
+    return rows
+
+
+def artifact_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
+    exported = record["stages"].get("export")
+    if not exported:
         return []
     return [{
-        "model": train["model"],
-        "test auc": round(train["test"]["auc"], 5),
-        "test logloss": round(train["test"]["logloss"], 5),
-        "params": train["parameters"]["total"],
-        "flops/example": train["flops_per_example"],
-        "train samples/s": f"{train['samples_per_second_this_run']:,.0f}",
+        "artifact": exported["artifact"],
+        "model": exported["model"],
+        "size MiB": round(exported["size_bytes"] / 2**20, 2),
+        "parity max |dp|": f"{exported['parity']['max_abs_diff']:.1e}",
+        "batch-1 latency ms": round(exported["latency_batch1_ms"] or float("nan"), 3),
     }]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 from recsys_kd.config import load_config
 from recsys_kd.data.prepare import PrepareConfig
@@ -34,6 +34,19 @@ class SynthesizeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The serving artifact: from ``source`` (a train or distill output; default: the distilled
+    student when the recipe distils, else the trained model) to ``output`` (default
+    ``<run_dir>/artifacts/<model>.pt``)."""
+
+    source: str = ""
+    output: str = ""
+    checkpoint: str = "best"
+    dtype: Literal["float32", "fp16", "int8"] = "float32"
+    parity_rows: int = 2048
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/default"
     synthesize: Optional[SynthesizeConfig] = None
@@ -43,6 +56,7 @@ class Recipe:
     infer: InferConfig = field(default_factory=InferConfig)
     distill: Optional[TrainConfig] = None
     finetune: Optional[TrainConfig] = None
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def train_output(self) -> Path:
         """Where ``train`` writes: ``train.output``, or ``<run_dir>/train/<model name>``."""
@@ -51,6 +65,16 @@ class Recipe:
     def distill_output(self) -> Path:
         """Where ``distill`` writes the student: ``distill.output``, or ``<run_dir>/distill/<student>``."""
         return Path(self.distill.output or Path(self.run_dir) / "distill" / self.distill.model.name)
+
+    def export_source(self) -> Path:
+        if self.export.source:
+            return Path(self.export.source)
+        if self.distill is not None:
+            return self.distill_output() / "ft" if self.finetune is not None else self.distill_output()
+        return self.train_output()
+
+    def export_output(self, model_name: str) -> Path:
+        return Path(self.export.output or Path(self.run_dir) / "artifacts" / f"{model_name}.pt")
 
     def infer_output(self) -> Path:
         """Where ``infer`` writes the soft labels: ``infer.output``, or ``<run_dir>/soft_labels``."""

@@ -17,5 +17,14 @@ def silence_third_party_warnings() -> None:
     # fbgemm's CPU dense-kernel lookup (data-parallel tables) backpropagates through autograd's
     # fallback; its gradients are correct (tests check data-parallel training against 1 process).
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function")
+    logging.getLogger().addFilter(_DropKnownRootWarnings())
     for name in ("torchrec.distributed.planner", "torchrec.distributed.utils", "torch.fx._symbolic_trace"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class _DropKnownRootWarnings(logging.Filter):
+    """torchrec logs through the root logger when a data-parallel table has no sharding spec in a
+    state_dict, which is expected for replicated tables."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Sharding spec not found for")

@@ -47,7 +47,7 @@ def measure(model_name: str, dataset: Path, steps: int, warmup: int, batch: int)
     from recsys_kd.distributed import init_distributed
     from recsys_kd.models.zoo import ModelConfig, build_model
     from recsys_kd.train.sharding import ShardingConfig
-    from recsys_kd.train.trainer import TrainConfig, _distribute, _step
+    from recsys_kd.train.trainer import TrainConfig, TrainingModule, _distribute, _step
     from recsys_kd.warnings_filter import silence_third_party_warnings
 
     silence_third_party_warnings()
@@ -56,7 +56,7 @@ def measure(model_name: str, dataset: Path, steps: int, warmup: int, batch: int)
                          deterministic_init=False)
     torch.manual_seed(0)
     model = build_model(Schema.load(dataset), config.model)
-    dmp, optimizer, _ = _distribute(model, config, ctx)
+    dmp, optimizer, _ = _distribute(TrainingModule(model), config, ctx)
     reader = ParquetReader(dataset, "train", ReaderConfig(batch_size=batch, shuffle=True), ctx.rank, ctx.world_size)
     batches = iter(reader)
     for _ in range(warmup):
