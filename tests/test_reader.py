@@ -237,7 +237,8 @@ def test_two_workers_through_a_dataloader(dataset: Path, shuffle: bool) -> None:
 
 def test_a_plain_dataloader_with_two_workers(dataset: Path) -> None:
     reader = ParquetReader(dataset, "train", ReaderConfig(batch_size=50, shuffle=True), num_workers=2)
-    rows = row_ids(list(torch.utils.data.DataLoader(reader, batch_size=None, num_workers=2)))
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=2, multiprocessing_context="forkserver")
+    rows = row_ids(list(loader))
     assert np.array_equal(np.sort(rows), np.arange(513))
     with pytest.raises(ValueError, match="num_workers=2"):
         next(iter(reader))

@@ -39,9 +39,10 @@ def read_as_rank(rank: int, dataset: Path, init_file: Path, num_workers: int, ou
 def test_ranks_and_workers_read_disjoint_exhaustive_rows(tmp_path: Path, num_workers: int) -> None:
     dataset = tmp_path / "data"
     write_dataset(dataset)  # 513 train rows in 16 row groups
-    # fork: the children inherit the parent's imports (torchrec costs seconds per process)
+    # spawn, not fork: earlier tests leave threads (OpenMP, Arrow, gloo) whose locks a forked child
+    # can inherit held, which deadlocked it in a full-suite run
     args = (dataset, tmp_path / "pg", num_workers, tmp_path)
-    mp.start_processes(read_as_rank, args=args, nprocs=WORLD_SIZE, start_method="fork")
+    mp.start_processes(read_as_rank, args=args, nprocs=WORLD_SIZE, start_method="spawn")
 
     orders = []
     for epoch in range(EPOCHS):

@@ -782,6 +782,10 @@ class ResumableLoader:
 
     After a resume every worker's stream continues exactly; the DataLoader's round-robin over the
     workers restarts at worker 0, so batches of different workers may interleave differently.
+
+    Workers start from a ``forkserver`` by default: a trainer process runs OpenMP, Arrow and gloo
+    threads, and a plainly forked worker can inherit one of their locks held (a full test-suite run
+    deadlocked that way).
     """
 
     def __init__(
@@ -789,7 +793,7 @@ class ResumableLoader:
         reader: ParquetReader,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
-        multiprocessing_context: Optional[str] = None,
+        multiprocessing_context: Optional[str] = "forkserver",
     ) -> None:
         self.reader = reader
         self.pin_memory = pin_memory
