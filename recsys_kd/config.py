@@ -25,7 +25,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 

@@ -7,6 +7,8 @@ import pyarrow.parquet as pq
 
 from recsys_kd.data.schema import IdRule, Schema, SparseFeature
 
+import torch
+
 IDENTITY = IdRule(kind="identity")
 
 
@@ -34,3 +36,36 @@ def read_all(dataset: Path) -> pa.Table:
     schema = Schema.load(dataset)
     tables = [read_split(dataset, s) for s in schema.splits if schema.splits[s].files]
     return pa.concat_tables(tables).sort_by("row_id")
+
+
+def tiny_batch(schema: Schema, seed: int, batch_size: int, skewed_ids: bool = False, dense_shift: float = 0.0):
+    """A reader-shaped Batch over ``schema``: KJT keys in schema order, multi-hot features with 0-3
+    ids and an empty first bag. ``skewed_ids`` draws popular ids more often (rank-weighted)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_kd.data.reader import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    values, lengths = [], []
+    for feature in schema.sparse:
+        if feature.multi_hot:
+            length = torch.randint(0, 4, (batch_size,), generator=generator, dtype=torch.int32)
+            length[0] = 0
+        else:
+            length = torch.ones(batch_size, dtype=torch.int32)
+        lengths.append(length)
+        count = int(length.sum())
+        if skewed_ids:
+            weights = torch.arange(feature.num_embeddings, 0, -1, dtype=torch.float64)
+            values.append(torch.multinomial(weights, count, replacement=True, generator=generator))
+        else:
+            values.append(torch.randint(0, feature.num_embeddings, (count,), generator=generator))
+    return Batch(
+        dense=torch.randn(batch_size, len(schema.dense), generator=generator) + dense_shift,
+        sparse=KeyedJaggedTensor(
+            keys=schema.sparse_names, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch_size
+        ),
+        labels=torch.randint(0, 2, (batch_size,), generator=generator).float(),
+        extras={},
+        row_ids=torch.arange(batch_size),
+    )

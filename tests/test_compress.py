@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.compress import (
     CompressedMLP,
@@ -37,9 +36,8 @@ from recsys_kd.compress import (
     svd_linear_factors,
 )
 from recsys_kd.data.reader import Batch
-from recsys_kd.data.schema import Schema
 from recsys_kd.models import CTRModel, ModelConfig, build_model
-from tests.helpers import tiny_schema
+from tests.helpers import tiny_batch, tiny_schema
 
 F64 = torch.float64
 
@@ -52,26 +50,7 @@ MLP_LAYERS = [12, 10, 10]
 
 def make_batch(seed: int, batch_size: int = 32) -> Batch:
     """Skewed ids (AFM weighs rows by how often they are looked up), a multi-hot feature with empty bags."""
-    generator = torch.Generator().manual_seed(seed)
-    values, lengths = [], []
-    for feature in SCHEMA.sparse:
-        if feature.multi_hot:
-            length = torch.randint(0, 4, (batch_size,), generator=generator, dtype=torch.int32)
-            length[0] = 0
-        else:
-            length = torch.ones(batch_size, dtype=torch.int32)
-        lengths.append(length)
-        weights = torch.arange(feature.num_embeddings, 0, -1, dtype=F64)
-        values.append(torch.multinomial(weights, int(length.sum()), replacement=True, generator=generator))
-    return Batch(
-        dense=torch.randn(batch_size, NUM_DENSE, generator=generator) + 0.5,
-        sparse=KeyedJaggedTensor(
-            keys=SCHEMA.sparse_names, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch_size
-        ),
-        labels=torch.zeros(batch_size),
-        extras={},
-        row_ids=torch.arange(batch_size),
-    )
+    return tiny_batch(SCHEMA, seed, batch_size, skewed_ids=True, dense_shift=0.5)
 
 
 BATCHES = [make_batch(seed) for seed in range(4)]

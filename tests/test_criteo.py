@@ -2,7 +2,6 @@ import csv
 import gzip
 import json
 import math
-import shutil
 
 import numpy as np
 import pyarrow as pa

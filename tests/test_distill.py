@@ -3,7 +3,6 @@ embeddings, co-train; the terms equal the tested kd_loss."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -66,8 +65,6 @@ def test_gated_ensemble_distillation_with_distill_loss_early_stopping(root):
     assert record["history"] and all("distill_loss" in h["valid"] for h in record["history"])
     assert record["best_valid"] == min(h["valid"]["distill_loss"] for h in record["history"])
     assert 0.5 < record["test"]["auc"] < 1
-    from recsys_kd.train.trainer import TrainingModule  # the gate is part of the checkpointed module
-
     path = checkpoint.latest(root / "gated" / "checkpoints")
     import torch.distributed.checkpoint as dcp
 

@@ -1,7 +1,6 @@
 """Teacher-ensemble inference: values, alignment, 2 processes == 1 process, kill and rerun."""
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +12,7 @@ from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.distill.infer import verify_alignment
-from tests.trainrun import final_weights, run_ranks, run_stage, write_recipe
+from tests.trainrun import run_ranks, run_stage, write_recipe
 
 pytestmark = pytest.mark.multiprocess
 

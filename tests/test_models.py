@@ -17,9 +17,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.config import ConfigError, from_dict
 from recsys_kd.data.reader import Batch
-from recsys_kd.data.schema import Schema, SchemaError
+from recsys_kd.data.schema import SchemaError
 from recsys_kd.models import MODEL_NAMES, CTRModel, FieldEmbedding, ModelConfig, build_model
-from tests.helpers import tiny_schema
+from tests.helpers import tiny_batch, tiny_schema
 
 B = 8
 
@@ -52,25 +52,7 @@ CASE_IDS = [name + "".join(f"-{v}" for v in overrides.values()) for name, overri
 
 def make_batch(seed: int = 0, batch_size: int = B) -> Batch:
     """A reader-shaped Batch: KJT keys in schema order, a multi-hot feature with an empty bag."""
-    generator = torch.Generator().manual_seed(seed)
-    values, lengths = [], []
-    for feature in SCHEMA.sparse:
-        if feature.multi_hot:
-            length = torch.randint(0, 4, (batch_size,), generator=generator, dtype=torch.int32)
-            length[0] = 0
-        else:
-            length = torch.ones(batch_size, dtype=torch.int32)
-        lengths.append(length)
-        values.append(torch.randint(0, feature.num_embeddings, (int(length.sum()),), generator=generator))
-    return Batch(
-        dense=torch.randn(batch_size, len(SCHEMA.dense), generator=generator),
-        sparse=KeyedJaggedTensor(
-            keys=SCHEMA.sparse_names, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch_size
-        ),
-        labels=torch.randint(0, 2, (batch_size,), generator=generator).float(),
-        extras={},
-        row_ids=torch.arange(batch_size),
-    )
+    return tiny_batch(SCHEMA, seed, batch_size)
 
 
 def build(name: str, **overrides: Any) -> CTRModel:

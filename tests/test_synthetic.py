@@ -1,5 +1,4 @@
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from recsys_kd.data.prepare import IdConfig, PrepareConfig, prepare
@@ -61,7 +60,7 @@ def test_criteo_tsv_round_trip(tmp_path):
                                    ids=IdConfig(rule="vocab")))
     assert record["quarantined_total"] == 0 and sum(record["rows"].values()) == 3000
     # The converter recovers the generator's categories exactly (one id per distinct hex value).
-    direct = prepare(PrepareConfig(format="synthetic", synthetic=config, output=str(tmp_path / "direct"), progress=False))
+    prepare(PrepareConfig(format="synthetic", synthetic=config, output=str(tmp_path / "direct"), progress=False))
     converted, generated = read_all(tmp_path / "ds"), read_all(tmp_path / "direct")
     for name in ("C1", "C10", "C26"):
         pairs = set(zip(converted[name].to_pylist(), generated[name].to_pylist()))

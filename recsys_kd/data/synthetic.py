@@ -20,7 +20,7 @@ Criteo-format TSV (``write_criteo_tsv``) that the Criteo converter then reads, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,6 @@ from recsys_kd.train.sharding import (
     data_parallel_tables,
     describe_plan,
     make_plan,
-    table_configs,
 )
 
 RECORD_FILE = "train.json"
