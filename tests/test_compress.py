@@ -37,6 +37,7 @@ from recsys_kd.compress import (
 )
 from recsys_kd.data.reader import Batch
 from recsys_kd.models import CTRModel, ModelConfig, build_model
+from recsys_kd.models.zoo import LowRankStep
 from tests.helpers import tiny_batch, tiny_schema
 
 F64 = torch.float64
@@ -461,3 +462,27 @@ def test_statistics_of_a_compressed_model_and_reduction_order() -> None:
     for name, layer in stats.layers.items():
         torch.testing.assert_close(halves[0].layers[name].covariance(), layer.covariance())
     torch.testing.assert_close(halves[0].field_stats.covariance(), stats.field_stats.covariance())
+
+
+@pytest.mark.parametrize("name, fuse", [("dnn", None), ("dcn", False)])
+def test_recorded_structure_rebuilds_the_compressed_model(name: str, fuse) -> None:
+    """build_model with the recorded LowRankSteps makes the same modules: the compressed state dict
+    loads into it key for key and shape for shape, and the rebuilt model computes the same logits."""
+    model = build(name)
+    stats = collect_statistics(model, BATCHES)
+    compressed = compress_embeddings(compress_mlp(model, {1: 4}, stats, relu_between=True), 3, stats, fuse=fuse)
+    steps = compressed.compression_steps
+    assert [s.what for s in steps] == ["mlp", "embeddings"] and steps[0].ranks == {"1": 4}
+    assert steps[1].ranks == {n: 3 for n in SPARSE} and steps[1].fused == (name == "dnn")
+
+    config = ModelConfig(name=name, embedding_dim=D, mlp_layers=MLP_LAYERS, cross_layers=2, compression=steps)
+    rebuilt = build_model(SCHEMA, config).eval()
+    expected = compressed.state_dict()
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    rebuilt.load_state_dict(expected)
+    torch.testing.assert_close(logits_of(rebuilt), logits_of(compressed), rtol=0, atol=0)
+    assert rebuilt.num_parameters() == compressed.num_parameters()
+    assert rebuilt.flops_per_example() == compressed.flops_per_example()
+
+    with pytest.raises(ValueError, match="not sparse features"):
+        build_model(SCHEMA, ModelConfig(name=name, embedding_dim=D, compression=[LowRankStep("embeddings", {"nope": 2})]))

@@ -72,11 +72,12 @@ from recsys_kd.compress.afm import (
     singular_value_spectrum,
     svd_embedding,
     svd_linear,
+    two_linear_layers,
 )
 from recsys_kd.models.embedding import FieldEmbedding
 from recsys_kd.models.heads import DNNHead
 from recsys_kd.models.layers import MLP
-from recsys_kd.models.zoo import CTRModel
+from recsys_kd.models.zoo import CTRModel, LowRankStep
 
 RankSpec = Union[int, float]
 LayerRanks = Union[Mapping[int, RankSpec], Callable[[int, torch.Tensor], Optional[int]]]
@@ -454,8 +455,33 @@ def compress_mlp(
         raise ValueError("AFM needs the layers' output statistics: pass collect_statistics(model, ...)")
     new = copy.deepcopy(model)
     path, mlp = find_mlp(new, mlp_path)
+    compressed, log, step = compress_mlp_module(
+        mlp, path, layer_ranks, stats, relu_between=relu_between, method=method
+    )
+    step.mlp_path = mlp_path or ""
+    _set_submodule(new, path, compressed)
+    _record(new, model, log, step)
+    return new
+
+
+def compress_mlp_module(
+    mlp: MLP,
+    path: str,
+    layer_ranks: LayerRanks,
+    stats: Optional[ModelStatistics],
+    *,
+    relu_between: bool,
+    method: str,
+) -> Tuple[CompressedMLP, List[Dict[str, Any]], LowRankStep]:
+    """
+    The core of :func:`compress_mlp` on the MLP module itself (at module path ``path``; statistics are
+    keyed ``<path>.layers.<i>``), for callers that hold a sharded model they cannot deep-copy: a new
+    :class:`CompressedMLP` (non-Linear layers are shared with ``mlp``), the log entries, and the
+    :class:`~recsys_kd.models.zoo.LowRankStep` that rebuilds its structure.
+    """
     log: List[Dict[str, Any]] = []
     layers: List[nn.Module] = []
+    chosen: Dict[str, int] = {}
     index = -1
     for position, module in enumerate(mlp.layers):
         if not isinstance(module, nn.Linear):
@@ -487,6 +513,7 @@ def compress_mlp(
             layers.extend(afm_linear(weight, bias, vectors[:, :k], stats.layers[name].mean(), relu_between))
         else:
             layers.extend(svd_linear(weight, bias, k, relu_between))
+        chosen[str(index)] = k
         log.append(
             {
                 "what": "mlp",
@@ -503,9 +530,14 @@ def compress_mlp(
         unknown = sorted(set(layer_ranks) - set(range(index + 1)))
         if unknown:
             raise ValueError(f"layer_ranks names Linear layers {unknown}; the MLP has {index + 1}")
-    _set_submodule(new, path, CompressedMLP(nn.Sequential(*layers)))
-    new.compression_log = list(getattr(model, "compression_log", [])) + log
-    return new
+    step = LowRankStep(what="mlp", ranks=chosen, relu_between=relu_between)
+    return CompressedMLP(nn.Sequential(*layers)), log, step
+
+
+def _record(new: CTRModel, old: CTRModel, log: List[Dict[str, Any]], step: LowRankStep) -> None:
+    """Appends a surgery's log and structure step to the model's (both inherited from ``old``)."""
+    new.compression_log = list(getattr(old, "compression_log", [])) + log
+    new.compression_steps = list(getattr(old, "compression_steps", [])) + ([step] if step.ranks else [])
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -586,7 +618,6 @@ def compress_embeddings(
     assert isinstance(old, FieldEmbedding)
     configs = {config.feature_names[0]: config for config in old.ebc.embedding_bag_configs()}
     field_stats = stats.fields if stats is not None else []
-    new_configs = []
     tables: Dict[str, torch.Tensor] = {}
     up_weights: Dict[str, torch.Tensor] = {}
     up_biases: Dict[str, torch.Tensor] = {}
@@ -596,7 +627,6 @@ def compress_embeddings(
         config = configs[name]
         weight = old.ebc.embedding_bags[config.name].weight.detach()
         if name not in plan:
-            new_configs.append(config)
             tables[config.name] = weight
             continue
         if method == "afm":
@@ -612,11 +642,11 @@ def compress_embeddings(
         chosen[name] = k
         tables[config.name] = table
         up_weights[name], up_biases[name] = up_weight, up_bias
-        new_configs.append(dataclasses.replace(config, embedding_dim=k))
         log.append(
             {
                 "what": "embedding",
                 "table": config.name,
+                "feature": name,
                 "method": method,
                 "shape": [config.num_embeddings, d],
                 "k": k,
@@ -626,37 +656,111 @@ def compress_embeddings(
             }
         )
 
-    device = next(iter(tables.values())).device
-    ebc = EmbeddingBagCollection(tables=new_configs, device=device)
+    new.embedding = low_rank_field_embedding(old, chosen, up_weights, up_biases, fuse)
     with torch.no_grad():
         for table_name, values in tables.items():
-            ebc.embedding_bags[table_name].weight.copy_(values)
-    new.embedding = LowRankFieldEmbedding(
-        ebc=ebc,
-        sparse_names=sparse_names,
-        field_names=old.field_names,
-        embedding_dim=d,
-        dense_weight=old.dense_weight,
-        ranks=chosen,
-        up_weights=up_weights,
-        up_biases=up_biases,
-        fused=fuse,
-    )
+            new.embedding.ebc.embedding_bags[table_name].weight.copy_(values)
     if fuse:
-        _fuse(new, num_dense, d, sparse_names, up_weights, up_biases)
-    new.compression_log = list(getattr(model, "compression_log", [])) + log
+        new.head.mlp = fused_first_layer(new.head, num_dense, d, sparse_names, up_weights, up_biases)
+    _record(new, model, log, LowRankStep(what="embeddings", ranks=chosen, fused=fuse))
     return new
 
 
-def _fuse(
-    model: CTRModel,
+def low_rank_field_embedding(
+    old: FieldEmbedding,
+    ranks: Mapping[str, int],
+    up_weights: Mapping[str, torch.Tensor],
+    up_biases: Mapping[str, torch.Tensor],
+    fused: bool,
+    device: Optional[torch.device] = None,
+) -> LowRankFieldEmbedding:
+    """
+    The :class:`LowRankFieldEmbedding` replacing ``old``: the same tables, dense projection and field
+    order, the tables of ``ranks``' features ``V x k`` instead of ``V x D`` (created on ``device``,
+    default ``old``'s table device, and default-initialised: the caller copies or loads the values)
+    with the given up-projections ``U_f [D, k_f]`` and biases ``[D]`` (unused when ``fused``).
+    """
+    configs = {config.feature_names[0]: config for config in old.ebc.embedding_bag_configs()}
+    new_configs = [
+        dataclasses.replace(configs[name], embedding_dim=ranks[name]) if name in ranks else configs[name]
+        for name in old._sparse_names
+    ]
+    if device is None:
+        device = next(iter(old.ebc.embedding_bags.values())).weight.device
+    return LowRankFieldEmbedding(
+        ebc=EmbeddingBagCollection(tables=new_configs, device=device),
+        sparse_names=old._sparse_names,
+        field_names=old.field_names,
+        embedding_dim=old.embedding_dim,
+        dense_weight=old.dense_weight,
+        ranks=dict(ranks),
+        up_weights=up_weights,
+        up_biases=up_biases,
+        fused=fused,
+    )
+
+
+def apply_low_rank_structure(model: CTRModel, steps: Sequence[LowRankStep]) -> CTRModel:
+    """
+    In place: gives ``model`` the modules of the recorded compression ``steps`` (their shapes only;
+    weights zero or default-initialised until a checkpoint is loaded). ``build_model`` calls it for a
+    ``ModelConfig`` with ``compression``, which is how a compressed model is fine-tuned, evaluated and
+    exported from its checkpoint like any other.
+    """
+    for step in steps:
+        if step.what == "mlp":
+            path, mlp = find_mlp(model, step.mlp_path or None)
+            ranks = {int(index): k for index, k in step.ranks.items()}
+            _set_submodule(model, path, _mlp_structure(mlp, ranks, step.relu_between))
+            continue
+        old = model.embedding
+        if not isinstance(old, FieldEmbedding):
+            raise ValueError("an embeddings step needs a FieldEmbedding: embeddings are compressed at most once")
+        unknown = sorted(set(step.ranks) - set(old._sparse_names))
+        if unknown:
+            raise ValueError(f"compression ranks name {unknown}, which are not sparse features of this model")
+        d = old.embedding_dim
+        weight = old.dense_weight if old.dense_weight is not None else next(iter(model.head.parameters()))
+        zeros = {name: torch.zeros(d, k, dtype=weight.dtype) for name, k in step.ranks.items()}
+        biases = {name: torch.zeros(d, dtype=weight.dtype) for name in step.ranks}
+        model.embedding = low_rank_field_embedding(old, step.ranks, zeros, biases, step.fused)
+        if step.fused:
+            if not can_fuse(model):
+                raise ValueError(f"model {model.name!r}: a fused embeddings step needs a DNNHead")
+            model.head.mlp = fused_first_layer(model.head, old._num_dense, d, old._sparse_names, zeros, biases)
+    model.compression_steps = list(steps)
+    return model
+
+
+def _mlp_structure(mlp: MLP, ranks: Mapping[int, int], relu_between: bool) -> CompressedMLP:
+    layers: List[nn.Module] = []
+    index = -1
+    for module in mlp.layers:
+        if isinstance(module, nn.Linear):
+            index += 1
+            if index in ranks:
+                k, n, m = ranks[index], module.in_features, module.out_features
+                like = module.weight
+                zeros = [torch.zeros(*shape, dtype=like.dtype, device=like.device) for shape in ((k, n), (k,), (m, k), (m,))]
+                layers.extend(two_linear_layers(*zeros, relu_between=relu_between))
+                continue
+        layers.append(module)
+    unknown = sorted(set(ranks) - set(range(index + 1)))
+    if unknown:
+        raise ValueError(f"compression ranks name Linear layers {unknown}; the MLP has {index + 1}")
+    return CompressedMLP(nn.Sequential(*layers))
+
+
+def fused_first_layer(
+    head: nn.Module,
     num_dense: int,
     d: int,
     sparse_names: Sequence[str],
     up_weights: Mapping[str, torch.Tensor],
     up_biases: Mapping[str, torch.Tensor],
-) -> None:
-    head = model.head
+) -> CompressedMLP:
+    """A ``DNNHead``'s MLP with the fields' up-projections folded into its first ``nn.Linear``
+    (:func:`~recsys_kd.compress.afm.fuse_into_first_linear`); the other layers are shared."""
     assert isinstance(head, DNNHead)
     first = head.mlp.layers[0]
     assert isinstance(first, nn.Linear)
@@ -673,5 +777,4 @@ def _fuse(
     with torch.no_grad():
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
-    layers = [fused] + list(head.mlp.layers)[1:]
-    head.mlp = CompressedMLP(nn.Sequential(*layers))
+    return CompressedMLP(nn.Sequential(fused, *list(head.mlp.layers)[1:]))

@@ -68,6 +68,37 @@ from recsys_kd.models.layers import (
 
 
 @dataclass
+class LowRankStep:
+    """One low-rank compression step in a model's structure, as ``recsys-kd compress`` records it, so
+    that ``build_model`` rebuilds a compressed model's modules (their weights then come from its
+    checkpoint).
+
+    Attributes:
+        what: ``"mlp"`` (chosen ``nn.Linear`` layers of the MLP -> ``Linear(n, k) [-> ReLU] -> Linear(k, m)``)
+            or ``"embeddings"`` (chosen sparse tables ``V x D`` -> ``V x k`` with an up-projection).
+        ranks: ``{Linear index in the MLP (as a string): k}`` or ``{sparse feature: k}``.
+        relu_between: ``"mlp"``: a ReLU between the two new layers.
+        fused: ``"embeddings"``: the up-projections are folded into the first MLP layer.
+        mlp_path: ``"mlp"``: the MLP's module path when the model has several (e.g. ``head.mlp``).
+    """
+
+    what: Literal["mlp", "embeddings"] = "mlp"
+    ranks: Dict[str, int] = field(default_factory=dict)
+    relu_between: bool = False
+    fused: bool = False
+    mlp_path: str = ""
+
+    def validate(self) -> None:
+        if not self.ranks:
+            raise ValueError("ranks is empty: name at least one layer or feature")
+        for key, k in self.ranks.items():
+            if k < 1:
+                raise ValueError(f"ranks.{key}: k must be >= 1, got {k}")
+        if self.what == "mlp" and not all(key.isdigit() for key in self.ranks):
+            raise ValueError(f"mlp ranks are keyed by Linear index (0, 1, ...), got {sorted(self.ranks)}")
+
+
+@dataclass
 class ModelConfig:
     """Which model and its hyperparameters; each model reads only the fields that concern it.
 
@@ -96,6 +127,7 @@ class ModelConfig:
         dagfm_layers: DAGFM propagation depth L.
         dagfm_type: ``dagfm_plus``'s edge type (default ``"outer"``); ``dagfm_inner`` and
             ``dagfm_outer`` take it from their name, and a contradicting value is an error.
+        compression: low-rank steps applied after building, in order (see :class:`LowRankStep`).
     """
 
     name: str = "dnn"
@@ -121,6 +153,7 @@ class ModelConfig:
     bilinear_type: Literal["field_all", "field_each", "field_interaction"] = "field_interaction"
     dagfm_layers: int = 3
     dagfm_type: Optional[Literal["inner", "outer"]] = None
+    compression: List[LowRankStep] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.name not in _HEADS:
@@ -335,4 +368,9 @@ def build_model(
         embedding = FieldEmbedding(schema, config.embedding_dim, config.dense_mode, device=embedding_device)
     head = _HEADS[config.name](config, embedding.num_fields, embedding.embedding_dim)
     first_order = FirstOrder(schema, config.dense_mode, embedding_device) if head.uses_first_order else None
-    return CTRModel(config.name, embedding, head, first_order)
+    model = CTRModel(config.name, embedding, head, first_order)
+    if config.compression:
+        from recsys_kd.compress.surgery import apply_low_rank_structure  # compress builds on this module
+
+        model = apply_low_rank_structure(model, config.compression)
+    return model
