@@ -1,5 +1,6 @@
 """Distillation through the trainer: pre-train (soft labels from infer) with a gate, frozen shared
-embeddings, co-train; the terms equal the tested kd_loss."""
+embeddings, co-train, hint regression; the terms equal the tested kd_loss; the record holds teacher,
+ensemble and student metrics."""
 
 import json
 
@@ -38,7 +39,8 @@ def root(tmp_path_factory):
         "train": {"model": {"name": "dcn", "embedding_dim": 8, "mlp_layers": [16]}, "epochs": 1, "progress": False,
                   "sharding": {"type": "table_wise"}},
         "infer": {"teachers": [{"name": "dcn", "train_output": str(root / "train" / "dcn")},
-                               {"name": "fm", "train_output": str(root / "train" / "fm")}], "progress": False},
+                               {"name": "fm", "train_output": str(root / "train" / "fm")}], "progress": False,
+                  "hints": True},
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     for model in ("dcn", "fm"):
@@ -58,6 +60,17 @@ def distill(root, name, distill_section, **student):
     return json.loads((root / name / "train.json").read_text())
 
 
+def test_distillation_terms_add_the_weighted_hint_term():
+    torch.manual_seed(0)
+    student, teacher, labels, hint = torch.randn(32), torch.randn(32), torch.randint(0, 2, (32,)).float(), torch.rand(())
+    config = KDLossConfig(hard=1.0, soft=0.5, hint=1e-3)
+    terms = distillation_terms(config, student, labels, teacher, hint)
+    torch.testing.assert_close(terms["distill"], 0.5 * terms["soft"] + 1e-3 * hint)
+    torch.testing.assert_close(terms["total"], terms["hard"] + terms["distill"])
+    with pytest.raises(ValueError, match="hint"):
+        distillation_terms(config, student, labels, teacher)
+
+
 def test_gated_ensemble_distillation_with_distill_loss_early_stopping(root):
     record = distill(root, "gated", {"teachers": ["dcn", "fm"], "aggregation": "gate",
                                      "loss": {"hard": 0.5, "soft": 0.5, "temperature": 2.0}},
@@ -65,6 +78,23 @@ def test_gated_ensemble_distillation_with_distill_loss_early_stopping(root):
     assert record["history"] and all("distill_loss" in h["valid"] for h in record["history"])
     assert record["best_valid"] == min(h["valid"]["distill_loss"] for h in record["history"])
     assert 0.5 < record["test"]["auc"] < 1
+    # The record holds every teacher (scored from its soft labels, which are its best checkpoint's
+    # logits, so its test metrics are the ones its training recorded), the gated ensemble and the student.
+    distilled = record["distillation"]
+    infer_record = json.loads((root / "soft_labels" / "infer.json").read_text())
+    for name in ("dcn", "fm"):
+        teacher = distilled["teachers"][name]
+        trained = json.loads((root / "train" / name / "train.json").read_text())
+        assert teacher["test"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-6)
+        assert teacher["test"]["logloss"] == pytest.approx(trained["test"]["logloss"], abs=1e-5)
+        assert teacher["valid"]["rows"] == trained["history"][0]["valid"]["rows"]
+        assert teacher["parameters"] == infer_record["teachers"][name]["parameters"]
+        assert teacher["flops_per_example"] == infer_record["teachers"][name]["flops_per_example"]
+    ensemble = distilled["ensemble"]
+    assert ensemble["parameters"]["total"] == sum(t["parameters"]["total"] for t in distilled["teachers"].values())
+    assert 0.5 < ensemble["test"]["auc"] < 1 and 0.5 < ensemble["valid"]["auc"] < 1
+    assert distilled["student"]["test"] == record["test"] and distilled["student"]["parameters"] == record["parameters"]
+    assert distilled["student"]["valid"]["distill_loss"] == pytest.approx(record["best_valid"], rel=1e-6)
     path = checkpoint.latest(root / "gated" / "checkpoints")
     import torch.distributed.checkpoint as dcp
 
@@ -98,6 +128,54 @@ def test_cotrain_teacher_is_trained_by_its_labels_only(root):
     assert record["test"]["auc"] > 0.5 and record["steps"] > 0
 
 
+def test_hint_regression_from_infer_hints_trains_the_projection(root):
+    # the hint term dominates the loss here, so it has to fall as the student and projection learn
+    record = distill(root, "hint", {"teachers": ["dcn"], "loss": {"hard": 0.1, "hint": 1.0}}, monitor="distill_loss")
+    hint_losses = [h["valid"]["distill_loss"] for h in record["history"]]
+    assert all(value > 0 for value in hint_losses) and hint_losses[-1] < hint_losses[0]
+    import torch.distributed.checkpoint as dcp
+
+    path = checkpoint.latest(root / "hint" / "checkpoints")
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    key = "model.projections.dcn.weight"
+    assert tuple(stored[key].size) == (record_hidden_dim(root, "dagfm_outer"), record_hidden_dim(root, "dcn"))
+
+
+def record_hidden_dim(root, name):
+    from recsys_kd.data.schema import Schema
+    from recsys_kd.models.zoo import ModelConfig, build_model
+
+    return build_model(Schema.load(root / "data"), ModelConfig(name=name, embedding_dim=8, mlp_layers=[16])).hidden_dim
+
+
+def test_hint_loss_trains_projection_and_student_never_teacher(root):
+    from recsys_kd.data.reader import ParquetReader, ReaderConfig
+    from recsys_kd.data.schema import Schema
+    from recsys_kd.models.zoo import ModelConfig, build_model
+    from recsys_kd.train.trainer import TrainingModule
+
+    schema = Schema.load(root / "data")
+    student = build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8]))
+    batch = next(iter(ParquetReader(root / "data", "train", ReaderConfig(batch_size=64, extras=["hint_dcn"]),
+                                    rank=0, world_size=1, side_inputs=[root / "soft_labels"])))
+    # pre-train: the hint comes from infer's column; a gradient must not flow into it
+    projection = torch.nn.Linear(batch.extras["hint_dcn"].shape[1], student.hidden_dim, bias=False)
+    module = TrainingModule(student, projections={"dcn": projection})
+    hints = {"dcn": batch.extras["hint_dcn"].clone().requires_grad_(True)}
+    hint = module(batch.dense, batch.sparse, None, hints)[5]
+    hint.backward()
+    assert hints["dcn"].grad is None
+    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    # co-train: the hint comes from the jointly trained teacher, which the hint term never trains
+    teacher = build_model(schema, ModelConfig(name="dcn", embedding_dim=8, mlp_layers=[16]))
+    cotrain = TrainingModule(build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8])),
+                             teacher=teacher, projections={"cotrain": torch.nn.Linear(teacher.hidden_dim, 8, bias=False)})
+    cotrain(batch.dense, batch.sparse)[5].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert cotrain.projections["cotrain"].weight.grad.abs().sum() > 0
+
+
 def test_cotrain_distillation_terms_send_no_gradient_to_the_teacher(root):
     from recsys_kd.data.reader import ParquetReader, ReaderConfig
     from recsys_kd.data.schema import Schema
@@ -108,7 +186,7 @@ def test_cotrain_distillation_terms_send_no_gradient_to_the_teacher(root):
     module = TrainingModule(build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8])),
                             teacher=build_model(schema, ModelConfig(name="fm", embedding_dim=8)))
     batch = next(iter(ParquetReader(root / "data", "train", ReaderConfig(batch_size=64), rank=0, world_size=1)))
-    logits, _, _, teacher, own = module(batch.dense, batch.sparse)
+    logits, _, _, teacher, own, _ = module(batch.dense, batch.sparse)
     terms = distillation_terms(KDLossConfig(hard=0.5, soft=0.5, mse=1.0), logits, batch.labels, teacher)
     terms["total"].backward()
     assert all(p.grad is None for p in module.teacher.parameters())

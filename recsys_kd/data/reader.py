@@ -78,7 +78,8 @@ class ReaderConfig:
 
     ``shuffle_window_row_groups`` row groups are read together and their rows mixed; larger windows
     shuffle better and cost proportionally more memory. ``extras`` names float32 columns from
-    ``schema.extra`` (e.g. teacher logits) to load into :attr:`Batch.extras`.
+    ``schema.extra`` or a side input (e.g. teacher logits) to load into :attr:`Batch.extras`; a side
+    input's fixed-size list<float32> columns (e.g. teacher hint vectors) load as [B, H].
     """
 
     batch_size: int = 4096
@@ -107,7 +108,8 @@ class Batch(Pipelineable):
         sparse: KeyedJaggedTensor with keys in ``schema.sparse`` order, stride B, values int64 in
             key-major order, lengths [F * B] int32 (all 1 for single-valued features).
         labels: [B] float32.
-        extras: name -> [B] float32, the configured extra columns.
+        extras: name -> the configured extra columns: [B] float32, or [B, H] float32 for a side
+            input's vector columns (fixed-size lists, e.g. teacher hint vectors).
         row_ids: [B] int64, the rows' ``row_id`` column.
         worker: the reader worker that produced this batch.
         rows_consumed: that worker's position after this batch (its ``rows_consumed`` entry).
@@ -168,11 +170,14 @@ class _Block:
     dense: np.ndarray  # [n_dense, N] float32
     ids: np.ndarray  # [n_single, N] int64
     lists: List[Tuple[np.ndarray, np.ndarray]]  # per multi-hot feature: values [nnz], offsets [N + 1] int64
-    extras: np.ndarray  # [n_extras, N] float32
+    extras: np.ndarray  # [n_extras, N] float32 (scalar extra columns)
+    # per vector extra column: [N, H] float32, row-major so that a row's vector gathers as one copy
+    vectors: List[np.ndarray] = field(default_factory=list)
 
     @staticmethod
-    def allocate(rows: int, n_dense: int, n_single: int, n_extras: int) -> "_Block":
-        """Uninitialized storage for ``rows`` rows (multi-hot lists are not pooled: left empty)."""
+    def allocate(rows: int, n_dense: int, n_single: int, n_extras: int, widths: Sequence[int] = ()) -> "_Block":
+        """Uninitialized storage for ``rows`` rows (multi-hot lists are not pooled: left empty);
+        ``widths``: H of each vector extra column."""
         return _Block(
             row_ids=np.empty(rows, dtype=np.int64),
             labels=np.empty(rows, dtype=np.float32),
@@ -180,6 +185,7 @@ class _Block:
             ids=np.empty((n_single, rows), dtype=np.int64),
             lists=[],
             extras=np.empty((n_extras, rows), dtype=np.float32),
+            vectors=[np.empty((rows, width), dtype=np.float32) for width in widths],
         )
 
     def __len__(self) -> int:
@@ -194,6 +200,7 @@ class _Block:
             ids=self.ids[:, :rows],
             lists=[],
             extras=self.extras[:, :rows],
+            vectors=[vector[:rows] for vector in self.vectors],
         )
 
     def take(self, rows: np.ndarray, out: "_Block") -> "_Block":
@@ -203,6 +210,8 @@ class _Block:
         for sources, targets in ((self.dense, out.dense), (self.ids, out.ids), (self.extras, out.extras)):
             for source, target in zip(sources, targets):
                 _take(source, rows, target)
+        for source, target in zip(self.vectors, out.vectors):
+            np.take(source, rows, axis=0, out=target, mode="clip")
         out.lists = [_gather_list(values, offsets, rows) for values, offsets in self.lists]
         return out
 
@@ -217,6 +226,7 @@ class _Block:
             ids=self.ids[:, rows].copy(),
             lists=[_slice_list(values, offsets, start, stop) for values, offsets in self.lists],
             extras=self.extras[:, rows].copy(),
+            vectors=[vector[rows].copy() for vector in self.vectors],
         )
 
     @staticmethod
@@ -235,6 +245,7 @@ class _Block:
             ids=np.concatenate([block.ids for block in blocks], axis=1),
             lists=lists,
             extras=np.concatenate([block.extras for block in blocks], axis=1),
+            vectors=[np.concatenate(parts) for parts in zip(*(block.vectors for block in blocks))],
         )
 
 
@@ -333,7 +344,12 @@ class ParquetReader(IterableDataset):
         self.split = split
         info = self.schema.split(split)
         self.files = [self.dataset_dir / name for name in info.files]
-        self._side = _side_columns(side_inputs, self.schema, split, info.files)
+        self._side, side_widths = _side_columns(side_inputs, self.schema, split, info.files)
+        # the wanted vector columns and their widths H, in extras order; the rest are scalars
+        self.vector_widths: Dict[str, int] = {
+            name: side_widths[name] for name in self.config.extras if name in side_widths
+        }
+        self._scalars = [name for name in self.config.extras if name not in self.vector_widths]
         unknown = [name for name in self.config.extras if name not in self.schema.extra and name not in self._side]
         if unknown:
             available = [*self.schema.extra, *self._side]
@@ -434,8 +450,7 @@ class ParquetReader(IterableDataset):
         for u, unit in enumerate(self._units):
             if unit.file != file_index:
                 continue
-            block = self._read([u], _Block.allocate(unit.rows, len(self.schema.dense), len(self._single),
-                                                   len(self.config.extras)))
+            block = self._read([u], self._allocate(unit.rows))
             for start in range(0, unit.rows, size):
                 yield unit.row_group, self._to_batch(block.slice(start, min(start + size, unit.rows)), 0, 0)
 
@@ -565,10 +580,13 @@ class ParquetReader(IterableDataset):
         epochs: fresh window-sized arrays are mmapped and page-faulted on every allocation, which
         cost ~30% of shuffled throughput per window and ~0.5 s at the start of every epoch."""
         if self._buffers is None or len(self._buffers[0]) < rows:
-            shape = (rows, len(self.schema.dense), len(self._single), len(self.config.extras))
-            self._buffers = (_Block.allocate(*shape), _Block.allocate(*shape) if self.config.shuffle else None)
+            self._buffers = (self._allocate(rows), self._allocate(rows) if self.config.shuffle else None)
         read_buffer, shuffle_buffer = self._buffers
         return read_buffer.head(rows), shuffle_buffer.head(rows) if shuffle_buffer is not None else None
+
+    def _allocate(self, rows: int) -> _Block:
+        return _Block.allocate(rows, len(self.schema.dense), len(self._single), len(self._scalars),
+                               list(self.vector_widths.values()))
 
     def _cut(self, windows: Iterator[Tuple[_Block, int]]) -> Iterator[_Block]:
         """Batches of ``batch_size`` rows cut from the concatenated windows."""
@@ -639,8 +657,10 @@ class ParquetReader(IterableDataset):
             block.dense[j, rows] = _column(table, name, path)
         for j, name in enumerate(self._single):
             block.ids[j, rows] = _column(table, name, path)
-        for j, name in enumerate(self.config.extras):
+        for j, name in enumerate(self._scalars):
             block.extras[j, rows] = _column(table, name, path)
+        for vector, (name, width) in zip(block.vectors, self.vector_widths.items()):
+            vector[rows] = _vector_column(table, name, width, path)
 
     def _check_ids(self, block: _Block, rows: slice, list_parts: List[_ListParts], path: Path) -> None:
         """Raises :class:`IdRangeError` for the first id outside [0, num_embeddings) in ``rows``.
@@ -693,21 +713,27 @@ class ParquetReader(IterableDataset):
             stride=size,
             length_per_key=length_per_key,
         )
-        extras = torch.from_numpy(block.extras)
+        scalars = torch.from_numpy(block.extras)
+        columns = {name: scalars[j] for j, name in enumerate(self._scalars)}
+        columns.update((name, torch.from_numpy(vector)) for name, vector in zip(self.vector_widths, block.vectors))
         return Batch(
             dense=torch.from_numpy(np.ascontiguousarray(block.dense.T)),
             sparse=sparse,
             labels=torch.from_numpy(block.labels),
-            extras={name: extras[j] for j, name in enumerate(self.config.extras)},
+            extras={name: columns[name] for name in self.config.extras},
             row_ids=torch.from_numpy(block.row_ids),
             worker=worker,
             rows_consumed=rows_consumed,
         )
 
 
-def padding_batch(schema: Schema, size: int, extras: Sequence[str] = ()) -> Batch:
+def padding_batch(
+    schema: Schema, size: int, extras: Sequence[str] = (), vector_widths: Optional[Dict[str, int]] = None
+) -> Batch:
     """``size`` rows with every feature missing (id 0), zero dense and labels, row_id -1: what a rank
-    feeds a collective forward when its own rows have run out."""
+    feeds a collective forward when its own rows have run out. Extras are zero, [size], or
+    [size, H] for the columns in ``vector_widths`` (a reader's :attr:`ParquetReader.vector_widths`)."""
+    widths = vector_widths or {}
     keys = schema.sparse_names
     return Batch(
         dense=torch.zeros(size, len(schema.dense)),
@@ -718,7 +744,7 @@ def padding_batch(schema: Schema, size: int, extras: Sequence[str] = ()) -> Batc
             stride=size,
         ),
         labels=torch.zeros(size),
-        extras={name: torch.zeros(size) for name in extras},
+        extras={name: torch.zeros(size, widths[name]) if name in widths else torch.zeros(size) for name in extras},
         row_ids=torch.full((size,), -1, dtype=torch.int64),
     )
 
@@ -726,10 +752,14 @@ def padding_batch(schema: Schema, size: int, extras: Sequence[str] = ()) -> Batc
 SIDE_INPUT_FILE = "side.json"
 
 
-def _side_columns(side_inputs: Sequence[Union[str, Path]], schema: Schema, split: str, files: List[str]) -> Dict[str, Path]:
-    """column -> side-input directory, for directories of per-row columns aligned with a dataset
-    (``side.json`` names the columns and each split's parts, which mirror the dataset's)."""
+def _side_columns(
+    side_inputs: Sequence[Union[str, Path]], schema: Schema, split: str, files: List[str]
+) -> Tuple[Dict[str, Path], Dict[str, int]]:
+    """(column -> side-input directory, vector column -> width H), for directories of per-row columns
+    aligned with a dataset (``side.json`` names the scalar ``columns``, the fixed-size list
+    ``vectors`` with their widths, and each split's parts, which mirror the dataset's)."""
     columns: Dict[str, Path] = {}
+    widths: Dict[str, int] = {}
     for side in side_inputs:
         side = Path(side)
         manifest_path = side / SIDE_INPUT_FILE
@@ -740,11 +770,16 @@ def _side_columns(side_inputs: Sequence[Union[str, Path]], schema: Schema, split
         parts = manifest["splits"].get(split, {}).get("files")
         if parts != files:
             raise SchemaError(f"{manifest_path}: split {split!r} parts {parts} do not mirror the dataset's {files}")
-        for name in manifest["columns"]:
+        vectors = manifest.get("vectors", {})
+        for name in [*manifest["columns"], *vectors]:
             if name in schema.columns() or name in columns:
                 raise SchemaError(f"{manifest_path}: column {name!r} already exists in the dataset or another side input")
             columns[name] = side
-    return columns
+        for name, width in vectors.items():
+            if not isinstance(width, int) or width < 1:
+                raise SchemaError(f"{manifest_path}: vector column {name!r} has width {width!r}, expected an int >= 1")
+            widths[name] = width
+    return columns, widths
 
 
 def _column(table: pa.Table, name: str, path: Path) -> np.ndarray:
@@ -752,6 +787,17 @@ def _column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     if column.null_count:
         raise SchemaError(f"{path}: column {name!r} has {column.null_count} null values")
     return column.to_numpy()
+
+
+def _vector_column(table: pa.Table, name: str, width: int, path: Path) -> np.ndarray:
+    """[n, width] float32 of a fixed-size list<float32> column of that width."""
+    column = table.column(name)
+    if not (pa.types.is_fixed_size_list(column.type) and column.type.list_size == width):
+        raise SchemaError(f"{path}: column {name!r} is {column.type}, expected fixed_size_list<float>[{width}]")
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count or array.values.null_count:
+        raise SchemaError(f"{path}: column {name!r} has null vectors or null values")
+    return array.flatten().to_numpy().reshape(-1, width)
 
 
 def _list_column(table: pa.Table, name: str, path: Path) -> Tuple[np.ndarray, np.ndarray]:

@@ -4,10 +4,11 @@ Top-down: join the process group; build every teacher from its training record a
 module that DistributedModelParallel shards (teachers of any architecture mix); load each teacher's
 checkpoint into its part of the sharded ensemble; then, split by split, each rank scores whole
 input parts (part i on rank i mod N) row group by row group, and writes an output part that mirrors
-the input part: same rows, same order, same row groups, columns ``row_id`` and ``teacher_<name>``
-(logits). Output parts are written under a temporary name, renamed when complete, and followed by a
+the input part: same rows, same order, same row groups, columns ``row_id``, ``teacher_<name>``
+(logits) and, with ``hints``, ``hint_<name>`` (the teacher's hidden vector, the input of its output
+layer, as a fixed-size list<float32>: ECKD's hint regression). Output parts are written under a temporary name, renamed when complete, and followed by a
 sidecar JSON (rows, row_id checksum): a rerun after a crash skips the parts that are complete and
-redoes the rest. ``side.json`` makes the output a side input of the reader, and
+redoes the rest (a part written with other columns counts as missing). ``side.json`` makes the output a side input of the reader, and
 :func:`verify_alignment` checks it against the logs before distillation.
 
 Sharded lookups are collective, so ranks step together: a rank with fewer batches in a round pads.
@@ -36,10 +37,10 @@ from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.ids import splitmix64
 from recsys_kd.data.reader import SIDE_INPUT_FILE, ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
-from recsys_kd.distill.objective import teacher_column
+from recsys_kd.distill.objective import hint_column, teacher_column
 from recsys_kd.distributed import init_distributed, max_over_ranks, sum_over_ranks
 from recsys_kd.io import atomic_write_json
-from recsys_kd.models.zoo import ModelConfig, build_model
+from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
 from recsys_kd.train import checkpoint
 from recsys_kd.train.sharding import EmbeddingBagCollectionSharderAnyDevice, ShardingConfig, describe_plan, make_plan
 from recsys_kd.train.trainer import RECORD_FILE as TRAIN_RECORD
@@ -66,6 +67,8 @@ class InferConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     progress: bool = True
+    # also write each teacher's hidden vector (hint) per row, for ECKD hint regression
+    hints: bool = False
 
     def validate(self) -> None:
         names = [t.name for t in self.teachers]
@@ -78,16 +81,22 @@ class InferConfig:
 class TeacherEnsemble(nn.Module):
     """Several CTR models over the same features, evaluated together.
 
-    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT -> logits ``[B, M]`` (teachers in given order).
+    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT -> ``(logits [B, M], hints [B, sum_i H_i])``
+    (teachers in given order; ``hints`` the teachers' hidden vectors side by side, widths
+    :attr:`hint_dims`, or ``None`` unless built with ``hints=True``).
     """
 
-    def __init__(self, teachers: Dict[str, nn.Module]) -> None:
+    def __init__(self, teachers: Dict[str, CTRModel], hints: bool = False) -> None:
         super().__init__()
         self.names = list(teachers)
         self.teachers = nn.ModuleDict(teachers)
+        self.hints = hints
+        self.hint_dims = [teachers[name].hidden_dim for name in self.names]
 
-    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
-        return torch.stack([self.teachers[name](dense, sparse) for name in self.names], dim=1)
+    def forward(self, dense: torch.Tensor, sparse) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        outputs = [self.teachers[name].forward_with_hidden(dense, sparse) for name in self.names]
+        logits = torch.stack([logit for logit, _, _ in outputs], dim=1)
+        return logits, torch.cat([hidden for _, hidden, _ in outputs], dim=1) if self.hints else None
 
 
 def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
@@ -98,15 +107,16 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
     output = Path(config.output)
     schema = Schema.load(dataset)
     teachers, records = _build_teachers(config, schema)
-    ensemble = TeacherEnsemble(teachers)
+    ensemble = TeacherEnsemble(teachers, hints=config.hints)
     plan = make_plan(ensemble, config.sharding, ctx.device, ctx.world_size)
     dmp = _wrap(ensemble, plan, ctx.device)
     _load_teachers(dmp, config)
     dmp.eval()
     started, rows_scored = time.time(), 0
     columns = [teacher_column(t.name) for t in config.teachers]
+    vectors = {hint_column(t.name): width for t, width in zip(config.teachers, ensemble.hint_dims)} if config.hints else {}
     for split in config.splits:
-        rows_scored += _score_split(config, ctx, dmp, dataset, schema, split, output, columns)
+        rows_scored += _score_split(config, ctx, dmp, dataset, schema, split, output, columns, vectors)
     seconds = time.time() - started
     record = {
         "stage": "infer",
@@ -118,6 +128,7 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
                               "parameters": records[t.name]["parameters"],
                               "flops_per_example": records[t.name]["flops_per_example"]} for t in config.teachers},
         "columns": columns,
+        "vectors": vectors,
         "sharding_plan": describe_plan(plan),
         "rows_scored_this_run": sum_over_ranks(rows_scored),
         "seconds_this_run": round(seconds, 3),
@@ -126,7 +137,8 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
     record["rows_per_second_this_run"] = round(record["rows_scored_this_run"] / max(seconds, 1e-9), 1)
     if ctx.is_main:
         splits = {split: {"files": schema.split(split).files, "rows": schema.split(split).rows} for split in config.splits}
-        atomic_write_json(output / SIDE_INPUT_FILE, {"dataset": str(dataset), "columns": columns, "splits": splits})
+        atomic_write_json(output / SIDE_INPUT_FILE,
+                          {"dataset": str(dataset), "columns": columns, "vectors": vectors, "splits": splits})
         atomic_write_json(output / RECORD_FILE, record)
     dist.barrier()
     return record
@@ -170,7 +182,8 @@ def _load_teachers(dmp: nn.Module, config: InferConfig) -> None:
     dmp.load_state_dict(state)
 
 
-def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, output: Path, columns: List[str]) -> int:
+def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, output: Path, columns: List[str],
+                 vectors: Dict[str, int]) -> int:
     reader = ParquetReader(dataset, split, ReaderConfig(batch_size=config.batch_size), ctx.rank, ctx.world_size)
     files = schema.split(split).files
     if ctx.is_main:
@@ -183,7 +196,8 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
     bar = tqdm(total=len(files), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
     for round_index in range(rounds):
         index = round_index * ctx.world_size + ctx.rank
-        mine = index < len(files) and not part_complete(output, split, files[index], reader.file_row_groups(index))
+        mine = index < len(files) and not part_complete(output, split, files[index], reader.file_row_groups(index),
+                                                        [*columns, *vectors])
         groups = reader.file_row_groups(index) if mine else []
         steps = max_over_ranks(sum(-(-rows // config.batch_size) for rows in groups))
         batches = reader.file_batches(index) if mine else iter(())
@@ -191,7 +205,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
             _parts_started[0] += 1
             if ctx.rank == int(kill_rank) and _parts_started[0] == int(kill_part):
                 os.kill(os.getpid(), signal.SIGKILL)
-        writer = _PartWriter(output, split, files[index], columns) if mine else None
+        writer = _PartWriter(output, split, files[index], columns, vectors) if mine else None
         padding = None
         with torch.no_grad():
             for _ in range(steps):
@@ -201,8 +215,9 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
                     dmp(padding.dense.to(ctx.device), padding.sparse.to(ctx.device))
                     continue
                 row_group, batch = item
-                logits = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device)).float().cpu()
-                writer.add(row_group, batch.row_ids.numpy(), logits.numpy())
+                logits, hints = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
+                hints = hints.float().cpu().numpy() if hints is not None else None
+                writer.add(row_group, batch.row_ids.numpy(), logits.float().cpu().numpy(), hints)
                 scored += batch.batch_size
         if writer is not None:
             writer.close()
@@ -216,30 +231,44 @@ _parts_started = [0]  # parts this process began scoring (for the fault-injectio
 
 
 class _PartWriter:
-    """Writes one output part mirroring an input part's row groups; publishes it when complete."""
+    """Writes one output part mirroring an input part's row groups; publishes it when complete.
 
-    def __init__(self, output: Path, split: str, relative: str, columns: List[str]) -> None:
+    ``columns``: one float32 logit column per teacher; ``vectors``: hint column -> width H, each a
+    fixed-size list<float32>[H] column (in teacher order, as the ensemble concatenates them)."""
+
+    def __init__(self, output: Path, split: str, relative: str, columns: List[str], vectors: Dict[str, int]) -> None:
         self.final = output / relative
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
         self.columns = columns
-        self.schema = pa.schema([(ROW_ID, pa.int64())] + [(name, pa.float32()) for name in columns])
+        self.vectors = vectors
+        self.schema = pa.schema([(ROW_ID, pa.int64())] + [(name, pa.float32()) for name in columns]
+                                + [(name, pa.list_(pa.float32(), width)) for name, width in vectors.items()])
         self.writer = pq.ParquetWriter(self.temp, self.schema, compression="zstd")
         self.group: Optional[int] = None
-        self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.pending: List[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = []
         self.rows = 0
         self.row_ids: List[np.ndarray] = []
 
-    def add(self, row_group: int, row_ids: np.ndarray, logits: np.ndarray) -> None:
+    def add(self, row_group: int, row_ids: np.ndarray, logits: np.ndarray, hints: Optional[np.ndarray]) -> None:
+        """``row_ids [B]``, ``logits [B, M]``, ``hints [B, sum H]`` (None without vectors)."""
         if self.group is not None and row_group != self.group:
             self._flush()
         self.group = row_group
-        self.pending.append((row_ids.copy(), logits.copy()))
+        self.pending.append((row_ids.copy(), logits.copy(), hints.copy() if hints is not None else None))
 
     def _flush(self) -> None:
-        row_ids = np.concatenate([r for r, _ in self.pending])
-        logits = np.concatenate([l for _, l in self.pending])
-        table = pa.table({ROW_ID: row_ids, **{name: logits[:, j] for j, name in enumerate(self.columns)}}, schema=self.schema)
+        row_ids = np.concatenate([r for r, _, _ in self.pending])
+        logits = np.concatenate([l for _, l, _ in self.pending])
+        data = {ROW_ID: row_ids, **{name: logits[:, j] for j, name in enumerate(self.columns)}}
+        if self.vectors:
+            hints = np.concatenate([h for _, _, h in self.pending])
+            start = 0
+            for name, width in self.vectors.items():
+                flat = np.ascontiguousarray(hints[:, start:start + width]).reshape(-1)
+                data[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), width)
+                start += width
+        table = pa.table(data, schema=self.schema)
         self.writer.write_table(table, row_group_size=len(row_ids))
         self.rows += len(row_ids)
         self.row_ids.append(row_ids)
@@ -251,7 +280,8 @@ class _PartWriter:
         self.writer.close()
         os.replace(self.temp, self.final)
         ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
-        atomic_write_json(_sidecar(self.final), {"rows": self.rows, "row_id_checksum": row_id_checksum(ids)})
+        atomic_write_json(_sidecar(self.final), {"rows": self.rows, "row_id_checksum": row_id_checksum(ids),
+                                                 "columns": [*self.columns, *self.vectors]})
 
 
 def _sidecar(part: Path) -> Path:
@@ -266,12 +296,14 @@ def row_id_checksum(row_ids: np.ndarray) -> str:
     return f"{len(row_ids)}:{total}:{mixed:016x}"
 
 
-def part_complete(output: Path, split: str, relative: str, row_groups: List[int]) -> bool:
+def part_complete(output: Path, split: str, relative: str, row_groups: List[int], columns: List[str]) -> bool:
+    """Whether ``output/relative`` was published with these ``columns`` and every row of the input part."""
     part = output / relative
     sidecar = _sidecar(part)
     if not (part.exists() and sidecar.exists()):
         return False
-    return json.loads(sidecar.read_text())["rows"] == sum(row_groups)
+    written = json.loads(sidecar.read_text())
+    return written["rows"] == sum(row_groups) and written.get("columns") == columns
 
 
 def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = None) -> Dict[str, int]:

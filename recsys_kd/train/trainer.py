@@ -42,7 +42,16 @@ from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.reader import Batch, ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.distill.gating import TeacherGate
-from recsys_kd.distill.objective import DistillConfig, aggregate, distillation_terms, teacher_matrix
+from recsys_kd.distill.losses import hint_loss
+from recsys_kd.distill.objective import (
+    COTRAIN_TEACHER,
+    DistillConfig,
+    aggregate,
+    distillation_terms,
+    hint_widths,
+    teacher_hints,
+    teacher_matrix,
+)
 from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
@@ -115,28 +124,41 @@ class TrainConfig:
 class TrainingModule(nn.Module):
     """What DistributedModelParallel wraps, so every output the loss needs goes through DMP's forward
     (and DDP's hooks): the model's logits, hidden vector and field embeddings, and when distilling
-    the teacher logit: the ECKD ``gate`` over the soft labels [B, M], or a co-trained ``teacher``.
+    the teacher logit: the ECKD ``gate`` over the soft labels [B, M], or a co-trained ``teacher``;
+    with ``projections`` (teacher name, or ``COTRAIN_TEACHER``, -> ``W``: ``[B, H_i] -> [B, H_S]``)
+    the ECKD hint loss, eq. 9 averaged over the teachers.
 
-    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT, ``teacher_logits [B, M]`` (optional) ->
-    ``([B], [B, H], [B, F, D], teacher logit [B] or None, co-trained teacher's own logits [B] or None)``.
+    Shapes: ``dense [B, n_dense]``, ``sparse`` KJT, ``teacher_logits [B, M]`` (optional),
+    ``teacher_hints`` name -> ``[B, H_i]`` (optional) -> ``([B], [B, H_S], [B, F, D], teacher logit [B] or
+    None, co-trained teacher's own logits [B] or None, hint loss (scalar) or None)``.
     """
 
-    def __init__(self, model: CTRModel, gate: Optional[nn.Module] = None, teacher: Optional[CTRModel] = None) -> None:
+    def __init__(self, model: CTRModel, gate: Optional[nn.Module] = None, teacher: Optional[CTRModel] = None,
+                 projections: Optional[Dict[str, nn.Module]] = None) -> None:
         super().__init__()
         self.model = model
         self.gate = gate
         self.teacher = teacher
+        self.projections = nn.ModuleDict(projections) if projections else None
 
     def forward(
-        self, dense: torch.Tensor, sparse: KeyedJaggedTensor, teacher_logits: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        self, dense: torch.Tensor, sparse: KeyedJaggedTensor, teacher_logits: Optional[torch.Tensor] = None,
+        teacher_hints: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+               Optional[torch.Tensor]]:
         logits, hidden, fields = self.model.forward_with_hidden(dense, sparse)
+        own = None
         if self.teacher is not None:
-            own = self.teacher(dense, sparse)
-            return logits, hidden, fields, own.detach(), own  # the KD terms never train the teacher
-        if teacher_logits is not None and self.gate is not None:
+            own, teacher_hidden, _ = self.teacher.forward_with_hidden(dense, sparse)
+            teacher_logits = own.detach()  # the KD terms never train the teacher
+            teacher_hints = {COTRAIN_TEACHER: teacher_hidden} if self.projections is not None else None
+        elif teacher_logits is not None and self.gate is not None:
             teacher_logits = self.gate(teacher_logits)[1]
-        return logits, hidden, fields, teacher_logits, None
+        hint = None
+        if self.projections is not None and teacher_hints is not None:
+            hint = torch.stack([hint_loss(hidden, teacher_hints[name].detach(), projection)
+                                for name, projection in self.projections.items()]).mean()
+        return logits, hidden, fields, teacher_logits, own, hint
 
 
 @dataclass
@@ -174,6 +196,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
     samples = _train_loop(config, ctx, dmp, optimizer, train_reader, dataset, eval_config, progress, output, log)
     seconds = time.time() - started
     test = _final_test(config, ctx, dmp, output, dataset, eval_config)
+    distillation = _distillation_record(config, ctx, dmp, dataset, eval_config, test, parameters, flops)
     record = {
         "stage": "train",
         "model": config.model.name,
@@ -192,6 +215,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
         "best_valid": progress.best,
         "history": progress.history,
         "test": test,
+        **({"distillation": distillation} if distillation is not None else {}),
         "train_seconds_this_run": round(seconds, 3),
         "samples_per_second_this_run": round(samples / max(seconds, 1e-9), 1),
     }
@@ -203,20 +227,36 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
 
 
 def _training_module(model: CTRModel, schema: Schema, config: TrainConfig) -> TrainingModule:
-    gate = teacher = None
+    gate = teacher = projections = None
     if config.distill is not None:
         if config.distill.aggregation == "gate":
             gate = TeacherGate(len(config.distill.teachers))
         if config.distill.scheme == "cotrain":
             teacher_config = from_dict(ModelConfig, config.distill.cotrain_teacher, source="distill.cotrain_teacher")
             teacher = build_model(schema, teacher_config)
-    module = TrainingModule(model, gate=gate, teacher=teacher)
+        projections = _hint_projections(config.distill, model, teacher)
+    module = TrainingModule(model, gate=gate, teacher=teacher, projections=projections)
     if config.init_from:
         prefix = "model.embedding." if config.init_from_part == "embeddings" else ""
         loaded = checkpoint.load_matching_tensors(Path(config.init_from), module, prefix)
         if not loaded:
             raise checkpoint.CheckpointError(f"init_from {config.init_from}: no tensor matches this model")
+        missing = sorted(set(k for k in module.state_dict() if k.startswith("model.")) - set(loaded))
+        if config.init_from_part == "all" and missing:
+            raise checkpoint.CheckpointError(
+                f"init_from {config.init_from}: {len(missing)} model tensors are missing or shaped differently "
+                f"there, e.g. {missing[:3]}; use init_from_part: embeddings to load only the tables"
+            )
     return module
+
+
+def _hint_projections(distill: DistillConfig, model: CTRModel, teacher: Optional[CTRModel]) -> Optional[Dict[str, nn.Module]]:
+    """ECKD eq. 9's W per teacher, ``[B, H_teacher] -> [B, H_student]``, when the hint term is on.
+    Bias-free as in the paper; trained with the student (they are dense parameters of the module)."""
+    if distill.loss.hint <= 0:
+        return None
+    widths = {COTRAIN_TEACHER: teacher.hidden_dim} if teacher is not None else hint_widths(distill)
+    return {name: nn.Linear(width, model.hidden_dim, bias=False) for name, width in widths.items()}
 
 
 def _distill_inputs(config: TrainConfig) -> Tuple[List[str], List[Path]]:
@@ -311,7 +351,8 @@ def _train_loop(config, ctx, dmp, optimizer, reader, dataset, eval_config, progr
                 os.kill(os.getpid(), signal.SIGKILL)
             batch = next(batches, None)
             weight = 1.0 if batch is not None else 0.0
-            batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size, reader.config.extras)
+            batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size,
+                                                                  reader.config.extras, reader.vector_widths)
             loss = _step(config, dmp, optimizer, batch.to(ctx.device), weight)
             progress.step_in_epoch += 1
             progress.global_step += 1
@@ -343,31 +384,35 @@ def _train_loop(config, ctx, dmp, optimizer, reader, dataset, eval_config, progr
 
 
 def _step(config: TrainConfig, dmp, optimizer, batch: Batch, weight: float) -> float:
-    terms, _ = _loss_terms(config, dmp, batch)
+    terms, _, _ = _loss_terms(config, dmp, batch)
     optimizer.zero_grad()
     (terms["total"] * weight).backward()
     optimizer.step()
     return float(terms["total"].detach())
 
 
-def _loss_terms(config: TrainConfig, dmp, batch: Batch) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+def _loss_terms(
+    config: TrainConfig, dmp, batch: Batch
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """The objective's terms (label BCE, or the distillation terms; plus L2 on looked-up embeddings
-    and, in co-training, the teacher's own label loss) and the student's logits."""
+    and, in co-training, the teacher's own label loss), the student's logits [B] and the aggregated
+    teacher logit [B] the terms used (None without distillation)."""
     distill = config.distill
     teachers = teacher_matrix(batch.extras, distill) if distill is not None else None
-    logits, _, fields, teacher, own = dmp(batch.dense, batch.sparse, teachers)
+    hints = teacher_hints(batch.extras, distill) if distill is not None else None
+    logits, _, fields, teacher, own, hint = dmp(batch.dense, batch.sparse, teachers, hints)
     if distill is None:
         terms = {"total": F.binary_cross_entropy_with_logits(logits, batch.labels)}
     else:
         if teacher is not None and teacher.dim() == 2:
             teacher = aggregate(distill, teacher)
-        terms = distillation_terms(distill.loss, logits, batch.labels, teacher)
+        terms = distillation_terms(distill.loss, logits, batch.labels, teacher, hint)
         if own is not None:
             terms["teacher_hard"] = F.binary_cross_entropy_with_logits(own, batch.labels)
             terms["total"] = terms["total"] + terms["teacher_hard"]
     if config.optim.l2_embedding:
         terms["total"] = terms["total"] + config.optim.l2_embedding * fields.pow(2).sum() / batch.batch_size
-    return terms, logits
+    return terms, logits, teacher
 
 
 def _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress: Progress, output, log) -> None:
@@ -390,22 +435,28 @@ def _evaluate_and_track(config, ctx, dmp, dataset, eval_config, progress: Progre
             progress.stopped = True
 
 
-def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, config: Optional[TrainConfig] = None) -> Dict[str, float]:
+def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, config: Optional[TrainConfig] = None,
+             teachers: bool = False) -> Dict[str, Any]:
     """AUC and logloss of ``dmp`` over the reader's split, exact across ranks; with a distill
-    config also ``distill_loss``, the mean weighted distillation terms (ECKD early stopping)."""
+    config also ``distill_loss``, the mean weighted distillation terms (ECKD early stopping), and
+    with ``teachers`` the AUC and logloss of each teacher (``teachers``: name -> metrics, from the
+    soft labels or the co-trained teacher) and of their aggregate as the loss saw it (``ensemble``:
+    mean, fixed weights or the trained gate)."""
     steps = max_over_ranks(reader.num_batches())
     batches = iter(reader)
     labels, logits, distill_sum = [], [], 0.0
+    predictors: Dict[str, List[torch.Tensor]] = {}
     dmp.eval()
     with torch.no_grad():
         for _ in range(steps):
             batch = next(batches, None)
             padding = batch is None
-            batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size, reader.config.extras)
+            batch = batch if batch is not None else padding_batch(reader.schema, reader.config.batch_size,
+                                                                  reader.config.extras, reader.vector_widths)
             batch = batch.to(ctx.device)
             distilling = config is not None and config.distill is not None
             if distilling:
-                terms, output = _loss_terms(config, dmp, batch)
+                terms, output, teacher = _loss_terms(config, dmp, batch)
             else:
                 output = dmp(batch.dense, batch.sparse)[0]
             if not padding:
@@ -413,6 +464,9 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, con
                 logits.append(output.float().cpu())
                 if distilling:
                     distill_sum += float(terms["distill"]) * batch.batch_size
+                if distilling and teachers:
+                    for name, values in _teacher_predictions(config.distill, batch, teacher).items():
+                        predictors.setdefault(name, []).append(values.float().cpu())
     dmp.train()
     local_labels = torch.cat(labels) if labels else torch.zeros(0)
     local_logits = torch.cat(logits) if logits else torch.zeros(0)
@@ -422,7 +476,24 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, con
         totals = torch.tensor([distill_sum, float(local_labels.shape[0])], dtype=torch.float64)
         dist.all_reduce(totals)
         metrics["distill_loss"] = float(totals[0] / max(totals[1], 1.0))
+    if teachers and config is not None and config.distill is not None:
+        names = ["ensemble", *(config.distill.teachers if config.distill.scheme == "pretrain" else [COTRAIN_TEACHER])]
+        scored = {}
+        for name in names:  # every rank gathers every predictor, in the same order (collectives match)
+            values = torch.cat(predictors[name]) if name in predictors else torch.zeros(0)
+            predicted = gather_predictions(local_labels, values)
+            scored[name] = classification_metrics(predicted["labels"], predicted["logits"])
+        metrics["ensemble"] = scored.pop("ensemble")
+        metrics["teachers"] = scored
     return metrics
+
+
+def _teacher_predictions(distill: DistillConfig, batch: Batch, teacher: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """name -> [B] logits of each teacher and of the aggregate ``teacher`` the loss used (``ensemble``)."""
+    if distill.scheme == "cotrain":
+        return {"ensemble": teacher, COTRAIN_TEACHER: teacher}
+    own = teacher_matrix(batch.extras, distill)
+    return {"ensemble": teacher, **{name: own[:, i] for i, name in enumerate(distill.teachers)}}
 
 
 def _final_test(config, ctx, dmp, output: Path, dataset: Path, eval_config: ReaderConfig) -> Dict[str, float]:
@@ -432,7 +503,54 @@ def _final_test(config, ctx, dmp, output: Path, dataset: Path, eval_config: Read
         dcp_load(best, state)
         dmp.load_state_dict(state["model"])
     reader = ParquetReader(dataset, "test", eval_config, ctx.rank, ctx.world_size, side_inputs=_distill_inputs_side(config))
-    return evaluate(dmp, reader, ctx, config)
+    return evaluate(dmp, reader, ctx, config, teachers=config.distill is not None)
+
+
+def _distillation_record(config: TrainConfig, ctx: DistributedContext, dmp, dataset: Path, eval_config: ReaderConfig,
+                         test: Dict[str, Any], parameters: Dict[str, int], flops: int) -> Optional[Dict[str, Any]]:
+    """Teacher, ensemble and student metrics side by side (AUC and logloss on valid and test,
+    parameters, FLOPs per example); moves the test's teacher metrics out of ``test``. The model
+    loaded is the best checkpoint (``_final_test`` loaded it). None without distillation."""
+    if config.distill is None:
+        return None
+    reader = ParquetReader(dataset, "valid", eval_config, ctx.rank, ctx.world_size, side_inputs=_distill_inputs_side(config))
+    valid = evaluate(dmp, reader, ctx, config, teachers=True)
+    sizes = _teacher_sizes(config, dataset)
+    test_teachers = test.pop("teachers")
+    teachers = {name: {**sizes[name], "valid": valid["teachers"][name], "test": test_teachers[name]} for name in sizes}
+    ensemble_parameters = sum(t["parameters"]["total"] for t in teachers.values())
+    return {
+        "aggregation": config.distill.aggregation,
+        "teachers": teachers,
+        "ensemble": {"parameters": {"total": ensemble_parameters},
+                     "flops_per_example": sum(t["flops_per_example"] for t in teachers.values()),
+                     "valid": valid["ensemble"], "test": test.pop("ensemble")},
+        "student": {"model": config.model.name, "parameters": parameters, "flops_per_example": flops,
+                    "valid": {k: v for k, v in valid.items() if k not in ("teachers", "ensemble")}, "test": test},
+    }
+
+
+def _teacher_sizes(config: TrainConfig, dataset: Path) -> Dict[str, Dict[str, Any]]:
+    """name -> model, parameters and FLOPs per example of each teacher: from infer's record
+    (pre-train scheme), or the co-trained teacher's config (built with tables on the meta device)."""
+    distill = config.distill
+    if distill.scheme == "cotrain":
+        model_config = from_dict(ModelConfig, distill.cotrain_teacher, source="distill.cotrain_teacher")
+        model = build_model(Schema.load(dataset), model_config, embedding_device=torch.device("meta"))
+        return {COTRAIN_TEACHER: {"model": model_config.name, "parameters": model.num_parameters(),
+                                  "flops_per_example": model.flops_per_example()}}
+    from recsys_kd.distill.infer import RECORD_FILE as INFER_RECORD
+
+    record_path = Path(distill.soft_labels) / INFER_RECORD
+    try:
+        recorded = json.loads(record_path.read_text())["teachers"]
+    except FileNotFoundError as error:
+        raise SchemaError(f"{record_path}: not found; the soft labels have no infer record") from error
+    missing = [name for name in distill.teachers if name not in recorded]
+    if missing:
+        raise SchemaError(f"{record_path}: no teacher {missing[0]!r} (distill.teachers {distill.teachers})")
+    return {name: {key: recorded[name][key] for key in ("model", "parameters", "flops_per_example")}
+            for name in distill.teachers}
 
 
 def _distill_inputs_side(config: TrainConfig) -> List[Path]:
