@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     stage("distill", "train a student on logs + soft labels (KD-DAGFM / ECKD), then the FT phase", _distill)
     stage("export", "export a trained model as a TorchScript serving artifact, parity-checked", _export)
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
+    _add_score(commands)
+    _add_serve(commands)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
     inspect.set_defaults(handler=_inspect)
@@ -165,6 +167,62 @@ def _export(args) -> int:
                              dataset=recipe.prepare.output)
     print(json.dumps({key: record[key] for key in ("artifact", "model", "dtype", "size_bytes", "parity",
                                                     "latency_batch1_ms")}, indent=2))
+    return 0
+
+
+def _add_score(commands) -> None:
+    help = "batch-score a dataset split or raw logs with a serving artifact alone; predictions + AUC/logloss"
+    command = commands.add_parser("score", help=help, description=help)
+    command.add_argument("artifact", type=Path, help="the serving artifact (recsys-kd export)")
+    command.add_argument("input", type=Path, help="a prepared dataset directory, or raw logs (file or directory)")
+    command.add_argument("output", type=Path, help="directory for the prediction parts and score.json")
+    command.add_argument("--split", default="test", help="dataset split to score (default: test)")
+    command.add_argument("--batch-size", type=int, default=65536)
+    command.add_argument("--vocab", type=Path, help="raw logs with vocabulary ids: the prepared dataset directory")
+    command.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    command.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
+    command.add_argument("--no-progress", dest="progress", action="store_false")
+    command.set_defaults(handler=_score)
+
+
+def _score(args) -> int:
+    import torch
+
+    from recsys_kd.export.score import score_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,
+                           vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress)
+    metrics = record["metrics"] or {}
+    print(format_table([{
+        "model": record["model"], "split": record["split"], "rows": record["rows"],
+        "auc": round(metrics.get("auc", float("nan")), 5), "logloss": round(metrics.get("logloss", float("nan")), 5),
+        "rows/s": round(record["rows_per_second"]), "quarantined": sum(record["quarantined"].values()),
+    }]))
+    print(f"record: {Path(record['output']) / 'score.json'}")
+    return 0
+
+
+def _add_serve(commands) -> None:
+    from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
+
+    help = "serve a TorchScript artifact over HTTP JSON (POST /predict, GET /health) on localhost"
+    command = commands.add_parser("serve", help=help, description=help)
+    command.add_argument("artifact", type=Path, help="the serving artifact (recsys-kd export)")
+    command.add_argument("--host", default="127.0.0.1")
+    command.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    command.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    command.add_argument("--max-instances", type=int, default=DEFAULT_MAX_INSTANCES, help="instances per request")
+    command.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+    command.set_defaults(handler=_serve)
+
+
+def _serve(args) -> int:
+    from recsys_kd.export.server import serve
+
+    serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+          max_instances=args.max_instances, threads=args.threads)
     return 0
 
 

@@ -69,3 +69,42 @@ def tiny_batch(schema: Schema, seed: int, batch_size: int, skewed_ids: bool = Fa
         extras={},
         row_ids=torch.arange(batch_size),
     )
+
+
+SMALL_MODEL = dict(embedding_dim=4, mlp_layers=[16, 8], cross_layers=2, cin_layers=[6, 4], dagfm_layers=2)
+
+
+def visible_model(schema: Schema, name: str, seed: int = 0, **overrides):
+    """A small eval-mode model with visible tables (the default init, std 1e-4, would make every model
+    near-constant) and random biases; ``overrides`` change ``SMALL_MODEL``'s config."""
+    from recsys_kd.models import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(schema, ModelConfig(name=name, **{**SMALL_MODEL, **overrides}))
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if ".embedding_bags." in key:
+                parameter.normal_(0.0, 0.5)
+            elif key.endswith("bias"):
+                parameter.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def fake_train_output(root: Path, dataset: Path, name: str, seed: int = 0, **overrides) -> Path:
+    """A train output as the trainer leaves it (train.json + checkpoints/best in DCP) for a
+    :func:`visible_model`, without training: what ``export_artifact`` reads."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    from recsys_kd.config import to_dict
+    from recsys_kd.models import ModelConfig
+
+    model = visible_model(Schema.load(dataset), name, seed=seed, **overrides)
+    config = ModelConfig(name=name, **{**SMALL_MODEL, **overrides})
+    output = Path(root) / name
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    dcp.save({"model": state}, checkpoint_id=str(output / "checkpoints" / "best"), no_dist=True)
+    record = {"config": {"model": to_dict(config)}, "dataset": str(dataset), "test": {"auc": 0.5, "logloss": 0.7}}
+    (output / "train.json").write_text(json.dumps(record))
+    return output

@@ -14,6 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.cli import main
+from recsys_kd.compress.surgery import LowRankFieldEmbedding, collect_statistics, compress_embeddings, compress_mlp
 from recsys_kd.config import to_dict
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
@@ -32,7 +33,7 @@ from recsys_kd.export import (
 )
 from recsys_kd.models import CTRModel, ModelConfig, build_model
 from recsys_kd.train import checkpoint
-from tests.helpers import tiny_schema
+from tests.helpers import tiny_batch, tiny_schema, visible_model
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +156,58 @@ def test_int8_and_fp16_storage() -> None:
         with torch.no_grad():
             difference = (_script(serving)(*inputs) - reference).abs().max()
         assert 0 < difference < tolerance, (storage, difference)
+
+
+def _compressed(model: CTRModel, ranks: Any, fuse: bool, mlp_ranks: Dict[int, int], batches: List[Any]) -> CTRModel:
+    """The AFM workflow on ``model``: its MLP (when ``mlp_ranks``), then its tables, from statistics of
+    ``batches`` (reader-shaped ``Batch`` es)."""
+    if mlp_ranks:
+        model = compress_mlp(model, mlp_ranks, collect_statistics(model, batches, fields=False), relu_between=True)
+    return compress_embeddings(model, ranks, collect_statistics(model, batches, layers=[]), fuse=fuse).eval()
+
+
+@pytest.mark.parametrize(
+    "name,ranks,fuse,mlp_ranks",
+    [
+        ("dnn", {"user": 2, "tags": 1}, True, {1: 3}),  # fused into the first Linear, "item" kept at D
+        ("dnn", 2, True, {}),  # fused, one rank for all
+        ("dnn", {"user": 3, "item": 1}, False, {0: 5}),  # per-field up-projections, "tags" kept
+        ("deepfm", {"user": 3, "tags": 2, "item": 1}, False, {1: 2}),  # FM reads the fields; first-order term
+        ("dagfm_outer", 3, False, {}),  # the distilled student's architecture
+    ],
+)
+def test_compressed_models_serve_with_parity(name: str, ranks: Any, fuse: bool, mlp_ranks: Dict[int, int]) -> None:
+    batches = [tiny_batch(SCHEMA, seed, 64) for seed in range(4)]
+    compressed = _compressed(visible_model(SCHEMA, name), ranks, fuse, mlp_ranks, batches)
+    assert isinstance(compressed.embedding, LowRankFieldEmbedding) and compressed.embedding.fused == fuse
+    serving = ServingModel.from_model(compressed, num_dense_inputs=2)
+    widths = [ranks.get(n, SMALL["embedding_dim"]) if isinstance(ranks, dict) else ranks for n in SCHEMA.sparse_names]
+    assert serving.table_width == max(widths)  # every table padded to the widest field
+    scripted = _script(serving)
+    dense, kjt = _batch(48)  # multi-hot bags of 0..3 ids, empty ones included
+    with torch.no_grad():
+        reference = torch.sigmoid(compressed(dense, kjt))
+        assert (reference - reference.mean()).abs().max() > 1e-3  # not a constant model
+        torch.testing.assert_close(scripted(*_serving_inputs(dense, kjt)), reference, **TOL)
+        # the single-id fast path
+        single = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values()[: 48 * 3], torch.ones(144, dtype=torch.int32))
+        torch.testing.assert_close(scripted(*_serving_inputs(dense, single)), torch.sigmoid(compressed(dense, single)), **TOL)
+        for storage, tolerance in (("fp16", 2e-3), ("int8", 2e-2)):
+            quantized = _script(ServingModel.from_model(compressed, num_dense_inputs=2, storage=storage))
+            difference = (quantized(*_serving_inputs(dense, kjt)) - reference).abs().max()
+            assert difference < tolerance, (storage, difference)
+
+
+def test_low_rank_tables_are_padded_to_one_lookup() -> None:
+    batches = [tiny_batch(SCHEMA, seed, 64) for seed in range(4)]
+    compressed = _compressed(visible_model(SCHEMA, "dnn"), {"user": 2, "tags": 1}, True, {}, batches)
+    serving = ServingModel.from_model(compressed, num_dense_inputs=2)
+    # widths user 2, tags 1, item D = 4: one fused table [sum V_f, 4], zero-padded beyond each width
+    assert serving.table_width == 4 and serving.weight.shape == (11 + 7 + 13, 4)
+    assert serving.weight[:11, 2:].abs().max() == 0 and serving.weight[11:18, 1:].abs().max() == 0
+    assert serving.code_columns.tolist() == [0, 1, 4, 8, 9, 10, 11]
+    with pytest.raises(ValueError, match="width 2, not D = 4, and no up-projection"):
+        ServingModel(compressed.head, [torch.zeros(11, 2), torch.zeros(7, 4)], ["user", "tags"], embedding_dim=4)
 
 
 # ----------------------------------------------------------------------------- end-to-end artifacts

@@ -23,6 +23,14 @@ first-order term), and a feature's ids are shifted by its row offset, so ONE loo
 field of every example, with no Python loop over fields. The dense projection is a broadcast multiply.
 The head is the trained model's own head, copied unchanged (it is scriptable).
 
+AFM-compressed models (a ``LowRankFieldEmbedding``: field tables ``[V_f, k_f]``, ranks may differ per
+field) keep the one lookup: every table is zero-padded to the widest field ``W = max_f w_f`` (``w_f =
+k_f`` for a compressed field, D for a kept one), so the gather returns codes ``[B, F_sparse, W]``. Then
+either the per-field up-projections run as one batched product ``e_f = U_f c_f + b_f`` (``[F, D, W]``,
+zero columns beyond each ``w_f``, identity for kept fields) back to ``[B, F, D]``, or, when the
+up-projections were fused into the head's first Linear, the head reads the concatenated codes
+``[B, n_dense * D + sum_f w_f]`` (the padding columns are dropped).
+
 Storage of the fused table: ``float32`` (exact), ``fp16`` (half the bytes; upcast after the lookup) or
 ``int8`` (per-row asymmetric quantisation, ``w ~ q * scale + bias`` with one float32 scale and bias per
 row, dequantised after the lookup; the first-order weights stay float32 beside the scales).
@@ -67,6 +75,14 @@ class ServingModel(nn.Module):
         num_dense_inputs (int): width of the ``dense`` input (the schema's dense columns); it may be
             wider than the model uses only when ``dense_weight`` is None (then ``dense`` is ignored).
         storage (str): ``"float32"``, ``"fp16"`` or ``"int8"``.
+        embedding_dim (Optional[int]): D of the field embeddings the head reads; defaults to the tables'
+            width, which must then be the same for every table.
+        up_weights (Optional[List[Optional[torch.Tensor]]]): per sparse feature, the up-projection
+            ``[D, w_f]`` of a low-rank table ``[V_f, w_f]`` (None for a full-width table): the head reads
+            ``[B, F, D]`` fields ``e_f = U_f c_f + b_f``.
+        up_biases (Optional[List[Optional[torch.Tensor]]]): the matching biases ``[D]`` (None: zero).
+        codes_to_head (bool): the head reads the concatenated codes ``[B, n_dense * D + sum_f w_f]``
+            (AFM up-projections fused into its first Linear) instead of ``[B, F, D]`` fields.
 
     Shapes: ``dense [B, n_dense]``, ``ids [N]``, ``offsets [B * F_sparse + 1] -> [B]``.
 
@@ -88,16 +104,36 @@ class ServingModel(nn.Module):
         first_order_bias: Optional[torch.Tensor] = None,
         num_dense_inputs: int = 0,
         storage: str = "float32",
+        embedding_dim: Optional[int] = None,
+        up_weights: Optional[List[Optional[torch.Tensor]]] = None,
+        up_biases: Optional[List[Optional[torch.Tensor]]] = None,
+        codes_to_head: bool = False,
     ) -> None:
         super().__init__()
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage must be one of {list(STORAGE_DTYPES)}, got {storage!r}")
         if not tables or len(tables) != len(sparse_names):
             raise ValueError(f"need one table per sparse feature: {len(tables)} tables, {len(sparse_names)} names")
-        dims = {int(t.shape[1]) for t in tables}
-        if len(dims) != 1:
-            raise ValueError(f"all sparse tables must have the same embedding_dim, got {sorted(dims)}")
-        dim = dims.pop()
+        widths = [int(t.shape[1]) for t in tables]
+        if embedding_dim is None:
+            if len(set(widths)) != 1:
+                raise ValueError(f"tables of different widths {sorted(set(widths))} need embedding_dim")
+            embedding_dim = widths[0]
+        dim = embedding_dim
+        if up_weights is not None and codes_to_head:
+            raise ValueError("up_weights and codes_to_head exclude each other: the head reads fields or codes")
+        if up_weights is not None and len(up_weights) != len(tables):
+            raise ValueError(f"need one up-projection (or None) per sparse feature, got {len(up_weights)}")
+        for f, width in enumerate(widths):
+            projected = up_weights is not None and up_weights[f] is not None
+            if projected:
+                assert up_weights is not None
+                if tuple(up_weights[f].shape) != (dim, width):
+                    raise ValueError(
+                        f"up-projection of {sparse_names[f]!r} is {list(up_weights[f].shape)}, expected [{dim}, {width}]"
+                    )
+            elif width != dim and not codes_to_head:
+                raise ValueError(f"table {sparse_names[f]!r} has width {width}, not D = {dim}, and no up-projection")
         with_first_order = first_order_tables is not None
         if with_first_order:
             assert first_order_tables is not None
@@ -107,39 +143,61 @@ class ServingModel(nn.Module):
         if dense_weight is not None and num_dense_inputs != num_dense:
             raise ValueError(f"num_dense_inputs is {num_dense_inputs} but the model projects {num_dense} dense fields")
 
+        width = max(widths)  # W: every table is zero-padded to it, so one lookup serves all fields
         self.head = head
         self.sparse_names: List[str] = list(sparse_names)
         self.num_sparse: int = len(tables)
         self.num_dense: int = num_dense
         self.num_dense_inputs: int = num_dense_inputs
         self.embedding_dim: int = dim
+        self.table_width: int = width
         self.with_first_order: bool = with_first_order
         self.storage: str = storage
         self._int8: bool = storage == "int8"
         self._fp16: bool = storage == "fp16"
+        self._project: bool = up_weights is not None
+        self._codes_to_head: bool = codes_to_head
+        self._uniform_width: bool = len(set(widths)) == 1
 
         sizes = torch.tensor([int(t.shape[0]) for t in tables], dtype=torch.int64)
         self.register_buffer("num_embeddings", sizes)
         self.register_buffer("row_offsets", torch.cumsum(sizes, 0) - sizes)
         self.register_buffer("bag_feature", torch.arange(len(tables), dtype=torch.int64))
+        # concatenated codes: column j < w_f of field f sits at f * W + j of the flattened [F, W] codes
+        self.register_buffer(
+            "code_columns", torch.cat([f * width + torch.arange(w, dtype=torch.int64) for f, w in enumerate(widths)])
+        )
+        up_weight = torch.zeros(len(tables) if self._project else 0, dim, width)
+        up_bias = torch.zeros(len(tables) if self._project else 0, dim)
+        if up_weights is not None:
+            for f, table_width in enumerate(widths):
+                projection = up_weights[f]
+                if projection is None:  # a full-width table: the identity keeps its field exact
+                    up_weight[f, :, :dim] = torch.eye(dim)
+                else:
+                    up_weight[f, :, :table_width] = projection.detach().float()
+                    if up_biases is not None and up_biases[f] is not None:
+                        up_bias[f] = up_biases[f].detach().float()
+        self.register_buffer("up_weight", up_weight)
+        self.register_buffer("up_bias", up_bias)
 
-        fused = torch.cat([t.detach().float() for t in tables], dim=0)  # [R, D]
+        fused = torch.cat([F.pad(t.detach().float(), (0, width - int(t.shape[1]))) for t in tables], dim=0)  # [R, W]
         first = (
             torch.cat([t.detach().float() for t in first_order_tables], dim=0)
             if first_order_tables is not None
             else torch.zeros(fused.shape[0], 0)
         )  # [R, 1] or [R, 0]
-        # float storage: one table [R, D (+1)], the first-order weight as its last column
-        # int8 storage: codes [R, D] int8 and params [R, 2 (+1)] = (scale, bias (, first-order weight))
+        # float storage: one table [R, W (+1)], the first-order weight as its last column
+        # int8 storage: codes [R, W] int8 and params [R, 2 (+1)] = (scale, bias (, first-order weight))
         if storage == "int8":
             codes, scale, bias = quantize_rows_int8(fused)
-            self.register_buffer("weight", torch.zeros(0, dim + first.shape[1]))
+            self.register_buffer("weight", torch.zeros(0, width + first.shape[1]))
             self.register_buffer("codes", codes)
             self.register_buffer("row_params", torch.cat([scale, bias, first], dim=1))
         else:
             weight = torch.cat([fused, first], dim=1)
             self.register_buffer("weight", weight.half() if storage == "fp16" else weight)
-            self.register_buffer("codes", torch.zeros(0, dim, dtype=torch.int8))
+            self.register_buffer("codes", torch.zeros(0, width, dtype=torch.int8))
             self.register_buffer("row_params", torch.zeros(0, 2 + first.shape[1]))
         self.register_buffer(
             "dense_weight", dense_weight.detach().float().clone() if dense_weight is not None else torch.zeros(0, dim)
@@ -161,6 +219,8 @@ class ServingModel(nn.Module):
     ) -> "ServingModel":
         """
         Builds the serving module from a plain (unsharded) ``CTRModel``; the model is not modified.
+        Its ``embedding`` is a ``FieldEmbedding`` or an AFM/SVD-compressed ``LowRankFieldEmbedding``
+        (per-field up-projections, or fused into the head: the head's first Linear reads the codes).
 
         Args:
             model (CTRModel): the trained model (tables on CPU, not sharded).
@@ -178,6 +238,7 @@ class ServingModel(nn.Module):
                 raise ValueError(f"first-order features {fo_names} differ from the field features {sparse_names}")
             first_order_dense = model.first_order.weights.dense_weight
             first_order_bias = model.first_order.bias
+        up_weights, up_biases, codes_to_head = _low_rank_projections(embedding, sparse_names)
         head = copy.deepcopy(model.head).eval()
         return cls(
             head,
@@ -189,6 +250,10 @@ class ServingModel(nn.Module):
             first_order_bias=first_order_bias,
             num_dense_inputs=num_dense if num_dense_inputs is None else num_dense_inputs,
             storage=storage,
+            embedding_dim=int(embedding.embedding_dim),
+            up_weights=up_weights,
+            up_biases=up_biases,
+            codes_to_head=codes_to_head,
         )
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -221,7 +286,8 @@ class ServingModel(nn.Module):
         if batch_size == 0:  # some heads cannot reshape an empty batch
             return torch.zeros(0)
         dim = self.embedding_dim
-        columns = dim + (1 if self.with_first_order else 0)
+        width = self.table_width
+        columns = width + (1 if self.with_first_order else 0)
         # the lookup: every field of every example in one gather (+ sum pooling of the bags)
         if self._int8:
             params = self.row_params.index_select(0, rows)  # [N, 2 (+1)]: scale, bias (, first-order weight)
@@ -240,14 +306,24 @@ class ServingModel(nn.Module):
                 pooled = F.embedding_bag(rows, self.weight, offsets, mode="sum", include_last_offset=True)
             if self._fp16:
                 pooled = pooled.float()
-        pooled = pooled.view(batch_size, num_features, columns)  # [B, F_sparse, D (+1)]
+        pooled = pooled.view(batch_size, num_features, columns)  # [B, F_sparse, W (+1)]
 
-        fields = pooled.narrow(2, 0, dim) if self.with_first_order else pooled
+        codes = pooled.narrow(2, 0, width) if self.with_first_order else pooled  # [B, F_sparse, W]
+        dense_fields: Optional[torch.Tensor] = None
         if self.num_dense > 0:
-            fields = torch.cat([dense.unsqueeze(2) * self.dense_weight, fields], dim=1)
+            dense_fields = dense.unsqueeze(2) * self.dense_weight  # [B, n_dense, D]
+        if self._codes_to_head:
+            flat = codes.reshape(batch_size, num_features * width)
+            if not self._uniform_width:
+                flat = flat.index_select(1, self.code_columns)  # drop the padding: [B, sum_f w_f]
+            fields = flat if dense_fields is None else torch.cat([dense_fields.flatten(1), flat], dim=1)
+        else:
+            if self._project:  # e_f = U_f c_f + b_f for every field at once
+                codes = torch.einsum("bfw,fdw->bfd", codes, self.up_weight) + self.up_bias
+            fields = codes if dense_fields is None else torch.cat([dense_fields, codes], dim=1)
         first_order: Optional[torch.Tensor] = None
         if self.with_first_order:
-            first = pooled.select(2, dim).sum(dim=1, keepdim=True)  # [B, 1]
+            first = pooled.select(2, width).sum(dim=1, keepdim=True)  # [B, 1]
             if self.num_dense > 0:
                 first = first + torch.mm(dense, self.first_order_dense)
             first_order = first + self.first_order_bias
@@ -416,6 +492,27 @@ def example_major_inputs(
     source = torch.repeat_interleave(starts - offsets[:-1], by_example, output_size=total)
     source = source + torch.arange(total, dtype=torch.int64)
     return values[source], offsets
+
+
+def _low_rank_projections(
+    embedding: nn.Module, sparse_names: List[str]
+) -> Tuple[Optional[List[Optional[torch.Tensor]]], Optional[List[Optional[torch.Tensor]]], bool]:
+    """(up-projections ``[D, k_f]`` or None per sparse feature, their biases, whether the head reads the
+    concatenated codes) of a ``LowRankFieldEmbedding``; (None, None, False) for a ``FieldEmbedding``.
+    Read through attributes (duck typing) so that this file never imports the torchrec-based module."""
+    ranks = getattr(embedding, "ranks", None)
+    if ranks is None:
+        return None, None, False
+    if bool(embedding.fused):
+        return None, None, True
+    compressed = list(embedding._compressed)
+    weights: List[Optional[torch.Tensor]] = [None] * len(sparse_names)
+    biases: List[Optional[torch.Tensor]] = [None] * len(sparse_names)
+    for i, name in enumerate(compressed):
+        f = sparse_names.index(name)
+        weights[f] = embedding.up_weight[i, :, : int(ranks[name])].detach()  # stored padded to k_max
+        biases[f] = embedding.up_bias[i].detach()
+    return weights, biases, False
 
 
 def _field_tables(embedding: nn.Module) -> Tuple[List[str], List[torch.Tensor]]:

@@ -1,0 +1,510 @@
+"""The ``score`` stage: batch-score a prepared dataset split, or raw logs, with a serving artifact alone.
+
+Only the artifact is loaded (:func:`~recsys_kd.export.artifact.load_artifact`, torch only): the model,
+its feature order and its id rules all come from the artifact's ``schema.json``. Inputs:
+
+- a prepared dataset directory (``schema.json`` + Parquet parts): every part of ``split`` is read row
+  group by row group. Its features must be the artifact's (names, order, ``num_embeddings``, id rules),
+  otherwise the ids would mean other rows of the tables: the first difference is an error.
+- raw logs in the format the artifact's dataset was prepared from (``schema.source.format``: ``criteo``,
+  ``avazu`` or ``movielens``; a file or a directory), read by the same converter as ``prepare`` (bad
+  rows go to ``quarantine.jsonl``, counted in the record) and turned into ids by the schema's id rules:
+  ``hash`` (the salted seed is in the schema) and ``identity`` need nothing else; ``vocab`` needs the
+  vocabulary files of the prepared dataset (``vocab_dir``), which the artifact does not carry.
+
+Outputs under ``out_dir``::
+
+    <split>/part-00000.parquet ...   row_id (int64), probability (float32); for a dataset, part i mirrors
+                                     input part i (same rows, order and row groups); for raw logs
+                                     (``raw/``), parts of at most ``rows_per_part`` rows in input order
+    quarantine.jsonl                 raw logs only: the refused rows
+    score.json                       the record: inputs, parts, rows, rows/s, metrics (AUC, logloss)
+
+Each part is written under a temporary name and renamed when complete; ``score.json`` is written last.
+
+Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC is computed from
+histograms of the probabilities' float32 bit patterns (order-preserving for p >= 0) with
+``2**AUC_BUCKET_BITS`` buckets per label, ties within a bucket counting one half; the record states the
+largest error this can cause (``auc_max_error``: half the share of positive-negative pairs sharing a
+bucket). Logloss is exact (float64 sums, FuxiCTR's clipping).
+
+Example::
+
+    record = score_dataset("runs/demo/artifacts/dagfm_outer.pt", "runs/demo/data", "runs/demo/scores/test")
+    record["metrics"]["auc"], record["rows_per_second"]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from recsys_kd.config import from_dict, to_dict
+from recsys_kd.data.schema import ROW_ID, SCHEMA_FILE, Schema, SchemaError
+from recsys_kd.export.artifact import ArtifactError, load_artifact
+from recsys_kd.export.serving import example_major_inputs
+from recsys_kd.io import atomic_write_json
+
+RECORD_FILE = "score.json"
+QUARANTINE_FILE = "quarantine.jsonl"
+RAW_SPLIT = "raw"
+PROBABILITY = "probability"
+RAW_FORMATS = ("criteo", "avazu", "movielens")
+AUC_BUCKET_BITS = 20
+_OUTPUT_SCHEMA = pa.schema([(ROW_ID, pa.int64()), (PROBABILITY, pa.float32())])
+
+
+@dataclass
+class _Chunk:
+    """Rows to score, as a table with the prepared-dataset columns (row_id, label, dense, sparse ids)."""
+
+    table: pa.Table
+    part: str  # output part, relative to out_dir
+    row_group: int  # output row group within the part
+    origin: str  # the input file, for error messages
+    progress: int  # progress-bar units this chunk covers
+
+
+def score_dataset(
+    artifact: Union[str, Path],
+    source: Union[str, Path],
+    out_dir: Union[str, Path],
+    split: str = "test",
+    batch_size: int = 65536,
+    vocab_dir: Optional[Union[str, Path]] = None,
+    max_bad_fraction: Optional[float] = 0.01,
+    rows_per_part: int = 4_194_304,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """
+    Scores every row of a dataset split (or of raw logs) with an artifact; see the module docstring.
+
+    Args:
+        artifact: the serving artifact (``recsys-kd export``).
+        source: a prepared dataset directory, or raw logs (a file or a directory of files).
+        out_dir: where the predictions and ``score.json`` go.
+        split: the dataset split to score (ignored for raw logs, whose output split is ``raw``).
+        batch_size: rows per forward call (a batch never spans row groups).
+        vocab_dir: the prepared dataset holding ``vocab/<feature>.parquet``, for raw logs of a dataset
+            with vocabulary ids.
+        max_bad_fraction: raw logs: fail when more than this share of rows is refused (None: never).
+        rows_per_part: raw logs: rows per output part.
+        overwrite: replace an earlier run's output in ``out_dir``.
+        progress: show a progress bar.
+
+    Returns:
+        Dict[str, Any]: the record written to ``out_dir/score.json``.
+
+    Raises:
+        ArtifactError: not an artifact, or raw logs that cannot be turned into ids (no format, no
+            vocabulary).
+        SchemaError: the dataset's features differ from the artifact's, or an id is out of range (names
+            the file and row_id).
+        FileExistsError: ``out_dir`` holds a finished run and ``overwrite`` is False.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    artifact, source, out_dir = Path(artifact), Path(source), Path(out_dir)
+    if not artifact.exists():
+        raise FileNotFoundError(f"artifact {artifact} not found")
+    if not source.exists():
+        raise FileNotFoundError(f"input {source} not found")
+    if (out_dir / RECORD_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir / RECORD_FILE} exists (a finished score run); pass overwrite to replace it")
+    module, metadata = load_artifact(artifact)
+    schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
+
+    quarantine = None
+    if (source / SCHEMA_FILE).exists():
+        dataset_schema = Schema.load(source)
+        check_same_features(schema, dataset_schema, source)
+        chunks = _dataset_chunks(source, dataset_schema, split)
+        total, unit, output_split = dataset_schema.split(split).rows, "row", split
+        described = {"kind": "dataset", "path": str(source), "split": split}
+    else:
+        from recsys_kd.data.quarantine import Quarantine
+
+        raw_source = _open_raw(schema, source)
+        rules = RawIds(schema, vocab_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        quarantine = Quarantine(out_dir / QUARANTINE_FILE)
+        chunks = _raw_chunks(raw_source, rules, quarantine, rows_per_part)
+        total, unit, output_split = raw_source.progress_total(), "B", RAW_SPLIT
+        described = {"kind": "raw", "path": str(source), "format": raw_source.info.name,
+                     "files": raw_source.info.inputs, "vocab_dir": str(vocab_dir) if vocab_dir else None}
+
+    metrics = StreamingMetrics()
+    sparse_limits = np.array([f.num_embeddings for f in schema.sparse], dtype=np.int64)
+    bar = tqdm(total=total, desc=f"score {output_split}", unit=unit, unit_scale=True, disable=not progress,
+               mininterval=1.0)
+    try:
+        parts = _score_chunks(module, schema, chunks, out_dir, batch_size, sparse_limits, metrics, bar)
+    finally:
+        bar.close()
+        if quarantine is not None:
+            quarantine.close()
+    rows = sum(part["rows"] for part in parts)
+    if quarantine is not None:
+        quarantine.check(rows + quarantine.total, max_bad_fraction)
+    seconds = time.perf_counter() - started
+    record = {
+        "stage": "score",
+        "artifact": str(artifact),
+        "model": metadata["model"]["model"],
+        "storage_dtype": metadata["model"]["storage_dtype"],
+        "input": described,
+        "output": str(out_dir),
+        "split": output_split,
+        "parts": parts,
+        "rows": rows,
+        "quarantined": quarantine.summary() if quarantine is not None else {},
+        "metrics": metrics.result(),
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(rows / max(seconds, 1e-9), 1),
+    }
+    atomic_write_json(out_dir / RECORD_FILE, record)
+    return record
+
+
+def _score_chunks(
+    module: torch.jit.ScriptModule,
+    schema: Schema,
+    chunks: Iterator[_Chunk],
+    out_dir: Path,
+    batch_size: int,
+    sparse_limits: np.ndarray,
+    metrics: "StreamingMetrics",
+    bar: tqdm,
+) -> List[Dict[str, Any]]:
+    """Scores the chunks in batches of at most ``batch_size`` rows, writing each output part as its
+    chunks come; returns the published parts ({path, rows}). A failure leaves no partial part."""
+    parts: List[Dict[str, Any]] = []
+    writer: Optional[_PartWriter] = None
+    try:
+        for chunk in chunks:
+            if writer is None or writer.final != out_dir / chunk.part:
+                if writer is not None:
+                    parts.append(writer.close())
+                writer = _PartWriter(out_dir / chunk.part)
+            for start in range(0, chunk.table.num_rows, batch_size):
+                row_ids, labels, inputs = batch_inputs(chunk.table.slice(start, batch_size), schema, sparse_limits,
+                                                       chunk.origin)
+                with torch.no_grad():
+                    probabilities = module(*inputs).numpy()
+                writer.add(chunk.row_group, row_ids, probabilities)
+                metrics.update(labels, probabilities)
+            bar.update(chunk.progress)
+        if writer is not None:
+            parts.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def check_same_features(artifact_schema: Schema, dataset_schema: Schema, dataset: Path) -> None:
+    """Raises SchemaError naming the first feature where the dataset differs from the artifact's schema
+    (dense columns, sparse names and order, ``num_embeddings``, id rules, multi-hot)."""
+    where = f"{dataset / SCHEMA_FILE}"
+    if dataset_schema.dense != artifact_schema.dense:
+        raise SchemaError(f"{where}: dense columns {dataset_schema.dense} differ from the artifact's {artifact_schema.dense}")
+    if dataset_schema.sparse_names != artifact_schema.sparse_names:
+        raise SchemaError(
+            f"{where}: sparse features {dataset_schema.sparse_names} differ from the artifact's "
+            f"{artifact_schema.sparse_names} (names and order must match)"
+        )
+    for ours, theirs in zip(artifact_schema.sparse, dataset_schema.sparse):
+        for key in ("num_embeddings", "id_rule", "multi_hot"):
+            if getattr(ours, key) != getattr(theirs, key):
+                raise SchemaError(
+                    f"{where}: feature {ours.name!r} has {key} {to_dict(getattr(theirs, key)) if key == 'id_rule' else getattr(theirs, key)}, "
+                    f"the artifact was trained with {to_dict(getattr(ours, key)) if key == 'id_rule' else getattr(ours, key)}"
+                )
+
+
+def batch_inputs(
+    table: pa.Table, schema: Schema, sparse_limits: np.ndarray, origin: str
+) -> Tuple[np.ndarray, Optional[np.ndarray], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """
+    One batch of prepared-dataset rows as the artifact's inputs.
+
+    Args:
+        table (pa.Table): B rows with ``row_id``, the label (optional), the dense and the sparse columns.
+        schema (Schema): the artifact's schema (feature order).
+        sparse_limits (np.ndarray): ``num_embeddings`` per sparse feature, schema order.
+        origin (str): the input file, named in errors.
+
+    Returns:
+        (row_ids [B] int64, labels [B] float32 or None, (dense [B, n_dense] float32, ids [N] int64,
+        offsets [B * F + 1] int64) example-major).
+
+    Raises:
+        SchemaError: a null value, or an id outside ``[0, num_embeddings)`` (names feature, id, row_id).
+    """
+    size = table.num_rows
+    row_ids = _numpy(table, ROW_ID, origin).astype(np.int64, copy=False)
+    labels = _numpy(table, schema.label, origin).astype(np.float32) if schema.label in table.column_names else None
+    dense = np.empty((size, len(schema.dense)), dtype=np.float32)
+    for j, name in enumerate(schema.dense):
+        dense[:, j] = _numpy(table, name, origin)
+    values, lengths = [], []
+    for f, feature in enumerate(schema.sparse):
+        column = table.column(feature.name)
+        if feature.multi_hot:
+            array = column.combine_chunks()
+            flat = array.flatten()
+            if array.null_count or flat.null_count:
+                raise SchemaError(f"{origin}: feature {feature.name!r} has null lists or ids")
+            ids = flat.to_numpy().astype(np.int64, copy=False)
+            offsets = array.offsets.to_numpy()
+            length = np.diff(offsets).astype(np.int64)
+        else:
+            ids = _numpy(table, feature.name, origin).astype(np.int64, copy=False)
+            length = np.ones(size, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= sparse_limits[f]):
+            position = int(np.flatnonzero((ids < 0) | (ids >= sparse_limits[f]))[0])
+            row = position if not feature.multi_hot else int(np.searchsorted(np.cumsum(length), position, side="right"))
+            raise SchemaError(
+                f"{origin}: feature {feature.name!r} has id {int(ids[position])} at row_id {int(row_ids[row])}, "
+                f"outside [0, {int(sparse_limits[f])}) (num_embeddings of the artifact's table)"
+            )
+        values.append(ids)
+        lengths.append(length)
+    if all(not feature.multi_hot for feature in schema.sparse):  # the [B, F] id matrix, row by row
+        ids = torch.from_numpy(np.ascontiguousarray(np.stack(values, axis=1)).reshape(-1))
+        offsets = torch.arange(size * len(values) + 1, dtype=torch.int64)
+    else:
+        ids, offsets = example_major_inputs(
+            torch.from_numpy(np.concatenate(values)), torch.from_numpy(np.concatenate(lengths)), size, len(values)
+        )
+    return row_ids, labels, (torch.from_numpy(dense), ids, offsets)
+
+
+def _numpy(table: pa.Table, name: str, origin: str) -> np.ndarray:
+    if name not in table.column_names:
+        raise SchemaError(f"{origin}: column {name!r} missing")
+    column = table.column(name)
+    if column.null_count:
+        raise SchemaError(f"{origin}: column {name!r} has {column.null_count} null values")
+    return column.to_numpy()
+
+
+def _dataset_chunks(dataset: Path, schema: Schema, split: str) -> Iterator[_Chunk]:
+    """The split's row groups in order, each as the output part that mirrors its input part."""
+    columns = [ROW_ID, schema.label, *schema.dense, *schema.sparse_names]
+    for relative in schema.split(split).files:
+        path = dataset / relative
+        with pq.ParquetFile(path) as parquet:
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=columns)
+                yield _Chunk(table, relative, group, str(path), table.num_rows)
+
+
+# -------------------------------------------------------------------------------------- raw logs
+
+
+def _open_raw(schema: Schema, source: Path):
+    """The converter that reads raw logs of the artifact's dataset format."""
+    from recsys_kd.data.criteo import CriteoOptions
+    from recsys_kd.data.prepare import PrepareConfig, open_source
+
+    raw_format = schema.source.get("format", "")
+    if raw_format not in RAW_FORMATS:
+        raise ArtifactError(
+            f"{source}: not a prepared dataset (no {SCHEMA_FILE}), and the artifact's dataset was made from "
+            f"format {raw_format!r}, which has no raw-log form; raw logs can be scored for {list(RAW_FORMATS)}"
+        )
+    integers = "bucketize" if "I1" in schema.sparse_names else "log"  # how prepare treated Criteo's I1..I13
+    return open_source(PrepareConfig(format=raw_format, inputs=[str(source)], criteo=CriteoOptions(integers=integers)))
+
+
+class RawIds:
+    """The schema's id rules as functions of raw values: ``hash`` (salted seed from the schema),
+    ``identity`` (values are ids already) and ``vocab`` (the prepared dataset's vocabulary files,
+    loaded once: memory proportional to the vocabularies).
+
+    Args:
+        schema (Schema): the artifact's schema.
+        vocab_dir (Optional[Path]): the prepared dataset holding ``vocab/<feature>.parquet``.
+
+    Raises:
+        ArtifactError: a vocabulary feature and no ``vocab_dir``, or its file missing.
+    """
+
+    def __init__(self, schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> None:
+        self.schema = schema
+        self.vocabularies: Dict[str, pa.Array] = {}
+        needs_vocab = [f.name for f in schema.sparse if f.id_rule.kind == "vocab"]
+        if needs_vocab and vocab_dir is None:
+            raise ArtifactError(
+                f"features {needs_vocab} have vocabulary ids, and the artifact does not carry the vocabularies: "
+                "pass the prepared dataset's directory (vocab_dir / --vocab), which holds vocab/<feature>.parquet"
+            )
+        for name in needs_vocab:
+            assert vocab_dir is not None
+            path = Path(vocab_dir) / (schema.feature(name).id_rule.vocab_file or f"vocab/{name}.parquet")
+            if not path.exists():
+                raise ArtifactError(f"{path}: vocabulary of feature {name!r} not found")
+            vocabulary = pq.read_table(path, columns=["value"]).column("value").combine_chunks()
+            expected = schema.feature(name).num_embeddings - 2
+            if len(vocabulary) != expected:
+                raise ArtifactError(
+                    f"{path}: {len(vocabulary)} values, but the artifact's table for {name!r} has "
+                    f"{expected} vocabulary rows; is it the vocabulary of the artifact's dataset?"
+                )
+            self.vocabularies[name] = vocabulary
+
+    def convert(self, table: pa.Table) -> pa.Table:
+        """A converter's table (row_id, label, dense, raw sparse values) -> prepared-dataset columns."""
+        from recsys_kd.data.ids import hash_ids, vocab_ids
+
+        columns: Dict[str, Any] = {ROW_ID: table.column(ROW_ID), self.schema.label: table.column("label").cast(pa.float32())}
+        for name in self.schema.dense:
+            columns[name] = table.column(name).cast(pa.float32())
+        for feature in self.schema.sparse:
+            values = table.column(feature.name).combine_chunks()
+            rule = feature.id_rule
+            if rule.kind == "identity":
+                columns[feature.name] = values.cast(pa.int64())
+                continue
+            multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+            flat = values.flatten() if multi_hot else values
+            if rule.kind == "vocab":
+                ids = vocab_ids(flat, self.vocabularies[feature.name])
+            else:
+                ids = hash_ids(flat, feature.num_embeddings, rule.seed)
+            columns[feature.name] = (
+                pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64())) if multi_hot else pa.array(ids, pa.int64())
+            )
+        return pa.table(columns)
+
+
+def _raw_chunks(raw_source, rules: RawIds, quarantine, rows_per_part: int) -> Iterator[_Chunk]:
+    """The converter's chunks as id tables, cut into output parts of at most ``rows_per_part`` rows."""
+    part, rows_in_part, group = 0, 0, 0
+    origin = ", ".join(raw_source.info.inputs)
+    for chunk in raw_source.chunks(quarantine):
+        table = rules.convert(chunk.table)
+        while table.num_rows:
+            if rows_in_part >= rows_per_part:
+                part, rows_in_part, group = part + 1, 0, 0
+            take = min(table.num_rows, rows_per_part - rows_in_part)
+            piece, table = table.slice(0, take), table.slice(take)
+            yield _Chunk(piece, f"{RAW_SPLIT}/part-{part:05d}.parquet", group, origin, chunk.progress if not table.num_rows else 0)
+            rows_in_part += take
+            group += 1
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+class _PartWriter:
+    """One output part: row groups as they come (a new row group when the caller's changes), written
+    under a temporary name and renamed into place by :meth:`close`."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        self.writer = pq.ParquetWriter(self.temp, _OUTPUT_SCHEMA, compression="zstd")
+        self.group: Optional[int] = None
+        self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.rows = 0
+
+    def add(self, row_group: int, row_ids: np.ndarray, probabilities: np.ndarray) -> None:
+        if self.group is not None and row_group != self.group:
+            self._flush()
+        self.group = row_group
+        self.pending.append((row_ids, probabilities.astype(np.float32, copy=False)))
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        row_ids = np.concatenate([r for r, _ in self.pending])
+        probabilities = np.concatenate([p for _, p in self.pending])
+        self.writer.write_table(pa.table({ROW_ID: row_ids, PROBABILITY: probabilities}, schema=_OUTPUT_SCHEMA),
+                                row_group_size=len(row_ids))
+        self.rows += len(row_ids)
+        self.pending = []
+
+    def close(self) -> Dict[str, Any]:
+        """Publishes the part; returns {path, rows}."""
+        try:
+            self._flush()
+            self.writer.close()
+            os.replace(self.temp, self.final)
+        finally:
+            self.abort()
+        return {"path": str(self.final), "rows": self.rows}
+
+    def abort(self) -> None:
+        """Drops the unfinished part (nothing appears under the final name)."""
+        self.writer.close()
+        if self.temp.exists():
+            self.temp.unlink()
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+class StreamingMetrics:
+    """AUC and logloss over a stream of (labels, probabilities) batches in constant memory.
+
+    AUC: per label, a histogram of ``float32_bits(p) >> (31 - AUC_BUCKET_BITS)`` (for p in [0, 1] the
+    bit pattern is increasing in p); buckets are walked in order, positive-negative pairs in the same
+    bucket count one half. ``auc_max_error`` is half their share: the exact AUC lies within that of the
+    reported one. Logloss: float64 sum of the clipped binary cross-entropy.
+    """
+
+    def __init__(self) -> None:
+        buckets = 1 << AUC_BUCKET_BITS
+        self.positives = np.zeros(buckets, dtype=np.int64)
+        self.negatives = np.zeros(buckets, dtype=np.int64)
+        self.loss_sum = 0.0
+        self.rows = 0
+
+    def update(self, labels: Optional[np.ndarray], probabilities: np.ndarray) -> None:
+        if labels is None:
+            return
+        from recsys_kd.train.metrics import EPSILON
+
+        p = np.clip(probabilities.astype(np.float64), EPSILON, 1 - EPSILON)
+        self.loss_sum += float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum())
+        self.rows += len(labels)
+        bucket = probabilities.astype(np.float32).view(np.int32) >> (31 - AUC_BUCKET_BITS)
+        positive = labels > 0.5
+        self.positives += np.bincount(bucket[positive], minlength=len(self.positives))
+        self.negatives += np.bincount(bucket[~positive], minlength=len(self.negatives))
+
+    def result(self) -> Optional[Dict[str, float]]:
+        """{auc, auc_max_error, logloss, rows, positives}, or None when no labels were seen."""
+        if self.rows == 0:
+            return None
+        positives, negatives = int(self.positives.sum()), int(self.negatives.sum())
+        metrics: Dict[str, Any] = {"rows": self.rows, "positives": positives, "logloss": self.loss_sum / self.rows}
+        if positives == 0 or negatives == 0:
+            metrics.update(auc=float("nan"), auc_max_error=0.0)
+            return metrics
+        pos, neg = self.positives.astype(np.float64), self.negatives.astype(np.float64)
+        below = np.cumsum(neg) - neg  # negatives in strictly lower buckets
+        pairs = positives * negatives
+        metrics["auc"] = float((pos * below).sum() + 0.5 * (pos * neg).sum()) / pairs
+        metrics["auc_max_error"] = float(0.5 * (pos * neg).sum() / pairs)
+        return metrics

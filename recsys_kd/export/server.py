@@ -1,0 +1,394 @@
+"""The ``serve`` stage: an HTTP JSON endpoint over a serving artifact, on the standard library alone.
+
+Loads only the artifact (:func:`~recsys_kd.export.artifact.load_artifact`, torch only) and answers on
+``host:port`` (default ``127.0.0.1:8080``) with a ``ThreadingHTTPServer``:
+
+``POST /predict`` with ``Content-Type: application/json`` (or none) and a body of at most
+``max_body_bytes``::
+
+    {"instances": [{"I1": 0.69, ..., "C1": 1234, ..., "tags": [3, 17]}, ...]}
+
+- one object per example, at most ``max_instances``; every feature of the artifact's schema by name
+  (``GET /health`` lists them), nothing else;
+- a dense feature (``schema.dense``) is a finite JSON number, already transformed as the dataset was
+  (``dense_transform``, e.g. ``log1p(max(v, 0))`` for Criteo integers); when the model ignores dense
+  features (``dense_used: false``) they may be left out;
+- a sparse feature is its **id** as in the prepared dataset (an integer in ``[0, num_embeddings)``;
+  0 = missing, 1 = out of vocabulary), or for a multi-hot feature a list of such ids (may be empty).
+  Raw values are not accepted: map them with the dataset's id rule (``recsys-kd score`` does it for
+  raw log files).
+
+Answer ``200 {"model": name, "probabilities": [p_0, ...]}`` in instance order.
+
+Errors are JSON ``{"error": message, "instance": i, "field": name}`` (the last two when they apply),
+never a crash: 400 malformed JSON, a wrong structure, a missing / unknown field, a wrong type, a
+non-finite number, an id out of range; 404 unknown path; 405 wrong method; 411 no Content-Length;
+413 body over ``max_body_bytes`` or more than ``max_instances`` instances (the body is not read);
+415 a non-JSON content type.
+
+``GET /health`` answers ``200`` with the model's metadata: name, parameters, FLOPs per example,
+storage dtype, source checkpoint, test metrics, the feature order and per-feature contract, and the
+server's limits.
+
+Shutdown is graceful: SIGINT / SIGTERM stop accepting connections, requests in flight are answered,
+then the process exits.
+
+Example::
+
+    server = make_server("runs/demo/artifacts/dagfm_outer.pt", port=0)   # 0: a free port
+    threading.Thread(target=server.serve_forever).start()
+    ... POST http://127.0.0.1:{server.server_port}/predict ...
+    server.shutdown(); server.server_close()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from recsys_kd.export.artifact import load_artifact
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_INSTANCES = 4096
+REQUEST_TIMEOUT_S = 30.0
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, message, and where (instance index, field)."""
+
+    def __init__(self, status: int, message: str, instance: Optional[int] = None, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.instance = instance
+        self.field = field
+
+    def body(self) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"error": self.message}
+        if self.instance is not None:
+            body["instance"] = self.instance
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class Predictor:
+    """
+    The artifact and its input contract: JSON instances -> validated tensors -> probabilities.
+
+    Args:
+        module (torch.jit.ScriptModule): the loaded artifact.
+        metadata (Dict[str, Any]): its ``{"schema": ..., "model": ...}`` (from ``load_artifact``).
+        max_instances (int): the most instances one request may hold.
+
+    Example::
+
+        predictor = Predictor(*load_artifact(path))
+        predictor.predict({"instances": [{"C1": 5, ...}]})  # [0.031...]
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, metadata: Dict[str, Any], max_instances: int = DEFAULT_MAX_INSTANCES) -> None:
+        self.module = module
+        self.metadata = metadata
+        self.max_instances = max_instances
+        contract = metadata["model"]["input"]
+        self.dense: List[str] = list(contract["dense"]["columns"])
+        self.dense_used: bool = bool(contract["dense"]["used"])
+        self.sparse: List[Tuple[str, int, bool]] = [
+            (f["name"], int(f["num_embeddings"]), bool(f["multi_hot"])) for f in contract["sparse_features"]
+        ]
+        self.any_multi_hot = any(multi_hot for _, _, multi_hot in self.sparse)
+        self.known = set(self.dense) | {name for name, _, _ in self.sparse}
+
+    def predict(self, payload: Any) -> List[float]:
+        """Probabilities [B] of a parsed request body; raises :class:`RequestError` for a bad one."""
+        dense, ids, offsets = self.tensors(payload)
+        with torch.no_grad():
+            return self.module(dense, ids, offsets).tolist()
+
+    def tensors(self, payload: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``dense [B, n_dense]``, ``ids [N]``, ``offsets [B * F + 1]`` (example-major) of a request body."""
+        if not isinstance(payload, dict):
+            raise RequestError(400, f"the body must be a JSON object {{\"instances\": [...]}}, got {_kind(payload)}")
+        unknown = sorted(set(payload) - {"instances"})
+        if unknown:
+            raise RequestError(400, f"unknown top-level keys {unknown}; the body is {{\"instances\": [...]}}")
+        instances = payload.get("instances")
+        if not isinstance(instances, list):
+            raise RequestError(400, f"'instances' must be a list of objects, got {_kind(instances)}", field="instances")
+        if not instances:
+            raise RequestError(400, "'instances' is empty; send at least one instance", field="instances")
+        if len(instances) > self.max_instances:
+            raise RequestError(413, f"{len(instances)} instances, more than the limit of {self.max_instances} per request")
+        dense_rows: List[List[float]] = []
+        ids: List[int] = []
+        lengths: List[int] = []
+        for index, instance in enumerate(instances):
+            if not isinstance(instance, dict):
+                raise RequestError(400, f"instance {index} must be an object of feature: value, got {_kind(instance)}",
+                                   instance=index)
+            extra = sorted(set(instance) - self.known)
+            if extra:
+                raise RequestError(400, f"instance {index}: unknown feature {extra[0]!r} (features: GET /health)",
+                                   instance=index, field=extra[0])
+            dense_rows.append([self._dense_value(instance, index, name) for name in self.dense])
+            for name, limit, multi_hot in self.sparse:
+                bag = self._sparse_ids(instance, index, name, limit, multi_hot)
+                ids.extend(bag)
+                lengths.append(len(bag))
+        size = len(instances)
+        dense = torch.tensor(dense_rows, dtype=torch.float32).reshape(size, len(self.dense))
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
+        return dense, torch.tensor(ids, dtype=torch.int64), offsets
+
+    def _dense_value(self, instance: Dict[str, Any], index: int, name: str) -> float:
+        if name not in instance:
+            if not self.dense_used:  # the model ignores dense features: any value would do
+                return 0.0
+            raise RequestError(400, f"instance {index}: missing dense feature {name!r}", instance=index, field=name)
+        value = instance[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(400, f"instance {index}: dense feature {name!r} must be a number, got {_kind(value)}",
+                               instance=index, field=name)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number) or abs(number) > 3.4e38:
+            raise RequestError(400, f"instance {index}: dense feature {name!r} is {value!r}, not a finite float32",
+                               instance=index, field=name)
+        return number
+
+    @staticmethod
+    def _sparse_ids(instance: Dict[str, Any], index: int, name: str, limit: int, multi_hot: bool) -> List[int]:
+        if name not in instance:
+            raise RequestError(400, f"instance {index}: missing sparse feature {name!r} (send id 0 for a missing value)",
+                               instance=index, field=name)
+        value = instance[name]
+        if multi_hot:
+            if not isinstance(value, list):
+                raise RequestError(400, f"instance {index}: multi-hot feature {name!r} must be a list of ids, got "
+                                   f"{_kind(value)}", instance=index, field=name)
+            bag = value
+        else:
+            if isinstance(value, list):
+                raise RequestError(400, f"instance {index}: feature {name!r} takes one id, got a list",
+                                   instance=index, field=name)
+            bag = [value]
+        for item in bag:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise RequestError(400, f"instance {index}: feature {name!r} ids must be integers, got {_kind(item)}",
+                                   instance=index, field=name)
+            if not 0 <= item < limit:
+                raise RequestError(
+                    400, f"instance {index}: feature {name!r} has id {item}, outside [0, {limit}) (num_embeddings; "
+                    "0 = missing, 1 = out of vocabulary)", instance=index, field=name)
+        return bag
+
+    def health(self) -> Dict[str, Any]:
+        """The model's metadata for ``GET /health``."""
+        model = self.metadata["model"]
+        contract = model["input"]
+        return {
+            "status": "ok",
+            "model": model["model"],
+            "parameters": model["parameters"],
+            "flops_per_example": model["flops_per_example"],
+            "storage_dtype": model["storage_dtype"],
+            "source": model["source"],
+            "metrics": model.get("metrics"),
+            "created": model.get("created"),
+            "libraries": model.get("libraries"),
+            "field_order": contract["field_order"],
+            "features": {
+                "dense": self.dense,
+                "dense_used": self.dense_used,
+                "dense_transform": contract["dense"].get("transform"),
+                "sparse": contract["sparse_features"],
+                "reserved_ids": contract["reserved_ids"],
+            },
+            "max_instances": self.max_instances,
+        }
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, as a client would name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class ModelServer(ThreadingHTTPServer):
+    """A threading HTTP server holding a :class:`Predictor`. Request threads are joined on
+    ``server_close`` (graceful: requests in flight are answered)."""
+
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, address: Tuple[str, int], predictor: Predictor, max_body_bytes: int, quiet: bool = False) -> None:
+        self.predictor = predictor
+        self.max_body_bytes = max_body_bytes
+        self.quiet = quiet
+        self.started = time.time()
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ModelServer
+    # HTTP/1.0: one request per connection, so no idle keep-alive connection holds a thread that a
+    # graceful shutdown (which joins request threads) would wait for
+    protocol_version = "HTTP/1.0"
+    timeout = REQUEST_TIMEOUT_S  # a client that stalls mid-body frees its thread
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.split("?", 1)[0] == "/health":
+            self._send(200, {**self.server.predictor.health(), "uptime_s": round(time.time() - self.server.started, 1),
+                             "max_body_bytes": self.server.max_body_bytes})
+        elif self.path.split("?", 1)[0] == "/predict":
+            self._send(405, {"error": "use POST for /predict"}, allow="POST")
+        else:
+            self._send(404, {"error": f"no such path {self.path!r}; use POST /predict or GET /health"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.split("?", 1)[0] != "/predict":
+            if self.path.split("?", 1)[0] == "/health":
+                self._send(405, {"error": "use GET for /health"}, allow="GET")
+            else:
+                self._send(404, {"error": f"no such path {self.path!r}; use POST /predict or GET /health"})
+            return
+        try:
+            payload = self._read_json()
+            probabilities = self.server.predictor.predict(payload)
+        except RequestError as error:
+            self._send(error.status, error.body())
+            return
+        except Exception as error:  # a bug, not the client's fault: say so without crashing the server
+            self._send(500, {"error": f"internal error: {type(error).__name__}: {error}"})
+            return
+        self._send(200, {"model": self.server.predictor.metadata["model"]["model"], "probabilities": probabilities})
+
+    def _method_not_allowed(self) -> None:
+        self._send(405, {"error": f"method {self.command} not allowed; use POST /predict or GET /health"},
+                   allow="GET, POST")
+
+    do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+
+    def _read_json(self) -> Any:
+        content_type = self.headers.get("Content-Type", "application/json").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            raise RequestError(415, f"Content-Type must be application/json, got {content_type!r}")
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers.get("Content-Length") is None:
+            raise RequestError(411, "a Content-Length header is required (no chunked bodies)")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise RequestError(400, f"Content-Length {self.headers['Content-Length']!r} is not an integer") from None
+        if length < 0:
+            raise RequestError(400, f"Content-Length {length} is negative")
+        if length > self.server.max_body_bytes:  # refused unread
+            raise RequestError(413, f"body of {length} bytes exceeds the limit of {self.server.max_body_bytes} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise RequestError(400, f"body ended after {len(body)} of {length} bytes")
+        try:
+            return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError as error:
+            raise RequestError(400, f"body is not UTF-8: {error}") from None
+        except (ValueError, RecursionError) as error:
+            raise RequestError(400, f"malformed JSON: {error}") from None
+
+    def _send(self, status: int, body: Dict[str, Any], allow: Optional[str] = None) -> None:
+        data = (json.dumps(body) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if allow is not None:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own refusals (bad request line, unsupported method, ...) as JSON too."""
+        self.close_connection = True
+        text = f"{code} {message or HTTPStatus(code).phrase}" + (f": {explain}" if explain else "")
+        self._send(code, {"error": text})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+def make_server(
+    artifact: Union[str, Path],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_instances: int = DEFAULT_MAX_INSTANCES,
+    threads: int = 1,
+    quiet: bool = False,
+) -> ModelServer:
+    """
+    Loads the artifact and binds the server (not yet serving: call ``serve_forever``).
+
+    Args:
+        artifact: the serving artifact.
+        host: address to bind; ``127.0.0.1`` keeps it on this machine.
+        port: TCP port; 0 picks a free one (``server.server_port``).
+        max_body_bytes: larger bodies get 413 before they are read.
+        max_instances: more instances in one request get 413.
+        threads: torch intra-op threads (process-wide); requests run concurrently on their own threads.
+        quiet: no access log on stderr.
+    """
+    if max_body_bytes < 1 or max_instances < 1 or threads < 1:
+        raise ValueError("max_body_bytes, max_instances and threads must be >= 1")
+    torch.set_num_threads(threads)
+    module, metadata = load_artifact(artifact)
+    return ModelServer((host, port), Predictor(module, metadata, max_instances), max_body_bytes, quiet=quiet)
+
+
+def serve(artifact: Union[str, Path], **options: Any) -> None:
+    """Runs :func:`make_server` until SIGINT or SIGTERM, then shuts down gracefully."""
+    server = make_server(artifact, **options)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if not stop.is_set():
+            stop.set()
+            # shutdown() waits for serve_forever to return: call it off the main thread that runs it
+            threading.Thread(target=server.shutdown, name="recsys-kd-serve-stop").start()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    host, port = server.server_address[:2]
+    health = server.predictor.health()
+    print(f"serving {health['model']} ({artifact}) on http://{host}:{port}: POST /predict, GET /health; "
+          "Ctrl-C or SIGTERM stops", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()  # joins the request threads: in-flight requests are answered
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("server stopped", flush=True)
