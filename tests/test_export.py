@@ -10,12 +10,10 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.cli import main
 from recsys_kd.compress.surgery import LowRankFieldEmbedding, collect_statistics, compress_embeddings, compress_mlp
-from recsys_kd.config import to_dict
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
@@ -33,13 +31,12 @@ from recsys_kd.export import (
 )
 from recsys_kd.models import CTRModel, ModelConfig, build_model
 from recsys_kd.train import checkpoint
-from tests.helpers import tiny_batch, tiny_schema, visible_model
+from tests.helpers import SMALL_MODEL, fake_train_output, tiny_batch, tiny_schema, visible_model
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEMA = tiny_schema(with_hour=False)
-SMALL: Dict[str, Any] = dict(embedding_dim=4, mlp_layers=[16, 8], cross_layers=2, cin_layers=[6, 4], dagfm_layers=2)
 TOL = dict(rtol=0, atol=1e-5)
 
 
@@ -47,17 +44,8 @@ def _script(module: ServingModel) -> torch.jit.ScriptModule:
     return script_serving(module)  # scripted, frozen, saved and loaded back, as an artifact is
 
 
-def _model(name: str, schema: Schema = SCHEMA, seed: int = 0, **overrides: Any) -> CTRModel:
-    """A model with visible tables (the default init, std 1e-4, would make every model near-constant)."""
-    torch.manual_seed(seed)
-    model = build_model(schema, ModelConfig(name=name, **{**SMALL, **overrides}))
-    with torch.no_grad():
-        for key, parameter in model.named_parameters():
-            if ".embedding_bags." in key:
-                parameter.normal_(0.0, 0.5)
-            elif key.endswith("bias"):
-                parameter.uniform_(-0.3, 0.3)
-    return model.eval()
+def _model(name: str, **overrides: Any) -> CTRModel:
+    return visible_model(SCHEMA, name, **overrides)
 
 
 def _batch(batch_size: int, seed: int = 0, empty_bags: bool = True) -> Tuple[torch.Tensor, KeyedJaggedTensor]:
@@ -181,7 +169,7 @@ def test_compressed_models_serve_with_parity(name: str, ranks: Any, fuse: bool, 
     compressed = _compressed(visible_model(SCHEMA, name), ranks, fuse, mlp_ranks, batches)
     assert isinstance(compressed.embedding, LowRankFieldEmbedding) and compressed.embedding.fused == fuse
     serving = ServingModel.from_model(compressed, num_dense_inputs=2)
-    widths = [ranks.get(n, SMALL["embedding_dim"]) if isinstance(ranks, dict) else ranks for n in SCHEMA.sparse_names]
+    widths = [ranks.get(n, SMALL_MODEL["embedding_dim"]) if isinstance(ranks, dict) else ranks for n in SCHEMA.sparse_names]
     assert serving.table_width == max(widths)  # every table padded to the widest field
     scripted = _script(serving)
     dense, kjt = _batch(48)  # multi-hot bags of 0..3 ids, empty ones included
@@ -211,19 +199,6 @@ def test_low_rank_tables_are_padded_to_one_lookup() -> None:
 
 
 # ----------------------------------------------------------------------------- end-to-end artifacts
-
-
-def _fake_train_output(root: Path, dataset: Path, name: str, **overrides: Any) -> Path:
-    """A train output as the trainer leaves it (train.json + checkpoints/best in DCP), without training."""
-    schema = Schema.load(dataset)
-    model = _model(name, schema=schema, **overrides)
-    config = ModelConfig(name=name, **{**SMALL, **overrides})
-    output = root / name
-    state = {f"model.{key}": value for key, value in model.state_dict().items()}
-    dcp.save({"model": state}, checkpoint_id=str(output / "checkpoints" / "best"), no_dist=True)
-    record = {"config": {"model": to_dict(config)}, "dataset": str(dataset), "test": {"auc": 0.5, "logloss": 0.7}}
-    (output / "train.json").write_text(json.dumps(record))
-    return output
 
 
 def _training_probabilities(train_output: Path, rows: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -266,9 +241,9 @@ def exported(datasets) -> List[Dict[str, Any]]:
                  "train.sharding.type=table_wise"]) == 0
     outputs = [
         (trained, "float32"),
-        (_fake_train_output(root, datasets["synthetic"], "xdeepfm"), "float32"),
-        (_fake_train_output(root, datasets["synthetic"], "dagfm_outer"), "float32"),
-        (_fake_train_output(root, datasets["synthetic"], "dcnv2", cross_type="low_rank", low_rank=3), "int8"),
+        (fake_train_output(root, datasets["synthetic"], "xdeepfm"), "float32"),
+        (fake_train_output(root, datasets["synthetic"], "dagfm_outer"), "float32"),
+        (fake_train_output(root, datasets["synthetic"], "dcnv2", cross_type="low_rank", low_rank=3), "int8"),
     ]
     cases = []
     for output, dtype in outputs:
@@ -335,6 +310,47 @@ torch.save(outputs, r"{tmp_path}/outputs.pt")
     for case, output in zip(cases, outputs):
         assert output.shape == case["probabilities"].shape
         torch.testing.assert_close(output, case["probabilities"], **TOL)
+
+
+def test_teacher_student_and_compressed_artifacts_score_in_a_torch_only_process(datasets, exported, tmp_path) -> None:
+    """A DCNv2 teacher and a DAGFM-outer student exported from checkpoints, and an AFM-compressed DNN
+    (MLP and tables, fused into the first Linear) saved as a scripted serving module: a fresh
+    interpreter that imports torch alone loads each and reproduces the models' probabilities."""
+    dataset = datasets["synthetic"]
+    teacher = fake_train_output(tmp_path / "train", dataset, "dcnv2", seed=1)
+    export_artifact(teacher, tmp_path / "dcnv2.pt", parity_rows=256)
+    student = exported[2]
+    assert student["output"].name == "dagfm_outer" and student["dtype"] == "float32"
+    batches = list(ParquetReader(dataset, "train", ReaderConfig(batch_size=256), rank=0, world_size=1))[:4]
+    compressed = _compressed(visible_model(Schema.load(dataset), "dnn", seed=2), 3, True, {1: 4}, batches)
+    torch.jit.save(script_serving(ServingModel.from_model(compressed, num_dense_inputs=2)), str(tmp_path / "afm_dnn.pt"))
+
+    teacher_probabilities, inputs = _training_probabilities(teacher, 256)
+    batch = next(iter(ParquetReader(dataset, "test", ReaderConfig(batch_size=256), rank=0, world_size=1)))
+    with torch.no_grad():
+        compressed_probabilities = torch.sigmoid(compressed(batch.dense, batch.sparse))
+    assert torch.equal(_serving_inputs(batch.dense, batch.sparse)[1], inputs["ids"])  # the same rows for all three
+    cases = [(tmp_path / "dcnv2.pt", teacher_probabilities), (student["artifact"], student["probabilities"]),
+             (tmp_path / "afm_dnn.pt", compressed_probabilities)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = f"""
+import sys, torch
+inputs = torch.load(r"{tmp_path / 'inputs.pt'}", weights_only=True)
+outputs = []
+for path in {[str(path) for path, _ in cases]!r}:
+    module = torch.jit.load(path)
+    with torch.no_grad():
+        outputs.append(module(inputs["dense"], inputs["ids"], inputs["offsets"]))
+loaded = [name for name in ("recsys_kd", "torchrec", "fbgemm_gpu") if name in sys.modules]
+assert not loaded, loaded
+torch.save(outputs, r"{tmp_path / 'outputs.pt'}")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    for (path, expected), output in zip(cases, outputs):
+        assert output.shape == expected.shape == (256,)
+        assert (expected - expected.mean()).abs().max() > 1e-3, path  # not a constant model
+        torch.testing.assert_close(output, expected, **TOL)
 
 
 def test_parity_failure_raises_and_leaves_no_artifact(exported, monkeypatch, tmp_path) -> None:

@@ -19,7 +19,7 @@ from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import IdRule, Schema, SchemaError, SparseFeature
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig, write_criteo_tsv
-from recsys_kd.export import ArtifactError, example_major_inputs, export_artifact, load_artifact
+from recsys_kd.export import ArtifactError, export_artifact, load_artifact
 from recsys_kd.export.score import PROBABILITY, StreamingMetrics, batch_inputs, score_dataset
 from recsys_kd.models import ModelConfig, build_model
 from recsys_kd.train import checkpoint

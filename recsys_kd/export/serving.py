@@ -285,7 +285,6 @@ class ServingModel(nn.Module):
         )
         if batch_size == 0:  # some heads cannot reshape an empty batch
             return torch.zeros(0)
-        dim = self.embedding_dim
         width = self.table_width
         columns = width + (1 if self.with_first_order else 0)
         # the lookup: every field of every example in one gather (+ sum pooling of the bags)

@@ -1,0 +1,238 @@
+"""serve: the HTTP JSON endpoint on an ephemeral port, good requests against the artifact's own output,
+every refused request (4xx with a JSON message naming instance and field), /health, the multi-hot
+contract, and a graceful SIGTERM shutdown of `recsys-kd serve`."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.schema import Schema
+from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.export import ServingModel, export_artifact, load_artifact, script_serving
+from recsys_kd.export.artifact import _input_contract
+from recsys_kd.export.server import Predictor, RequestError, make_server
+from tests.helpers import fake_train_output, tiny_schema, visible_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROJECT = Path(__file__).resolve().parents[1]
+MAX_BODY = 20_000
+MAX_INSTANCES = 50
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Dict[str, Any]:
+    root = tmp_path_factory.mktemp("serve")
+    dataset = root / "data"
+    prepare(PrepareConfig(format="synthetic", output=str(dataset), progress=False,
+                          synthetic=SyntheticConfig(rows=2000, sparse_features=5, dense_features=2, max_vocab=100)))
+    path = root / "deepfm.pt"
+    export_artifact(fake_train_output(root, dataset, "deepfm"), path, parity_rows=64)
+    schema = Schema.load(dataset)
+    rows = pq.read_table(dataset / schema.split("test").files[0]).slice(0, 20).to_pylist()
+    instances = [{name: row[name] for name in [*schema.dense, *schema.sparse_names]} for row in rows]
+    return {"path": path, "schema": schema, "instances": instances}
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    server = make_server(artifact["path"], port=0, max_body_bytes=MAX_BODY, max_instances=MAX_INSTANCES, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def _request(server, method: str, path: str, body: Optional[bytes] = None,
+             headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, Any]]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _predict(server, payload: Any) -> Tuple[int, Dict[str, Any]]:
+    return _request(server, "POST", "/predict", json.dumps(payload).encode())
+
+
+def _direct(artifact: Dict[str, Any], instances: List[Dict[str, Any]]) -> List[float]:
+    """The artifact's own probabilities for instances (single-valued features: the id matrix)."""
+    module, _ = load_artifact(artifact["path"])
+    schema = artifact["schema"]
+    dense = torch.tensor([[i[name] for name in schema.dense] for i in instances], dtype=torch.float32)
+    ids = torch.tensor([[i[name] for name in schema.sparse_names] for i in instances], dtype=torch.int64).reshape(-1)
+    with torch.no_grad():
+        return module(dense, ids, torch.arange(ids.numel() + 1)).tolist()
+
+
+def test_predictions_equal_the_artifacts_own(server, artifact) -> None:
+    instances = artifact["instances"]
+    status, body = _predict(server, {"instances": instances})
+    assert status == 200 and body["model"] == "deepfm"
+    expected = _direct(artifact, instances)
+    assert body["probabilities"] == pytest.approx(expected, abs=1e-6)
+    assert len(set(round(p, 6) for p in expected)) > 1  # not a constant model
+    status, body = _predict(server, {"instances": instances[3:4]})  # one instance alone: its row of the batch
+    assert status == 200 and body["probabilities"] == pytest.approx(expected[3:4], abs=1e-6)
+    status, body = _request(server, "POST", "/predict", json.dumps({"instances": instances[:2]}).encode(),
+                            headers={})  # no Content-Type: JSON assumed
+    assert status == 200 and len(body["probabilities"]) == 2
+
+
+def test_health_reports_model_metadata(server, artifact) -> None:
+    status, body = _request(server, "GET", "/health")
+    _, metadata = load_artifact(artifact["path"])
+    schema = artifact["schema"]
+    assert status == 200 and body["status"] == "ok" and body["model"] == "deepfm"
+    assert body["parameters"] == metadata["model"]["parameters"] and body["parameters"]["total"] > 0
+    assert body["flops_per_example"] == metadata["model"]["flops_per_example"] > 0
+    assert body["storage_dtype"] == "float32" and body["source"]["checkpoint"].endswith("best")
+    assert body["field_order"] == [*schema.dense, *schema.sparse_names]
+    assert [f["name"] for f in body["features"]["sparse"]] == schema.sparse_names
+    assert body["features"]["dense"] == schema.dense and body["features"]["dense_used"] is True
+    assert body["max_body_bytes"] == MAX_BODY and body["max_instances"] == MAX_INSTANCES
+
+
+def _bad_instances(artifact) -> List[Tuple[str, Any, int, Optional[int], Optional[str]]]:
+    """(what, payload, status, instance, field) of requests the server must refuse."""
+    good = artifact["instances"][0]
+    schema = artifact["schema"]
+    sparse, dense = schema.sparse[1], schema.dense[0]
+    limit = sparse.num_embeddings
+
+    def changed(**fields: Any) -> Dict[str, Any]:
+        instance = dict(good)
+        for name, value in fields.items():
+            if value is _DROP:
+                del instance[name]
+            else:
+                instance[name] = value
+        return {"instances": [good, instance]}
+
+    return [
+        ("top level is a list", [good], 400, None, None),
+        ("unknown top-level key", {"instances": [good], "model": "x"}, 400, None, None),
+        ("instances not a list", {"instances": good}, 400, None, "instances"),
+        ("no instances", {"instances": []}, 400, None, "instances"),
+        ("instance not an object", {"instances": [good, [1, 2]]}, 400, 1, None),
+        ("missing sparse feature", changed(**{sparse.name: _DROP}), 400, 1, sparse.name),
+        ("missing dense feature", changed(**{dense: _DROP}), 400, 1, dense),
+        ("extra feature", changed(clicks=3), 400, 1, "clicks"),
+        ("id as a string", changed(**{sparse.name: "12"}), 400, 1, sparse.name),
+        ("id as a float", changed(**{sparse.name: 3.0}), 400, 1, sparse.name),
+        ("id as a boolean", changed(**{sparse.name: True}), 400, 1, sparse.name),
+        ("list for a single-valued feature", changed(**{sparse.name: [3]}), 400, 1, sparse.name),
+        ("id = num_embeddings", changed(**{sparse.name: limit}), 400, 1, sparse.name),
+        ("negative id", changed(**{sparse.name: -1}), 400, 1, sparse.name),
+        ("huge id", changed(**{sparse.name: 2 ** 70}), 400, 1, sparse.name),
+        ("dense as a string", changed(**{dense: "0.5"}), 400, 1, dense),
+        ("dense null", changed(**{dense: None}), 400, 1, dense),
+        ("dense beyond float32", changed(**{dense: 1e39}), 400, 1, dense),
+        ("dense huge integer", changed(**{dense: 10 ** 400}), 400, 1, dense),
+        ("too many instances", {"instances": [good] * (MAX_INSTANCES + 1)}, 413, None, None),
+    ]
+
+
+_DROP = object()
+
+
+def test_bad_requests_get_4xx_naming_instance_and_field(server, artifact) -> None:
+    for what, payload, status, instance, field in _bad_instances(artifact):
+        got, body = _predict(server, payload)
+        assert got == status, (what, body)
+        assert isinstance(body["error"], str) and body["error"], what
+        assert body.get("instance") == instance and body.get("field") == field, (what, body)
+        if field is not None and field != "instances":
+            assert repr(field) in body["error"], (what, body)
+    sparse = artifact["schema"].sparse[1]
+    _, body = _predict(server, _bad_instances(artifact)[12][1])
+    assert body["error"] == (f"instance 1: feature {sparse.name!r} has id {sparse.num_embeddings}, outside "
+                             f"[0, {sparse.num_embeddings}) (num_embeddings; 0 = missing, 1 = out of vocabulary)")
+    # the server is still up and right after every refusal
+    assert _predict(server, {"instances": artifact["instances"][:1]})[0] == 200
+
+
+def test_malformed_bodies_methods_and_paths(server) -> None:
+    cases = [
+        ("POST", "/predict", b'{"instances": [', None, 400, "malformed JSON"),
+        ("POST", "/predict", b'{"instances": [{"a": NaN}]}', None, 400, "NaN is not valid JSON"),
+        ("POST", "/predict", b"\xff\xfe", None, 400, "not UTF-8"),
+        ("POST", "/predict", b"[" * 100_00 + b"]" * 100_00, None, 400, "malformed JSON"),
+        ("POST", "/predict", b"{}", {"Content-Type": "text/plain"}, 415, "application/json"),
+        ("POST", "/predict", b"x" * (MAX_BODY + 1), None, 413, f"exceeds the limit of {MAX_BODY} bytes"),
+        ("GET", "/nope", None, None, 404, "no such path"),
+        ("GET", "/predict", None, None, 405, "use POST"),
+        ("POST", "/health", b"{}", None, 405, "use GET"),
+        ("PUT", "/predict", b"{}", None, 405, "not allowed"),
+        ("DELETE", "/predict", None, None, 405, "not allowed"),
+    ]
+    for method, path, body, headers, status, message in cases:
+        got, answer = _request(server, method, path, body, headers or {"Content-Type": "application/json"})
+        assert got == status and message in answer["error"], (method, path, body[:20] if body else None, answer)
+
+
+def test_a_body_without_content_length_is_refused(server) -> None:
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        answer = connection.makefile("rb").read().decode()
+    assert answer.startswith("HTTP/1.0 411") and "Content-Length header is required" in answer
+
+
+def test_multi_hot_contract() -> None:
+    schema = tiny_schema(with_hour=False)  # user (11), tags (7, multi-hot), item (13); dense d0, d1
+    serving = ServingModel.from_model(visible_model(schema, "deepfm"), num_dense_inputs=2)
+    module = script_serving(serving)
+    metadata = {"model": {"model": "deepfm", "input": _input_contract(schema, serving, 0, 1)}}
+    predictor = Predictor(module, metadata, max_instances=8)
+    instances = [{"d0": 0.5, "d1": -1, "user": 3, "tags": [1, 6], "item": 12},
+                 {"d0": 0.0, "d1": 2.5, "user": 0, "tags": [], "item": 1}]
+    dense, ids, offsets = predictor.tensors({"instances": instances})
+    assert dense.tolist() == [[0.5, -1.0], [0.0, 2.5]]
+    assert ids.tolist() == [3, 1, 6, 12, 0, 1] and offsets.tolist() == [0, 1, 3, 4, 5, 5, 6]
+    with torch.no_grad():
+        expected = module(dense, ids, offsets).tolist()
+    assert predictor.predict({"instances": instances}) == expected
+    for tags, message in ((3, "must be a list of ids"), ([1, 7], r"has id 7, outside \[0, 7\)"), ([1, "2"], "integers")):
+        with pytest.raises(RequestError, match=message) as error:
+            predictor.predict({"instances": [instances[0], {**instances[1], "tags": tags}]})
+        assert (error.value.status, error.value.instance, error.value.field) == (400, 1, "tags")
+
+
+def test_serve_cli_stops_gracefully_on_sigterm(artifact) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recsys_kd.cli", "serve", str(artifact["path"]), "--port", "0"],
+        cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = process.stdout.readline()
+        assert "serving deepfm" in line, (line, process.stderr.read() if process.poll() is not None else "")
+        port = int(line.split("http://127.0.0.1:")[1].split(":")[0])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=30)
+        assert process.returncode == 0 and "server stopped" in stdout
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
