@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("train", "train a model with sharded embeddings (1..N processes: torchrun / torchx)", _train)
     stage("infer", "score the logs with a sharded teacher ensemble; write aligned soft labels", _infer)
     stage("distill", "train a student on logs + soft labels (KD-DAGFM / ECKD), then the FT phase", _distill)
+    stage("compress", "AFM/SVD low-rank compression of a trained model, sharded, each step fine-tuned", _compress)
     stage("export", "export a trained model as a TorchScript serving artifact, parity-checked", _export)
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     _add_score(commands)
@@ -154,6 +155,40 @@ def _distill(args) -> int:
             for phase, r in records
         ]))
     return 0
+
+
+def _compress(args) -> int:
+    from recsys_kd.compress.stage import compress, read_train_record
+
+    recipe = _recipe(args)
+    if recipe.compress is None:
+        raise ConfigError(f"{args.config}: no 'compress' section")
+    source = recipe.compress_source()
+    recipe.compress.source = str(source)
+    recipe.compress.output = str(recipe.compress_output(read_train_record(source)["model"]))
+    record = compress(recipe.compress, recipe.reader)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table(compress_rows(record)))
+        print(f"record: {Path(record['output']) / 'compress.json'}")
+    return 0
+
+
+def compress_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The compress record's chains as table rows: parameters, FLOPs and AUC/logloss per stage."""
+    rows = []
+    for method, chain in record["chains"].items():
+        for row in chain:
+            rows.append({
+                "method": method, "stage": row["stage"], "params": row["parameters"],
+                "embedding params": row["embedding_parameters"], "flops/example": row["flops_per_example"],
+                "valid auc": _round(row["valid_auc"]), "test auc": _round(row["test_auc"]),
+                "test logloss": _round(row["test_logloss"]),
+            })
+    return rows
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 5)
 
 
 def _export(args) -> int:

@@ -123,7 +123,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin is Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the nested key that is wrong
+            return _coerce(options[0], value, source, key)
+        for option in options:
             try:
                 return _coerce(option, value, source, key)
             except ConfigError:
@@ -148,7 +151,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {key}: expected a mapping, got {_describe(value)}")
         key_type, value_type = args if args else (Any, Any)
         return {
-            _coerce(key_type, k, source, f"{key}.{k}"): _coerce(value_type, v, source, f"{key}.{k}")
+            _coerce(key_type, _yaml_key(key_type, k), source, f"{key}.{k}"): _coerce(value_type, v, source, f"{key}.{k}")
             for k, v in value.items()
         }
     if hint is bool:
@@ -168,6 +171,11 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {key}: expected a string, got {_describe(value)}")
         return value
     raise TypeError(f"config type {hint!r} at {key} is not supported")
+
+
+def _yaml_key(key_type: Any, key: Any) -> Any:
+    """YAML reads the key ``1:`` as an int; a mapping keyed by strings takes it as "1"."""
+    return str(key) if key_type is str and isinstance(key, int) and not isinstance(key, bool) else key
 
 
 def _join(prefix: str, key: str) -> str:

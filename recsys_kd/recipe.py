@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
+from recsys_kd.compress.stage import CompressConfig
 from recsys_kd.config import load_config
 from recsys_kd.data.prepare import PrepareConfig
 from recsys_kd.data.reader import ReaderConfig
@@ -56,6 +57,7 @@ class Recipe:
     infer: InferConfig = field(default_factory=InferConfig)
     distill: Optional[TrainConfig] = None
     finetune: Optional[TrainConfig] = None
+    compress: Optional[CompressConfig] = None
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def train_output(self) -> Path:
@@ -65,6 +67,20 @@ class Recipe:
     def distill_output(self) -> Path:
         """Where ``distill`` writes the student: ``distill.output``, or ``<run_dir>/distill/<student>``."""
         return Path(self.distill.output or Path(self.run_dir) / "distill" / self.distill.model.name)
+
+    def student_output(self) -> Path:
+        """The model the later stages start from: the fine-tuned student when the recipe distils
+        (with an FT phase), the distilled student, else the trained model."""
+        if self.distill is not None:
+            return self.distill_output() / "ft" if self.finetune is not None else self.distill_output()
+        return self.train_output()
+
+    def compress_source(self) -> Path:
+        return Path(self.compress.source) if self.compress.source else self.student_output()
+
+    def compress_output(self, model_name: str) -> Path:
+        """Where ``compress`` writes: ``compress.output``, or ``<run_dir>/compress/<model>``."""
+        return Path(self.compress.output or Path(self.run_dir) / "compress" / model_name)
 
     def export_source(self) -> Path:
         if self.export.source:

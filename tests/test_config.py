@@ -52,7 +52,7 @@ def test_int_is_accepted_for_float(tmp_path):
         ("inner: 3\n", "inner: expected a mapping"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("name: [unclosed\n", "not valid YAML"),
-        ("limit: yes please\n", "limit: expected float"),
+        ("limit: yes please\n", "limit: expected a number"),
     ],
 )
 def test_errors_name_key_and_file(tmp_path, text, message):

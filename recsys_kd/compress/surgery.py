@@ -325,11 +325,13 @@ class StatisticsHooks:
     Forward hooks that accumulate :class:`ModelStatistics` while the caller streams batches through the
     model (use as a context manager; the hooks are removed on exit). ``layers``: module paths of
     ``nn.Linear`` layers (default: every Linear of the model's MLP); ``fields``: also the field
-    embeddings ``[B, F, D]`` from ``model.embedding`` (one statistics object per field).
+    embeddings ``[B, F, D]`` from ``model.embedding`` (one statistics object per field). While
+    ``active`` is False the hooks count nothing (a rank's padding batches in a collective pass).
     """
 
     def __init__(self, model: CTRModel, layers: Optional[Sequence[str]] = None, fields: bool = True) -> None:
         self.model = model
+        self.active = True
         names = mlp_linear_names(model) if layers is None else list(layers)
         self.stats = ModelStatistics()
         self._handles: List[Any] = []
@@ -350,10 +352,10 @@ class StatisticsHooks:
             self.stats.field_stats = LayerStatistics(embedding.embedding_dim, groups=embedding.num_fields)
             self._handles.append(embedding.register_forward_hook(self._hook(self.stats.field_stats)))
 
-    @staticmethod
-    def _hook(stats: LayerStatistics) -> Callable[..., None]:
+    def _hook(self, stats: LayerStatistics) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            stats.update(output)
+            if self.active:
+                stats.update(output)
 
         return hook
 

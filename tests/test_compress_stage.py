@@ -1,0 +1,139 @@
+"""``recsys-kd compress``: the sharded transform equals the single-process one (table-, row- and
+column-wise tables, 2 processes), which equals the in-memory surgery; the chain is fine-tuned through
+the trainer and the compressed model rebuilds from its record."""
+
+import json
+
+import pytest
+import torch
+
+from recsys_kd.compress import collect_statistics, compress_embeddings, compress_mlp
+from recsys_kd.config import from_dict
+from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.data.schema import Schema
+from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.models.zoo import ModelConfig, build_model
+from recsys_kd.train import checkpoint
+from tests.trainrun import run_ranks, run_stage, write_recipe
+
+pytestmark = pytest.mark.multiprocess
+
+MODELS = {
+    "dnn": {"name": "dnn", "embedding_dim": 8, "mlp_layers": [32, 16, 16]},
+    "dcn": {"name": "dcn", "embedding_dim": 8, "mlp_layers": [32, 16, 16], "cross_layers": 2},
+}
+MLP_RANKS = {1: 8, 2: 8}
+EMBEDDING_RANK = 4
+STATS_BATCH = 500
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compress")
+    synthetic = SyntheticConfig(rows=6000, seed=5, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=1000)
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=300, rows_per_part=900))
+    for name, model in MODELS.items():
+        config = write_recipe(root / f"train_{name}.yaml", {
+            "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+            "reader": {"batch_size": 256, "shuffle": True},
+            "train": {"model": model, "output": str(root / name), "epochs": 1, "max_steps": 12, "progress": False},
+        })
+        assert run_ranks(config, 1) == [0]
+    return root
+
+
+def compress_recipe(root, model, name, sharding, finetune_epochs=0, methods=("afm", "svd")):
+    return write_recipe(root / f"{name}.yaml", {
+        "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+        "reader": {"batch_size": 256, "shuffle": True},
+        "compress": {
+            "source": str(root / model), "output": str(root / name), "batch_size": STATS_BATCH, "progress": False,
+            "methods": list(methods), "sharding": {"type": sharding, "column_wise_min_partition": 4},
+            "steps": [{"what": "mlp", "ranks": MLP_RANKS, "relu_between": True}, {"what": "embeddings", "rank": EMBEDDING_RANK}],
+            "finetune": {"epochs": finetune_epochs},
+        },
+    })
+
+
+def compressed_weights(step_dir):
+    """A compressed step's model, rebuilt from its record and filled from its checkpoint (one process)."""
+    record = json.loads((step_dir / "train.json").read_text())
+    config = from_dict(ModelConfig, record["config"]["model"])
+    model = build_model(Schema.load(record["dataset"]), config)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    checkpoint.load_model_tensors(step_dir / "checkpoints" / "best", state)
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    return model.eval(), {k[len("model."):]: v for k, v in state.items()}
+
+
+def assert_same_weights(mine, theirs, atol=2e-5):
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-4, atol=atol, msg=key)
+
+
+def plain_model(root, model_name):
+    schema = Schema.load(root / "data")
+    model = build_model(schema, ModelConfig(**MODELS[model_name]))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    checkpoint.load_model_tensors(root / model_name / "checkpoints" / "best", state)
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    return model
+
+
+def train_batches(root):
+    return ParquetReader(root / "data", "train", ReaderConfig(batch_size=STATS_BATCH, shuffle=False), 0, 1)
+
+
+def test_sharded_compression_matches_the_in_memory_surgery_and_rebuilds(setup):
+    root = setup
+    assert run_stage("compress", compress_recipe(root, "dnn", "dnn_1", "column_wise", finetune_epochs=1), 1) == [0]
+    record = json.loads((root / "dnn_1" / "compress.json").read_text())
+    chain = record["chains"]["afm"]
+    assert [row["stage"] for row in chain] == ["uncompressed", "mlp compressed", "mlp fine-tuned",
+                                               "embeddings compressed", "embeddings fine-tuned"]
+    # >= 2x fewer embedding parameters (8 -> 4 columns), fewer dense ones, fewer FLOPs
+    assert chain[-1]["embedding_parameters"] * 2 == chain[0]["embedding_parameters"]
+    assert chain[-1]["flops_per_example"] < chain[1]["flops_per_example"] < chain[0]["flops_per_example"]
+    assert all(0.0 < row["test_auc"] < 1.0 for row in chain)
+
+    # each step equals the plain (already tested) surgery on the unsharded model it started from
+    source = plain_model(root, "dnn")
+    reference = compress_mlp(source, MLP_RANKS, collect_statistics(source, train_batches(root), fields=False),
+                             relu_between=True)
+    assert_same_weights(compressed_weights(root / "dnn_1" / "afm" / "step1_mlp")[1], reference.state_dict())
+    tuned_mlp, _ = compressed_weights(root / "dnn_1" / "afm" / "step1_mlp" / "ft")
+    stats = collect_statistics(tuned_mlp, train_batches(root), layers=[], fields=True)
+    reference = compress_embeddings(tuned_mlp, EMBEDDING_RANK, stats)
+    compressed, weights = compressed_weights(root / "dnn_1" / "afm" / "step2_embeddings")
+    assert_same_weights(weights, reference.state_dict())
+    assert compressed.embedding.fused and compressed.embedding.ranks == {f"C{i}": EMBEDDING_RANK for i in range(1, 6)}
+
+    # the fine-tuned model moved away from its initialisation, which was the compressed checkpoint
+    tuned = json.loads((root / "dnn_1" / "afm" / "step2_embeddings" / "ft" / "train.json").read_text())
+    assert tuned["config"]["init_from"].endswith("step2_embeddings/checkpoints/best") and tuned["steps"] > 0
+    _, tuned_weights = compressed_weights(root / "dnn_1" / "afm" / "step2_embeddings" / "ft")
+    assert any(not torch.equal(tuned_weights[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("model, sharding", [("dnn", "table_wise"), ("dnn", "row_wise"), ("dnn", "column_wise"),
+                                             ("dcn", "column_wise")])
+def test_two_processes_compress_exactly_like_one(setup, model, sharding):
+    root = setup
+    one, two = f"{model}_{sharding}_1", f"{model}_{sharding}_2"
+    assert run_stage("compress", compress_recipe(root, model, one, sharding), 1) == [0]
+    assert run_stage("compress", compress_recipe(root, model, two, sharding), 2) == [0, 0]
+    for method in ("afm", "svd"):
+        for step in ("step1_mlp", "step2_embeddings"):
+            _, mine = compressed_weights(root / one / method / step)
+            _, theirs = compressed_weights(root / two / method / step)
+            assert_same_weights(mine, theirs)
+            first = json.loads((root / one / method / step / "train.json").read_text())
+            second = json.loads((root / two / method / step / "train.json").read_text())
+            assert first["statistics_rows"] == second["statistics_rows"]
+            assert first["test"]["auc"] == pytest.approx(second["test"]["auc"], abs=1e-6)
+    log = json.loads((root / two / "afm" / "step2_embeddings" / "train.json").read_text())["log"]
+    expected = {"table_wise": "row", "row_wise": "row", "column_wise": "column"}[sharding]
+    assert {entry["sharding"] for entry in log} == {expected}
