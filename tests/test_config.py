@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Literal, Optional
 
 import pytest
@@ -87,10 +88,34 @@ def test_recipe_validation_names_file(tmp_path):
         load_recipe(path)
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        load_recipe(path)
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_load(path):
+    load_recipe(path)
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if load_recipe(p).distill is not None],
+                         ids=lambda p: p.stem)
+def test_shipped_distillation_recipes_are_consistent(path):
+    """What a distillation recipe refers to exists within it: each infer teacher is a model name (the
+    recipe's train section trains it with train.model.name overridden) whose train section validates;
+    distilled teachers are scored by infer; a shared-embedding init_from is a distilled teacher's
+    best checkpoint; the FT phase trains the distilled student's architecture."""
+    from recsys_kd.models.zoo import MODEL_NAMES
+
+    recipe = load_recipe(path)
+    infer_teachers = {spec.name: spec.train_output for spec in recipe.infer.teachers}
+    for name in infer_teachers:
+        assert name in MODEL_NAMES, f"{path}: infer teacher {name!r} is not a model name"
+        load_recipe(path, [f"train.model.name={name}"])
+    distill = recipe.distill.distill
+    assert distill is not None, f"{path}: distill section without distill.distill"
+    if distill.scheme == "pretrain":
+        assert set(distill.teachers) <= set(infer_teachers), f"{path}: distilled teachers not all scored by infer"
+    if recipe.distill.init_from:
+        expected = [f"{infer_teachers[name]}/checkpoints/best" for name in distill.teachers]
+        assert recipe.distill.init_from in expected, f"{path}: distill.init_from is no distilled teacher's checkpoint"
+    if recipe.finetune is not None:
+        assert recipe.finetune.model == recipe.distill.model, f"{path}: FT trains another model than the student"
