@@ -126,6 +126,11 @@ def test_cotrain_teacher_is_trained_by_its_labels_only(root):
                                                                                  "mlp_layers": [16]},
                                        "loss": {"hard": 0.5, "soft": 0.5}})
     assert record["test"]["auc"] > 0.5 and record["steps"] > 0
+    # the co-trained teacher is the ensemble, scored by its own logits
+    distilled = record["distillation"]
+    assert distilled["teachers"]["cotrain"]["model"] == "dnn"
+    assert distilled["teachers"]["cotrain"]["test"] == distilled["ensemble"]["test"]
+    assert distilled["teachers"]["cotrain"]["test"]["auc"] > 0.5
 
 
 def test_hint_regression_from_infer_hints_trains_the_projection(root):

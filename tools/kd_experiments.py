@@ -6,7 +6,8 @@ For each recipe and seed s, every stage is an ordinary library run whose record 
   ``<run_dir>/compare/<model>/seed_<s>``: the layout of ``tools/compare_models.py``, so the two tools
   share runs;
 - ``infer`` to ``<run_dir>/kd/<tag>/seed_<s>/soft_labels``; ``distill`` (seed s) to ``.../distill``,
-  and the ``finetune`` section, when the recipe has one, to ``.../distill/ft``. A ``distill.init_from``
+  and the ``finetune`` section, when the recipe has one, to ``.../distill/<ft name>`` (``--ft-name``,
+  default ``ft``: FT variants of one distilled student share its run). A ``distill.init_from``
   under a teacher's configured ``train_output`` is pointed at that teacher's seed-s run;
 - the label-only baseline: the student's model trained by the recipe's ``train`` section, at
   ``<run_dir>/kd/label_only/<student model>/seed_<s>`` (shared by the variants of a recipe).
@@ -19,7 +20,7 @@ name): choose on the valid AUC, which the table prints beside the test AUC.
     .venv/bin/python tools/kd_experiments.py -c configs/movielens_eckd_3t.yaml --seeds 1 2 3
 
 Prints one table per recipe (mean and sample std over seeds) and writes it, with every run's
-metrics and paths, to ``<run_dir>/kd/<tag>/results.json``.
+metrics and paths, to ``<run_dir>/kd/<tag>/results_<ft name>.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--config", "-c", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--tag", default="", help="the variant's name (default: the recipe's file name)")
+    parser.add_argument("--ft-name", default="ft", help="the FT variant's directory under distill/")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("overrides", nargs="*", help="recipe overrides (key.sub=value) applied to every run")
     args = parser.parse_args()
@@ -53,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     silence_third_party_warnings()
     tag = args.tag or args.config.stem
-    runs = [run_seed(args.config, args.overrides, tag, seed) for seed in args.seeds]
+    runs = [run_seed(args.config, args.overrides, tag, seed, args.ft_name) for seed in args.seeds]
     rows = summarise(runs)
     from recsys_kd.cli import format_table
     from recsys_kd.io import atomic_write_json
@@ -62,13 +64,14 @@ def main() -> None:
     print(f"\n# {args.config} {' '.join(args.overrides)} seeds {args.seeds}  {time.strftime('%Y-%m-%d')}  "
           f"{platform.machine()} {os.cpu_count()} cores, {args.threads} thread(s)")
     print(format_table([{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]))
-    output = Path(load_recipe(args.config, args.overrides).run_dir) / "kd" / tag / "results.json"
+    output = Path(load_recipe(args.config, args.overrides).run_dir) / "kd" / tag / f"results_{args.ft_name}.json"
     atomic_write_json(output, {"config": str(args.config), "overrides": args.overrides, "tag": tag,
+                               "ft_name": args.ft_name,
                                "seeds": args.seeds, "rows": rows, "runs": runs})
     print(f"\nwritten: {output}")
 
 
-def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int) -> Dict[str, Any]:
+def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_name: str = "ft") -> Dict[str, Any]:
     """Every stage of one recipe for one seed (reusing finished runs); returns their records' metrics."""
     from recsys_kd.distill.infer import infer
     from recsys_kd.models.zoo import ModelConfig
@@ -106,7 +109,7 @@ def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int) -> Dic
     if recipe.finetune is not None:
         recipe.finetune.seed, recipe.finetune.progress = seed, False
         recipe.finetune.init_from = str(seed_dir / "distill" / "checkpoints" / "best")
-        finetuned = train_once(recipe.finetune, seed_dir / "distill" / "ft", dataset, recipe.reader)
+        finetuned = train_once(recipe.finetune, seed_dir / "distill" / ft_name, dataset, recipe.reader)
 
     student: ModelConfig = distill_config.model
     baseline_config = dataclasses.replace(recipe.train, model=student)
