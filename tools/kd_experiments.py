@@ -119,8 +119,8 @@ def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_nam
     distillation = distilled["distillation"]
     result = {
         "seed": seed,
-        "teachers": {name: {**distillation["teachers"][name], "output": record["output"]}
-                     for name, record in teachers.items()},
+        # every scored teacher by its own record (its best checkpoint: the logits infer wrote)
+        "teachers": {name: summary(record) for name, record in teachers.items()},
         "ensemble": distillation["ensemble"],
         "distilled": summary(distilled),
         "finetuned": summary(finetuned) if finetuned is not None else None,
