@@ -486,3 +486,28 @@ def test_recorded_structure_rebuilds_the_compressed_model(name: str, fuse) -> No
 
     with pytest.raises(ValueError, match="not sparse features"):
         build_model(SCHEMA, ModelConfig(name=name, embedding_dim=D, compression=[LowRankStep("embeddings", {"nope": 2})]))
+
+
+def test_relu_variant_orients_each_direction_towards_the_mean() -> None:
+    """With a ReLU between the new layers each kept direction has u^T mu >= 0 (a free sign choice):
+    the code U_k^T y is then positive on average; without the ReLU the result ignores the signs."""
+    from recsys_kd.compress.surgery import orient_towards_mean
+
+    vectors = torch.linalg.qr(torch.randn(6, 6, dtype=F64))[0]
+    mu = torch.randn(6, dtype=F64)
+    oriented = orient_towards_mean(vectors, mu)
+    flipped = (vectors.T @ mu) < 0
+    torch.testing.assert_close(oriented[:, flipped], -vectors[:, flipped])
+    torch.testing.assert_close(oriented[:, ~flipped], vectors[:, ~flipped])
+    assert bool(((oriented.T @ mu) >= 0).all())
+
+    model = build("dnn")
+    stats = collect_statistics(model, BATCHES)
+    moments = stats.layers["head.mlp.layers.2"]  # Linear index 1: 12 -> 10
+    u_k = orient_towards_mean(pca(moments.covariance())[1], moments.mean())[:, :5]
+    relu = compress_mlp(model, {1: 5}, stats, relu_between=True)
+    weight = model.head.mlp.layers[2].weight.detach().double()
+    assert isinstance(relu.head.mlp.layers[3], nn.ReLU)
+    torch.testing.assert_close(relu.head.mlp.layers[2].weight.double(), u_k.T @ weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(relu.head.mlp.layers[4].weight.double(), u_k, rtol=1e-5, atol=1e-6)
+    assert bool((u_k.T @ moments.mean() >= 0).all())
