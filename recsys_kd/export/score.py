@@ -53,6 +53,7 @@ from recsys_kd.data.schema import ROW_ID, SCHEMA_FILE, Schema, SchemaError
 from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
 from recsys_kd.io import atomic_write_json
+from recsys_kd.train.metrics import EPSILON
 
 RECORD_FILE = "score.json"
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -232,11 +233,11 @@ def check_same_features(artifact_schema: Schema, dataset_schema: Schema, dataset
         )
     for ours, theirs in zip(artifact_schema.sparse, dataset_schema.sparse):
         for key in ("num_embeddings", "id_rule", "multi_hot"):
-            if getattr(ours, key) != getattr(theirs, key):
-                raise SchemaError(
-                    f"{where}: feature {ours.name!r} has {key} {to_dict(getattr(theirs, key)) if key == 'id_rule' else getattr(theirs, key)}, "
-                    f"the artifact was trained with {to_dict(getattr(ours, key)) if key == 'id_rule' else getattr(ours, key)}"
-                )
+            expected, got = getattr(ours, key), getattr(theirs, key)
+            if expected != got:
+                if key == "id_rule":  # as schema.json writes it
+                    expected, got = to_dict(expected), to_dict(got)
+                raise SchemaError(f"{where}: feature {ours.name!r} has {key} {got}, the artifact was trained with {expected}")
 
 
 def batch_inputs(
@@ -483,8 +484,6 @@ class StreamingMetrics:
     def update(self, labels: Optional[np.ndarray], probabilities: np.ndarray) -> None:
         if labels is None:
             return
-        from recsys_kd.train.metrics import EPSILON
-
         p = np.clip(probabilities.astype(np.float64), EPSILON, 1 - EPSILON)
         self.loss_sum += float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum())
         self.rows += len(labels)
