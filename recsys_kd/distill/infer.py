@@ -6,10 +6,11 @@ checkpoint into its part of the sharded ensemble; then, split by split, each ran
 input parts (part i on rank i mod N) row group by row group, and writes an output part that mirrors
 the input part: same rows, same order, same row groups, columns ``row_id``, ``teacher_<name>``
 (logits) and, with ``hints``, ``hint_<name>`` (the teacher's hidden vector, the input of its output
-layer, as a fixed-size list<float32>: ECKD's hint regression). Output parts are written under a temporary name, renamed when complete, and followed by a
-sidecar JSON (rows, row_id checksum): a rerun after a crash skips the parts that are complete and
-redoes the rest (a part written with other columns counts as missing). ``side.json`` makes the output a side input of the reader, and
-:func:`verify_alignment` checks it against the logs before distillation.
+layer, as a fixed-size list<float32>: ECKD's hint regression). Output parts are written under a
+temporary name, renamed when complete, and followed by a sidecar JSON (rows, row_id checksum,
+columns): a rerun after a crash skips the parts that are complete and redoes the rest (a part written
+with other columns counts as missing). ``side.json`` makes the output a side input of the reader,
+and :func:`verify_alignment` checks it against the logs before distillation.
 
 Sharded lookups are collective, so ranks step together: a rank with fewer batches in a round pads.
 """
@@ -114,7 +115,8 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
     dmp.eval()
     started, rows_scored = time.time(), 0
     columns = [teacher_column(t.name) for t in config.teachers]
-    vectors = {hint_column(t.name): width for t, width in zip(config.teachers, ensemble.hint_dims)} if config.hints else {}
+    vectors = ({hint_column(t.name): width for t, width in zip(config.teachers, ensemble.hint_dims)}
+               if config.hints else {})
     for split in config.splits:
         rows_scored += _score_split(config, ctx, dmp, dataset, schema, split, output, columns, vectors)
     seconds = time.time() - started

@@ -83,7 +83,9 @@ def hint_widths(config: DistillConfig) -> Dict[str, int]:
         raise SchemaError(f"{manifest_path}: not found; run infer before distilling") from error
     missing = [column for column in config.hint_columns if column not in vectors]
     if missing:
-        raise SchemaError(f"{manifest_path}: no hint column {missing[0]!r} (loss.hint > 0); rerun infer with infer.hints=true")
+        raise SchemaError(
+            f"{manifest_path}: no hint column {missing[0]!r} (loss.hint > 0); rerun infer with infer.hints=true"
+        )
     return {name: int(vectors[hint_column(name)]) for name in config.teachers}
 
 

@@ -250,7 +250,9 @@ def _training_module(model: CTRModel, schema: Schema, config: TrainConfig) -> Tr
     return module
 
 
-def _hint_projections(distill: DistillConfig, model: CTRModel, teacher: Optional[CTRModel]) -> Optional[Dict[str, nn.Module]]:
+def _hint_projections(
+    distill: DistillConfig, model: CTRModel, teacher: Optional[CTRModel]
+) -> Optional[Dict[str, nn.Module]]:
     """ECKD eq. 9's W per teacher, ``[B, H_teacher] -> [B, H_student]``, when the hint term is on.
     Bias-free as in the paper; trained with the student (they are dense parameters of the module)."""
     if distill.loss.hint <= 0:
