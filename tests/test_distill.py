@@ -71,6 +71,19 @@ def test_distillation_terms_add_the_weighted_hint_term():
         distillation_terms(config, student, labels, teacher)
 
 
+def test_hint_term_without_hint_columns_names_the_manifest(tmp_path):
+    from recsys_kd.data.schema import SchemaError
+    from recsys_kd.distill.objective import DistillConfig, hint_widths
+
+    (tmp_path / "side.json").write_text(json.dumps({"columns": ["teacher_dcn"], "splits": {}}))
+    config = DistillConfig(soft_labels=str(tmp_path), teachers=["dcn"], loss=KDLossConfig(hard=1.0, hint=1e-3))
+    with pytest.raises(SchemaError, match=r"side.json: no hint column 'hint_dcn'.*infer.hints=true"):
+        hint_widths(config)
+    (tmp_path / "side.json").write_text(json.dumps({"columns": ["teacher_dcn"], "vectors": {"hint_dcn": 24}}))
+    assert hint_widths(config) == {"dcn": 24}
+    assert config.columns == ["teacher_dcn", "hint_dcn"]
+
+
 def test_gated_ensemble_distillation_with_distill_loss_early_stopping(root):
     record = distill(root, "gated", {"teachers": ["dcn", "fm"], "aggregation": "gate",
                                      "loss": {"hard": 0.5, "soft": 0.5, "temperature": 2.0}},
