@@ -212,7 +212,7 @@ def _add_score(commands) -> None:
     command.add_argument("input", type=Path, help="a prepared dataset directory, or raw logs (file or directory)")
     command.add_argument("output", type=Path, help="directory for the prediction parts and score.json")
     command.add_argument("--split", default="test", help="dataset split to score (default: test)")
-    command.add_argument("--batch-size", type=int, default=65536)
+    command.add_argument("--batch-size", type=int, default=4096, help="rows per forward call (default 4096)")
     command.add_argument("--vocab", type=Path, help="raw logs with vocabulary ids: the prepared dataset directory")
     command.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     command.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
