@@ -356,8 +356,9 @@ class RawIds:
         self.vocabularies: Dict[str, pa.Array] = {}
         needs_vocab = [f.name for f in schema.sparse if f.id_rule.kind == "vocab"]
         if needs_vocab and vocab_dir is None:
+            named = ", ".join(needs_vocab[:3]) + (f" and {len(needs_vocab) - 3} more" if len(needs_vocab) > 3 else "")
             raise ArtifactError(
-                f"features {needs_vocab} have vocabulary ids, and the artifact does not carry the vocabularies: "
+                f"features {named} have vocabulary ids, and the artifact does not carry the vocabularies: "
                 "pass the prepared dataset's directory (vocab_dir / --vocab), which holds vocab/<feature>.parquet"
             )
         for name in needs_vocab:
