@@ -104,6 +104,7 @@ def test_health_reports_model_metadata(server, artifact) -> None:
     assert body["parameters"] == metadata["model"]["parameters"] and body["parameters"]["total"] > 0
     assert body["flops_per_example"] == metadata["model"]["flops_per_example"] > 0
     assert body["storage_dtype"] == "float32" and body["source"]["checkpoint"].endswith("best")
+    assert body["compression"] == metadata["model"]["compression"] == []  # trained, not compressed
     assert body["field_order"] == [*schema.dense, *schema.sparse_names]
     assert [f["name"] for f in body["features"]["sparse"]] == schema.sparse_names
     assert body["features"]["dense"] == schema.dense and body["features"]["dense_used"] is True

@@ -253,7 +253,7 @@ def main() -> None:
         models, dataset, teachers = [], args.dataset, args.teachers
         for path in args.artifacts:
             metadata = load_artifact(path)[1]["model"]
-            models.append({"label": metadata["model"], "path": path, "parameters": metadata["parameters"]["total"],
+            models.append({"label": path.stem, "path": path, "parameters": metadata["parameters"]["total"],
                            "flops": metadata["flops_per_example"]})
     else:
         models, dataset = build(args.workdir, args.rows, args.teacher_models, args.student_models, args.train_steps,

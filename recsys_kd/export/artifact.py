@@ -176,6 +176,7 @@ def export_artifact(
             + sum(p.numel() * p.element_size() for p in serving.parameters()),
         },
         "flops_per_example": model.flops_per_example(),
+        "compression": getattr(model, "compression_log", []),
         "metrics": {"test": train_record.get("test"), "best_valid": train_record.get("best_valid")},
         "source": {
             "train_output": str(train_output),

@@ -27,8 +27,8 @@ non-finite number, an id out of range; 404 unknown path; 405 wrong method; 411 n
 415 a non-JSON content type.
 
 ``GET /health`` answers ``200`` with the model's metadata: name, parameters, FLOPs per example,
-storage dtype, source checkpoint, test metrics, the feature order and per-feature contract, and the
-server's limits.
+storage dtype, the compression log (AFM/SVD steps, when any), source checkpoint, test metrics, the
+feature order and per-feature contract, and the server's limits.
 
 Shutdown is graceful: SIGINT / SIGTERM stop accepting connections, requests in flight are answered,
 then the process exits.
@@ -206,6 +206,7 @@ class Predictor:
             "parameters": model["parameters"],
             "flops_per_example": model["flops_per_example"],
             "storage_dtype": model["storage_dtype"],
+            "compression": model.get("compression", []),
             "source": model["source"],
             "metrics": model.get("metrics"),
             "created": model.get("created"),

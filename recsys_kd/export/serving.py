@@ -64,7 +64,8 @@ class ServingModel(nn.Module):
 
     Args:
         head (nn.Module): the model's head, ``(fields [B, F, D], first_order [B, 1] or None) -> [B]``.
-        tables (List[torch.Tensor]): the sparse field tables ``[V_f, D]`` in ``schema.sparse`` order.
+        tables (List[torch.Tensor]): the sparse field tables ``[V_f, w_f]`` in ``schema.sparse`` order (``w_f = D``
+            unless the model was AFM-compressed).
         sparse_names (List[str]): the sparse features, same order.
         dense_weight (Optional[torch.Tensor]): ``[n_dense, D]`` projection of the dense fields, or None
             when dense features are not model inputs.
