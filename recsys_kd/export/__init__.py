@@ -1,5 +1,7 @@
 """Export: the serving module (one fused embedding lookup + the model's head, plain tensors in,
-probabilities out), TorchScript artifacts with metadata and a parity check, and their torch-only loader.
+probabilities out; AFM-compressed models included), TorchScript artifacts with metadata and a parity
+check, and their torch-only loader. Beside them: ``score`` (batch-score a dataset split or raw logs
+with an artifact alone) and ``server`` (the stdlib HTTP JSON endpoint).
 
 Importing this package imports torch only; :func:`export_artifact` imports torchrec when called.
 """
