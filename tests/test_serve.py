@@ -96,6 +96,27 @@ def test_predictions_equal_the_artifacts_own(server, artifact) -> None:
     assert status == 200 and len(body["probabilities"]) == 2
 
 
+def test_concurrent_requests_get_their_own_answers(server, artifact) -> None:
+    instances = artifact["instances"]
+    expected = _direct(artifact, instances)
+    answers: Dict[int, List[float]] = {}
+
+    def client(index: int) -> None:  # each client sends a different slice, several times
+        for _ in range(5):
+            status, body = _predict(server, {"instances": instances[index:index + 3]})
+            assert status == 200
+            answers.setdefault(index, []).extend(body["probabilities"])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(answers) == list(range(8))
+    for index, got in answers.items():
+        assert got == pytest.approx(expected[index:index + 3] * 5, abs=1e-6)
+
+
 def test_health_reports_model_metadata(server, artifact) -> None:
     status, body = _request(server, "GET", "/health")
     _, metadata = load_artifact(artifact["path"])
