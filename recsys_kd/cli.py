@@ -225,6 +225,8 @@ def _score(args) -> int:
 
     from recsys_kd.export.score import score_dataset
 
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        raise ConfigError(f"--batch-size and --threads must be >= 1, got {args.batch_size} and {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,

@@ -104,6 +104,7 @@ def test_scoring_a_split_mirrors_its_parts_and_matches_the_training_model(setup,
     with pytest.raises(FileExistsError, match="score.json exists"):
         score_dataset(artifact, dataset, out, split="test", progress=False)
     assert score_dataset(artifact, dataset, out, split="valid", overwrite=True, progress=False)["split"] == "valid"
+    assert json.loads((out / "score.json").read_text())["split"] == "valid"
 
 
 def test_raw_logs_get_the_ids_prepare_gave_them(setup, tmp_path) -> None:
@@ -207,3 +208,5 @@ def test_score_cli(setup, tmp_path, capsys) -> None:
     assert "missing.pt not found" in capsys.readouterr().err
     assert main(["score", str(artifact), str(dataset), str(tmp_path / "x"), "--split", "nope"]) == 2
     assert "no split 'nope'" in capsys.readouterr().err
+    assert main(["score", str(artifact), str(dataset), str(tmp_path / "x"), "--batch-size", "0"]) == 2
+    assert "--batch-size and --threads must be >= 1" in capsys.readouterr().err

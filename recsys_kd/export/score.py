@@ -127,6 +127,8 @@ def score_dataset(
         raise FileExistsError(f"{out_dir / RECORD_FILE} exists (a finished score run); pass overwrite to replace it")
     module, metadata = load_artifact(artifact)
     schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
+    # an interrupted rerun must not leave the old record claiming parts this run replaced
+    (out_dir / RECORD_FILE).unlink(missing_ok=True)
 
     quarantine = None
     if (source / SCHEMA_FILE).exists():
