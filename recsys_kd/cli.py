@@ -258,8 +258,15 @@ def _add_serve(commands) -> None:
 def _serve(args) -> int:
     from recsys_kd.export.server import serve
 
-    serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-          max_instances=args.max_instances, threads=args.threads)
+    if min(args.max_body_bytes, args.max_instances, args.threads) < 1:
+        raise ConfigError("--max-body-bytes, --max-instances and --threads must be >= 1")
+    if not args.artifact.exists():
+        raise FileNotFoundError(f"artifact {args.artifact} not found")
+    try:
+        serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+              max_instances=args.max_instances, threads=args.threads)
+    except OSError as error:  # the address is taken or cannot be bound
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     return 0
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from recsys_kd.cli import main
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import SyntheticConfig
@@ -235,6 +236,14 @@ def test_multi_hot_contract() -> None:
         with pytest.raises(RequestError, match=message) as error:
             predictor.predict({"instances": [instances[0], {**instances[1], "tags": tags}]})
         assert (error.value.status, error.value.instance, error.value.field) == (400, 1, "tags")
+
+
+def test_serve_cli_user_errors_exit_2(server, artifact, capsys) -> None:
+    assert main(["serve", str(artifact["path"]), "--port", str(server.server_port)]) == 2  # taken by the fixture
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", str(artifact["path"]), "--max-instances", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "missing.pt"]) == 2 and "missing.pt not found" in capsys.readouterr().err
 
 
 def test_serve_cli_stops_gracefully_on_sigterm(artifact) -> None:
