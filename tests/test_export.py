@@ -155,18 +155,25 @@ def _compressed(model: CTRModel, ranks: Any, fuse: bool, mlp_ranks: Dict[int, in
 
 
 @pytest.mark.parametrize(
-    "name,ranks,fuse,mlp_ranks",
+    "name,ranks,fuse,mlp_ranks,overrides",
     [
-        ("dnn", {"user": 2, "tags": 1}, True, {1: 3}),  # fused into the first Linear, "item" kept at D
-        ("dnn", 2, True, {}),  # fused, one rank for all
-        ("dnn", {"user": 3, "item": 1}, False, {0: 5}),  # per-field up-projections, "tags" kept
-        ("deepfm", {"user": 3, "tags": 2, "item": 1}, False, {1: 2}),  # FM reads the fields; first-order term
-        ("dagfm_outer", 3, False, {}),  # the distilled student's architecture
+        ("dnn", {"user": 2, "tags": 1}, True, {1: 3}, {}),  # fused into the first Linear, "item" kept at D
+        ("dnn", 2, True, {}, {"dense_mode": "none"}),  # fused, one rank for all, no dense fields
+        ("dnn", {"user": 3, "item": 1}, False, {0: 5}, {}),  # per-field up-projections, "tags" kept
+        ("deepfm", {"user": 3, "tags": 2, "item": 1}, False, {1: 2}, {}),  # FM reads the fields; first order
+        ("dagfm_outer", 3, False, {}, {}),  # the distilled student's architecture
+        ("dagfm_outer", 2, False, {}, {"dense_mode": "none"}),  # the head gets the up-projection's view
+        ("xdeepfm", {"user": 2, "item": 3}, False, {}, {"dense_mode": "none"}),  # CIN reads the fields
+        ("dcnv2", 2, False, {1: 4}, {}),
+        ("autoint_plus", 3, False, {}, {"dense_mode": "none"}),
+        ("fibinet", {"tags": 1, "item": 2}, False, {}, {}),
     ],
 )
-def test_compressed_models_serve_with_parity(name: str, ranks: Any, fuse: bool, mlp_ranks: Dict[int, int]) -> None:
+def test_compressed_models_serve_with_parity(
+    name: str, ranks: Any, fuse: bool, mlp_ranks: Dict[int, int], overrides: Dict[str, Any]
+) -> None:
     batches = [tiny_batch(SCHEMA, seed, 64) for seed in range(4)]
-    compressed = _compressed(visible_model(SCHEMA, name), ranks, fuse, mlp_ranks, batches)
+    compressed = _compressed(visible_model(SCHEMA, name, **overrides), ranks, fuse, mlp_ranks, batches)
     assert isinstance(compressed.embedding, LowRankFieldEmbedding) and compressed.embedding.fused == fuse
     serving = ServingModel.from_model(compressed, num_dense_inputs=2)
     widths = [ranks.get(n, SMALL_MODEL["embedding_dim"]) if isinstance(ranks, dict) else ranks for n in SCHEMA.sparse_names]
