@@ -18,6 +18,8 @@ name): choose on the valid AUC, which the table prints beside the test AUC.
 
     .venv/bin/python tools/kd_experiments.py -c configs/movielens_kd_dagfm.yaml --seeds 1 2 3
     .venv/bin/python tools/kd_experiments.py -c configs/movielens_eckd_3t.yaml --seeds 1 2 3
+    .venv/bin/python tools/kd_experiments.py -c configs/movielens_kd_dagfm.yaml finetune.optim.lr=0.001 \
+        --seeds 1 2 3 --ft-name ft_lr1e-3       # overrides before --seeds, which takes every number after it
 
 Prints one table per recipe (mean and sample std over seeds) and writes it, with every run's
 metrics and paths, to ``<run_dir>/kd/<tag>/results_<ft name>.json``.
