@@ -1,6 +1,9 @@
 """The stages that exist, run in order from one recipe, each skipped when its output is complete
 and was made from the same config: synthesize (raw logs, when the recipe has that section) ->
-prepare -> read back (every row of every split through the streaming reader) -> train.
+prepare -> read back (every row of every split through the streaming reader) -> train the teacher
+-> infer (soft labels) -> distill (+ FT) the student -> compress it (AFM, each step fine-tuned) ->
+export every model of the run (teacher, student, compressed student) as a parity-checked TorchScript
+artifact -> score the test split with each artifact alone.
 
 Each stage writes a JSON record; the pipeline's own record (``<run_dir>/pipeline.json``) collects
 them with the result table.
@@ -9,6 +12,7 @@ them with the result table.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -38,7 +42,10 @@ def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
         stages["infer"] = infer_stage(recipe)
     if recipe.distill is not None:
         stages.update(distill_if_needed(recipe))
-    stages["export"] = export_if_needed(recipe)
+    if recipe.compress is not None:
+        stages["compress"] = compress_if_needed(recipe)
+    stages["export"] = export_all(recipe)
+    stages["score"] = score_all(recipe, stages["export"])
     record = {"stages": stages, "seconds": round(time.time() - started, 3)}
     atomic_write_json(run_dir / "pipeline.json", record)
     return record
@@ -106,23 +113,85 @@ def distill_if_needed(recipe: Recipe) -> Dict[str, Any]:
     return stages
 
 
-def export_if_needed(recipe: Recipe) -> Dict[str, Any]:
-    """Exports the final model as a TorchScript artifact (parity-checked) unless it is up to date."""
+def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
+    """Compresses the student (or the trained model) unless the same config already did; a finished
+    step of an interrupted run is kept, a run of another config is replaced."""
+    from recsys_kd.compress.stage import RECORD_FILE, compress, read_train_record
+
+    config = recipe.compress
+    config.source = str(recipe.compress_source())
+    output = recipe.compress_output(read_train_record(Path(config.source))["model"])
+    config.output = str(output)
+    config.progress = recipe.train.progress
+    record_path = output / RECORD_FILE
+    if record_path.exists():
+        previous = json.loads(record_path.read_text())
+        if _stable(previous.get("config", {})) == _stable(to_dict(config)):
+            return {**previous, "skipped": True}
+        shutil.rmtree(output)
+    return {**compress(config, recipe.reader), "skipped": False}
+
+
+def models_to_export(recipe: Recipe) -> Dict[str, Path]:
+    """Role -> train output: ``export.source`` alone when set, else every model the run made: the
+    teacher, the (fine-tuned) student, and the AFM-compressed model."""
+    if recipe.export.source:
+        return {"model": Path(recipe.export.source)}
+    models = {"teacher": recipe.train_output()}
+    if recipe.distill is not None:
+        models["student"] = recipe.student_output()
+    if recipe.compress is not None:
+        from recsys_kd.compress.stage import RECORD_FILE
+
+        record = json.loads((recipe.compress_output(_model_name(recipe.compress_source())) / RECORD_FILE).read_text())
+        method = "afm" if "afm" in record["final"] else next(iter(record["final"]))
+        models["compressed"] = Path(record["final"][method])
+    return models
+
+
+def export_all(recipe: Recipe) -> Dict[str, Any]:
+    return {role: export_if_needed(recipe, role, source) for role, source in models_to_export(recipe).items()}
+
+
+def export_if_needed(recipe: Recipe, role: str, source: Path) -> Dict[str, Any]:
+    """Exports one model as a TorchScript artifact (parity-checked) unless it is up to date."""
     from recsys_kd.export import export_artifact
     from recsys_kd.export.artifact import record_path
 
-    source = recipe.export_source()
-    model_name = json.loads((source / "train.json").read_text())["model"]
-    output = recipe.export_output(model_name)
+    output = recipe.export_output(f"{role}_{_model_name(source)}") if role != "model" else recipe.export_output(_model_name(source))
     previous = record_path(output)
     if output.exists() and previous.exists():
         record = json.loads(previous.read_text())
         checkpoint_metadata = Path(record["checkpoint"]) / ".metadata"
-        if checkpoint_metadata.exists() and checkpoint_metadata.stat().st_mtime <= output.stat().st_mtime:
+        same_source = record.get("train_output") == str(source)
+        if same_source and checkpoint_metadata.exists() and checkpoint_metadata.stat().st_mtime <= output.stat().st_mtime:
             return {**record, "skipped": True}
     record = export_artifact(source, output, checkpoint=recipe.export.checkpoint, dtype=recipe.export.dtype,
                              parity_rows=recipe.export.parity_rows, dataset=recipe.prepare.output)
     return {**record, "skipped": False}
+
+
+def score_all(recipe: Recipe, exported: Dict[str, Any]) -> Dict[str, Any]:
+    """Scores the test split with each artifact alone (no training code), the serving-side check of
+    the whole run; an artifact's score is kept while the artifact is unchanged."""
+    from recsys_kd.export.score import score_dataset
+
+    scored = {}
+    for role, record in exported.items():
+        artifact = Path(record["artifact"])
+        output = Path(recipe.run_dir) / "scores" / artifact.stem
+        previous = output / "score.json"
+        if previous.exists() and previous.stat().st_mtime >= artifact.stat().st_mtime:
+            scored[role] = {**json.loads(previous.read_text()), "skipped": True}
+            continue
+        result = score_dataset(artifact, recipe.prepare.output, output, split="test", overwrite=True,
+                               progress=recipe.train.progress)
+        scored[role] = {**result, "skipped": False}
+    return scored
+
+
+def _model_name(train_output: Path) -> str:
+    return json.loads((Path(train_output) / "train.json").read_text())["model"]
 
 
 def _train_config_if_needed(config, recipe: Recipe) -> Dict[str, Any]:
@@ -160,8 +229,7 @@ def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True)
 
 
 def model_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per trained model and phase: test AUC/logloss, parameters, FLOPs, training speed; the
-    exported artifact's size and batch-1 latency on the last row."""
+    """One row per trained model and phase: test AUC/logloss, parameters, FLOPs, training speed."""
     rows = []
     for stage in ("train", "distill", "finetune"):
         result = record["stages"].get(stage)
@@ -175,20 +243,39 @@ def model_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "flops/example": result["flops_per_example"],
                 "train samples/s": f"{result['samples_per_second_this_run']:,.0f}",
             })
+    compressed = record["stages"].get("compress")
+    if compressed:
+        for method, chain in compressed["chains"].items():
+            for row in chain[1:]:
+                rows.append({
+                    "stage": f"{method}: {row['stage']}",
+                    "model": row["model"],
+                    "test auc": round(row["test_auc"], 5),
+                    "test logloss": round(row["test_logloss"], 5),
+                    "params": row["parameters"],
+                    "flops/example": row["flops_per_example"],
+                    "train samples/s": "",
+                })
     return rows
 
 
 def artifact_rows(record: Dict[str, Any]) -> List[Dict[str, Any]]:
-    exported = record["stages"].get("export")
-    if not exported:
-        return []
-    return [{
-        "artifact": exported["artifact"],
-        "model": exported["model"],
-        "size MiB": round(exported["size_bytes"] / 2**20, 2),
-        "parity max |dp|": f"{exported['parity']['max_abs_diff']:.1e}",
-        "batch-1 latency ms": round(exported["latency_batch1_ms"] or float("nan"), 3),
-    }]
+    """One row per exported artifact: size, parity, batch-1 latency, and the test AUC scored from the
+    artifact alone."""
+    rows = []
+    scores = record["stages"].get("score", {})
+    for role, exported in record["stages"].get("export", {}).items():
+        metrics = (scores.get(role) or {}).get("metrics") or {}
+        rows.append({
+            "artifact": role,
+            "model": exported["model"],
+            "size MiB": round(exported["size_bytes"] / 2**20, 2),
+            "parity max |dp|": f"{exported['parity']['max_abs_diff']:.1e}",
+            "batch-1 latency ms": round(exported["latency_batch1_ms"] or float("nan"), 3),
+            "scored test auc": round(metrics["auc"], 5) if "auc" in metrics else None,
+            "score rows/s": f"{scores[role]['rows_per_second']:,.0f}" if role in scores else "",
+        })
+    return rows
 
 
 def summary_rows(record: Dict[str, Any], dataset: Path) -> List[Dict[str, Any]]:

@@ -36,9 +36,10 @@ class SynthesizeConfig:
 
 @dataclass
 class ExportConfig:
-    """The serving artifact: from ``source`` (a train or distill output; default: the distilled
-    student when the recipe distils, else the trained model) to ``output`` (default
-    ``<run_dir>/artifacts/<model>.pt``)."""
+    """The serving artifacts. ``recsys-kd export``: from ``source`` (a train, distill or compress
+    output; default: the (fine-tuned) student when the recipe distils, else the trained model) to
+    ``output`` (default ``<run_dir>/artifacts/<model>.pt``). The pipeline exports ``source`` alone when
+    set, else every model of the run: ``<run_dir>/artifacts/{teacher,student,compressed}_<model>.pt``."""
 
     source: str = ""
     output: str = ""
@@ -83,11 +84,8 @@ class Recipe:
         return Path(self.compress.output or Path(self.run_dir) / "compress" / model_name)
 
     def export_source(self) -> Path:
-        if self.export.source:
-            return Path(self.export.source)
-        if self.distill is not None:
-            return self.distill_output() / "ft" if self.finetune is not None else self.distill_output()
-        return self.train_output()
+        """What ``recsys-kd export`` exports: ``export.source``, else the student (see ``student_output``)."""
+        return Path(self.export.source) if self.export.source else self.student_output()
 
     def export_output(self, model_name: str) -> Path:
         return Path(self.export.output or Path(self.run_dir) / "artifacts" / f"{model_name}.pt")

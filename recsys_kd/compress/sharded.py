@@ -88,7 +88,7 @@ def row_blocks(num_rows: int, owners: Sequence[int]) -> List[Tuple[int, int, int
 def project_table(
     table: TableShards, u_k: torch.Tensor, mu: torch.Tensor, centered: bool, chunk_rows: int = 1 << 20
 ) -> Any:
-    """
+    r"""
     Collective (every rank calls it for every table, in the same order): the compressed table
     :math:`(E [- \mu^T]) U_k` ``[V, k]`` as this rank's part of it: a plain tensor for a data-parallel
     table, else a ShardedTensor (row shards where ``table`` has row shards; one row block per holding

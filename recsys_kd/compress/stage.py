@@ -12,7 +12,10 @@ embeddings), the stage
    DCP checkpoint whose ``ModelConfig.compression`` records its structure, so ``train``, ``export`` and
    ``infer`` rebuild it like any model;
 4. evaluates it right after compression (valid and test), and
-5. fine-tunes it (``finetune.epochs``, default 1) with ``recsys-kd train``'s trainer.
+5. fine-tunes it (``finetune.epochs``, default 1) with ``recsys-kd train``'s trainer; the chain goes
+   on from the fine-tuned model when its valid AUC is at least the compressed model's, else from the
+   compressed one (early stopping's rule, applied to epoch 0); ``final`` in the record names the
+   chain's last model.
 
 Output layout (every directory is a train-output: ``train.json`` + ``checkpoints/best``)::
 
@@ -166,6 +169,7 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
     schema = Schema.load(dataset)
     output = Path(config.output)
     chains: Dict[str, List[Dict[str, Any]]] = {}
+    finals: Dict[str, str] = {}
     for method in config.methods:
         rows = [_summary("uncompressed", source_record)]
         current, current_checkpoint, model_config = source, config.checkpoint, base.model
@@ -186,8 +190,11 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
                     finetune_config(base, model_config, step_dir, ft_dir, config), dataset, reader_config
                 )
                 rows.append(_summary(f"{step.what} fine-tuned", ft_record))
-                current = ft_dir
+                # early stopping's rule applied to epoch 0: keep the fine-tuning only if valid AUC improved
+                if ft_record["best_valid"] >= step_record["valid"]["auc"]:
+                    current = ft_dir
         chains[method] = rows
+        finals[method] = str(current)
     record = {
         "stage": "compress",
         "source": str(source),
@@ -196,7 +203,7 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
         "world_size": ctx.world_size,
         "config": to_dict(config),
         "chains": chains,
-        "final": {method: str(_final_dir(output, method, config)) for method in config.methods},
+        "final": finals,
         "seconds_this_run": round(time.time() - started, 3),
     }
     if ctx.is_main:
@@ -357,17 +364,12 @@ def _finished(directory: Path) -> Optional[Dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _final_dir(output: Path, method: str, config: CompressConfig) -> Path:
-    index = len(config.steps)
-    last = output / method / f"step{index}_{config.steps[-1].what}"
-    return last / "ft" if config.finetune.epochs else last
-
-
 def _summary(what: str, record: Dict[str, Any]) -> Dict[str, Any]:
     test = record.get("test") or {}
     valid = record.get("valid") or {}
     return {
         "stage": what,
+        "model": record["model"],
         "output": record.get("output"),
         "parameters": record["parameters"]["total"],
         "embedding_parameters": record["parameters"].get("embedding"),

@@ -186,6 +186,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
     module = _training_module(model, schema, config)
     dmp, optimizer, plan = _distribute(module, config, ctx)
     extras, side = _distill_inputs(config)
+    given_reader = reader_config  # recorded as given: the pipeline compares it to skip a finished run
     reader_config = dataclasses.replace(reader_config, extras=list(reader_config.extras) + extras)
     train_reader = ParquetReader(dataset, "train", reader_config, ctx.rank, ctx.world_size, side_inputs=side)
     eval_config = ReaderConfig(batch_size=config.eval_batch_size, validate_ids=reader_config.validate_ids, extras=extras)
@@ -205,7 +206,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig) -> Di
         "world_size": ctx.world_size,
         "backend": ctx.backend,
         "config": to_dict(config),
-        "reader": to_dict(reader_config),
+        "reader": to_dict(given_reader),
         "sharding_plan": describe_plan(plan),
         "parameters": parameters,
         "flops_per_example": flops,
