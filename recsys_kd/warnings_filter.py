@@ -17,6 +17,8 @@ def silence_third_party_warnings() -> None:
     # fbgemm's CPU dense-kernel lookup (data-parallel tables) backpropagates through autograd's
     # fallback; its gradients are correct (tests check data-parallel training against 1 process).
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function")
+    # torchrec's sharded state dict is made of ShardedTensors; the compress stage reads them as they are
+    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
     logging.getLogger().addFilter(_DropKnownRootWarnings())
     for name in ("torchrec.distributed.planner", "torchrec.distributed.utils", "torch.fx._symbolic_trace"):
         logging.getLogger(name).setLevel(logging.ERROR)
