@@ -93,16 +93,22 @@ def visible_model(schema: Schema, name: str, seed: int = 0, **overrides):
 def fake_train_output(root: Path, dataset: Path, name: str, seed: int = 0, **overrides) -> Path:
     """A train output as the trainer leaves it (train.json + checkpoints/best in DCP) for a
     :func:`visible_model`, without training: what ``export_artifact`` reads."""
+
+    from recsys_kd.models import ModelConfig
+
+    model = visible_model(Schema.load(dataset), name, seed=seed, **overrides)
+    return save_train_output(Path(root) / name, dataset, model, ModelConfig(name=name, **{**SMALL_MODEL, **overrides}))
+
+
+def save_train_output(output: Path, dataset: Path, model, config) -> Path:
+    """Writes ``model`` (built from ``config``, a ModelConfig) as a train output: train.json +
+    checkpoints/best in DCP."""
     import json
 
     import torch.distributed.checkpoint as dcp
 
     from recsys_kd.config import to_dict
-    from recsys_kd.models import ModelConfig
 
-    model = visible_model(Schema.load(dataset), name, seed=seed, **overrides)
-    config = ModelConfig(name=name, **{**SMALL_MODEL, **overrides})
-    output = Path(root) / name
     state = {f"model.{key}": value for key, value in model.state_dict().items()}
     dcp.save({"model": state}, checkpoint_id=str(output / "checkpoints" / "best"), no_dist=True)
     record = {"config": {"model": to_dict(config)}, "dataset": str(dataset), "test": {"auc": 0.5, "logloss": 0.7}}

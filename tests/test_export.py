@@ -31,7 +31,7 @@ from recsys_kd.export import (
 )
 from recsys_kd.models import CTRModel, ModelConfig, build_model
 from recsys_kd.train import checkpoint
-from tests.helpers import SMALL_MODEL, fake_train_output, tiny_batch, tiny_schema, visible_model
+from tests.helpers import SMALL_MODEL, fake_train_output, save_train_output, tiny_batch, tiny_schema, visible_model
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -320,9 +320,9 @@ torch.save(outputs, r"{tmp_path}/outputs.pt")
 
 
 def test_teacher_student_and_compressed_artifacts_score_in_a_torch_only_process(datasets, exported, tmp_path) -> None:
-    """A DCNv2 teacher and a DAGFM-outer student exported from checkpoints, and an AFM-compressed DNN
-    (MLP and tables, fused into the first Linear) saved as a scripted serving module: a fresh
-    interpreter that imports torch alone loads each and reproduces the models' probabilities."""
+    """A DCNv2 teacher, a DAGFM-outer student and an AFM-compressed DNN (MLP and tables, fused into the
+    first Linear; rebuilt from the compression steps in its train.json) exported from checkpoints: a
+    fresh interpreter that imports torch alone loads each and reproduces the models' probabilities."""
     dataset = datasets["synthetic"]
     teacher = fake_train_output(tmp_path / "train", dataset, "dcnv2", seed=1)
     export_artifact(teacher, tmp_path / "dcnv2.pt", parity_rows=256)
@@ -330,7 +330,11 @@ def test_teacher_student_and_compressed_artifacts_score_in_a_torch_only_process(
     assert student["output"].name == "dagfm_outer" and student["dtype"] == "float32"
     batches = list(ParquetReader(dataset, "train", ReaderConfig(batch_size=256), rank=0, world_size=1))[:4]
     compressed = _compressed(visible_model(Schema.load(dataset), "dnn", seed=2), 3, True, {1: 4}, batches)
-    torch.jit.save(script_serving(ServingModel.from_model(compressed, num_dense_inputs=2)), str(tmp_path / "afm_dnn.pt"))
+    config = ModelConfig(name="dnn", **SMALL_MODEL, compression=compressed.compression_steps)
+    save_train_output(tmp_path / "train" / "afm_dnn", dataset, compressed, config)
+    record = export_artifact(tmp_path / "train" / "afm_dnn", tmp_path / "afm_dnn.pt", parity_rows=256)
+    assert record["parity"]["max_abs_diff"] < 1e-5
+    assert [step["what"] for step in load_artifact(tmp_path / "afm_dnn.pt")[1]["model"]["config"]["compression"]] == ["mlp", "embeddings"]
 
     teacher_probabilities, inputs = _training_probabilities(teacher, 256)
     batch = next(iter(ParquetReader(dataset, "test", ReaderConfig(batch_size=256), rank=0, world_size=1)))
