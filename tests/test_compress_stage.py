@@ -111,6 +111,13 @@ def test_sharded_compression_matches_the_in_memory_surgery_and_rebuilds(setup):
     assert_same_weights(weights, reference.state_dict())
     assert compressed.embedding.fused and compressed.embedding.ranks == {f"C{i}": EMBEDDING_RANK for i in range(1, 6)}
 
+    # the record reports each compressed layer's / table's spectrum and the share of variance kept
+    for step, width in (("step1_mlp", 16), ("step2_embeddings", 8)):
+        for entry in json.loads((root / "dnn_1" / "afm" / step / "train.json").read_text())["log"]:
+            spectrum = entry["spectrum"]
+            assert spectrum["dim"] == width and spectrum["cumulative"][-1] == pytest.approx(1.0)
+            assert entry["kept_share"] == pytest.approx(spectrum["cumulative"][entry["k"] - 1])
+
     # the fine-tuned model moved away from its initialisation, which was the compressed checkpoint
     tuned = json.loads((root / "dnn_1" / "afm" / "step2_embeddings" / "ft" / "train.json").read_text())
     assert tuned["config"]["init_from"].endswith("step2_embeddings/checkpoints/best") and tuned["steps"] > 0

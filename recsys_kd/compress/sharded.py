@@ -32,7 +32,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
-from recsys_kd.compress.afm import afm_embedding_columns, afm_embedding_rows, afm_up_bias, embedding_gram, pca
+from recsys_kd.compress.afm import (
+    afm_embedding_columns,
+    afm_embedding_rows,
+    afm_up_bias,
+    embedding_gram,
+    pca,
+    spectrum_report,
+)
 from recsys_kd.compress.surgery import (
     ModelStatistics,
     StatisticsHooks,
@@ -272,6 +279,7 @@ def compress_sharded_embeddings(
                 "shape": [configs[name].num_embeddings, d],
                 "k": k,
                 "kept_share": _kept_share(spectrum, k),
+                "spectrum": spectrum_report(spectrum),
                 "centered": use_centered,
                 "fused": fuse,
                 "sharding": "data_parallel" if table.replicated else ("column" if table.column_split else "row"),

@@ -70,6 +70,7 @@ from recsys_kd.compress.afm import (
     fuse_into_first_linear,
     pca,
     singular_value_spectrum,
+    spectrum_report,
     svd_embedding,
     svd_linear,
     two_linear_layers,
@@ -527,6 +528,7 @@ def compress_mlp_module(
                 "shape": [module.out_features, module.in_features],
                 "k": k,
                 "kept_share": _kept_share(spectrum, k),
+                "spectrum": spectrum_report(spectrum),
                 "relu_between": relu_between,
             }
         )
@@ -670,6 +672,7 @@ def compress_embeddings(
                 "shape": [config.num_embeddings, d],
                 "k": k,
                 "kept_share": _kept_share(spectrum, k),
+                "spectrum": spectrum_report(spectrum),
                 "centered": centered if method == "afm" else False,
                 "fused": fuse,
             }
