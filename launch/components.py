@@ -1,6 +1,6 @@
 """TorchX components for the ``recsys-kd`` stages: the same job on a laptop, Slurm or Kubernetes.
 
-Components: ``train``, ``infer``, ``prepare``, ``synthesize``, ``pipeline``. Each returns an ``AppDef`` built by ``torchx.components.dist.ddp``: one role whose
+Components: ``train``, ``infer``, ``distill``, ``compress``, ``prepare``, ``synthesize``, ``pipeline``. Each returns an ``AppDef`` built by ``torchx.components.dist.ddp``: one role whose
 replicas (nodes) each run ``torchrun ... -m recsys_kd.cli <stage> --config X.yaml [key.sub=value ...]``.
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, which ``recsys_kd.distributed`` reads.
 
@@ -110,6 +110,94 @@ def infer(
     """
     return _stage_app(
         "infer", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port, mounts=mounts,
+    )
+
+
+def distill(
+    *overrides: str,
+    config: str,
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/distill",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Distills a student on labels + soft labels, then its FT phase, on nnodes x nproc_per_node
+    processes (``recsys-kd distill``); a restarted job resumes from the last checkpoint.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value`` (e.g. ``distill.epochs=2``)
+        config: recipe YAML with ``distill`` (and ``finetune``) sections, relative to the job's working directory
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 (one node, two processes) or 2x1 (two nodes, one each)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        memMB: memory per node (replica) in MB
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
+        max_retries: scheduler retries of the whole job after a failure; it resumes from checkpoints
+        max_restarts: torchrun restarts of all workers after one fails (every scheduler, local included)
+        rdzv_backend: torchrun rendezvous backend; keep c10d (the only one reliable with torchx)
+        rdzv_port: port of the c10d store on the first node (multi-node jobs only)
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "distill", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port, mounts=mounts,
+    )
+
+
+def compress(
+    *overrides: str,
+    config: str,
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    name: str = "recsys-kd/compress",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """AFM/SVD low-rank compression of a trained model, sharded, each step fine-tuned, on
+    nnodes x nproc_per_node processes (``recsys-kd compress``); a restarted job keeps finished steps.
+
+    Args:
+        overrides: recipe overrides ``key.sub=value`` (e.g. ``compress.methods=[afm]``)
+        config: recipe YAML with a ``compress`` section, relative to the job's working directory
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 (one node, two processes) or 2x1 (two nodes, one each)
+        image: container image with the project installed (Kubernetes); local_cwd ignores it
+        name: job name, ``{experiment}/{run}``
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        memMB: memory per node (replica) in MB
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
+        max_retries: scheduler retries of the whole job after a failure; finished steps are kept
+        max_restarts: torchrun restarts of all workers after one fails (every scheduler, local included)
+        rdzv_backend: torchrun rendezvous backend; keep c10d (the only one reliable with torchx)
+        rdzv_port: port of the c10d store on the first node (multi-node jobs only)
+        mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
+    """
+    return _stage_app(
+        "compress", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
         env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )

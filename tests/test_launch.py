@@ -96,7 +96,17 @@ def test_single_process_stages(name: str) -> None:
     assert stage_args(command) == [name, "--config", CONFIG, "prepare.output=runs/x/data"]
 
 
-@pytest.mark.parametrize("name", ["train", "prepare", "pipeline", "synthesize"])
+@pytest.mark.parametrize("name", ["infer", "distill", "compress"])
+def test_sharded_stages_run_on_every_process(name: str) -> None:
+    app = getattr(components, name)(f"{name}.progress=false", config=CONFIG, j="2x2", max_restarts=1)
+    role = app.roles[0]
+    assert role.name == name and role.num_replicas == 2
+    command = torchrun_command(app)
+    assert option(command, "--nnodes") == "2" and option(command, "--nproc_per_node") == "2"
+    assert stage_args(command) == [name, "--config", CONFIG, f"{name}.progress=false"]
+
+
+@pytest.mark.parametrize("name", ["train", "prepare", "pipeline", "synthesize", "infer", "distill", "compress"])
 def test_components_pass_the_torchx_linter(name: str) -> None:
     assert validate(str(COMPONENTS), name) == []
 
