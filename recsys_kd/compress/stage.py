@@ -40,7 +40,6 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
 from recsys_kd.compress.sharded import compress_sharded_embeddings, compress_sharded_mlp, sharded_statistics
@@ -53,7 +52,15 @@ from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import ModelConfig, build_model
 from recsys_kd.train import checkpoint
 from recsys_kd.train.sharding import ShardingConfig
-from recsys_kd.train.trainer import OptimConfig, TrainConfig, TrainingModule, _distribute, evaluate, train
+from recsys_kd.train.trainer import (
+    OptimConfig,
+    TrainConfig,
+    TrainingModule,
+    _distribute,
+    evaluate,
+    load_init_from,
+    train,
+)
 
 RECORD_FILE = "compress.json"
 TRAIN_RECORD = "train.json"
@@ -292,14 +299,10 @@ def load_sharded(schema: Schema, model_config: ModelConfig, sharding: ShardingCo
                  ctx: DistributedContext) -> torch.nn.Module:
     """A model built on the meta device, sharded by DMP (each rank materialises only its shards) and
     filled from the checkpoint at ``path`` (DCP reshards it to this plan and number of ranks)."""
-    if not (path / ".metadata").exists():
-        raise checkpoint.CheckpointError(f"{path}: no checkpoint (no .metadata)")
     module = TrainingModule(build_model(schema, model_config, embedding_device=torch.device("meta")))
     plan_config = TrainConfig(model=model_config, sharding=sharding, deterministic_init=False)
     dmp, _, _ = _distribute(module, plan_config, ctx)
-    state = {"model": dmp.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
-    dmp.load_state_dict(state["model"])
+    load_init_from(dmp, path)
     return dmp
 
 
@@ -318,6 +321,7 @@ def finetune_config(base: TrainConfig, model_config: ModelConfig, step_dir: Path
         monitor="auc",
         init_from=str(step_dir / "checkpoints" / checkpoint.BEST),
         init_from_part="all",
+        deterministic_init=False,  # every tensor comes from init_from, shard by shard
         freeze_embeddings=False,
         distill=None,
     )

@@ -110,25 +110,6 @@ def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor]) -> Dict[
     return state_dict
 
 
-def load_matching_tensors(path: Path, module: torch.nn.Module, prefix: str = "") -> list:
-    """Single process, before sharding: copies into ``module`` every tensor of the checkpoint's
-    model whose name starts with ``prefix`` and whose name and shape match (e.g. a teacher's
-    embedding tables into a student that shares them, KD-DAGFM). Returns the names loaded."""
-    path = Path(path)
-    if not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = module.state_dict()
-    wanted = {
-        key: value for key, value in state.items()
-        if key.startswith(prefix) and f"model.{key}" in stored and tuple(getattr(stored[f"model.{key}"], "size", ())) == tuple(value.shape)
-    }
-    if wanted:
-        dcp.load({"model": wanted}, checkpoint_id=str(path), no_dist=True)
-        module.load_state_dict({**state, **wanted})
-    return sorted(wanted)
-
-
 def rng_state() -> Dict[str, str]:
     state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
     if torch.cuda.is_available():

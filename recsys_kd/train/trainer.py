@@ -236,19 +236,7 @@ def _training_module(model: CTRModel, schema: Schema, config: TrainConfig) -> Tr
             teacher_config = from_dict(ModelConfig, config.distill.cotrain_teacher, source="distill.cotrain_teacher")
             teacher = build_model(schema, teacher_config)
         projections = _hint_projections(config.distill, model, teacher)
-    module = TrainingModule(model, gate=gate, teacher=teacher, projections=projections)
-    if config.init_from:
-        prefix = "model.embedding." if config.init_from_part == "embeddings" else ""
-        loaded = checkpoint.load_matching_tensors(Path(config.init_from), module, prefix)
-        if not loaded:
-            raise checkpoint.CheckpointError(f"init_from {config.init_from}: no tensor matches this model")
-        missing = sorted(set(k for k in module.state_dict() if k.startswith("model.")) - set(loaded))
-        if config.init_from_part == "all" and missing:
-            raise checkpoint.CheckpointError(
-                f"init_from {config.init_from}: {len(missing)} model tensors are missing or shaped differently "
-                f"there, e.g. {missing[:3]}; use init_from_part: embeddings to load only the tables"
-            )
-    return module
+    return TrainingModule(model, gate=gate, teacher=teacher, projections=projections)
 
 
 def _hint_projections(
@@ -290,7 +278,7 @@ def verify_alignment_once(soft_labels: Path, verify) -> None:
 
 def _distribute(module: TrainingModule, config: TrainConfig, ctx: DistributedContext):
     """DMP-wraps the module with a planner-made plan; returns (dmp, combined optimizer, plan)."""
-    initial = copy.deepcopy(module.state_dict()) if (config.deterministic_init or config.init_from) else None
+    initial = copy.deepcopy(module.state_dict()) if config.deterministic_init else None
     replicated = set(data_parallel_tables(module, config.sharding))
     fused_weights = [
         bag.weight
@@ -311,12 +299,47 @@ def _distribute(module: TrainingModule, config: TrainConfig, ctx: DistributedCon
         # DMP re-initialises the tables it shards, rank by rank; loading the seeded full model makes
         # every world size start from identical weights (costs one full copy of the tables).
         dmp.load_state_dict(initial)
+    if config.init_from:
+        load_init_from(dmp, Path(config.init_from), config.init_from_part)
     dense_parameters = dict(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
     if config.freeze_embeddings:
         dense_parameters = {name: p for name, p in dense_parameters.items() if ".embedding_bags." not in name}
     dense = KeyedOptimizerWrapper(dense_parameters, lambda params: _dense_optimizer(config.optim, params))
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     return dmp, optimizer, plan
+
+
+def load_init_from(dmp: nn.Module, path: Path, part: str = "all") -> List[str]:
+    """
+    Collective, after sharding: fills the model from the checkpoint at ``path``, each rank reading only
+    the shards it holds (DCP reshards to this plan and number of ranks), so no rank ever holds a table
+    it does not own. Loads every model tensor stored there under the same name and shape; ``part``
+    ``embeddings`` loads the tables only (KD-DAGFM's student sharing its teacher's). With ``all``, a
+    model tensor the checkpoint lacks is an error. Returns the names loaded.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if not (path / ".metadata").exists():
+        raise checkpoint.CheckpointError(f"init_from {path}: not a checkpoint (no .metadata)")
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = dmp.state_dict()
+    prefix = "model.embedding." if part == "embeddings" else "model."
+    wanted = {
+        key: value for key, value in state.items()
+        if key.startswith(prefix) and f"model.{key}" in stored
+        and tuple(getattr(stored[f"model.{key}"], "size", ())) == tuple(value.size())
+    }
+    if not wanted:
+        raise checkpoint.CheckpointError(f"init_from {path}: no tensor matches this model")
+    missing = sorted(key for key in state if key.startswith("model.") and key not in wanted)
+    if part == "all" and missing:
+        raise checkpoint.CheckpointError(
+            f"init_from {path}: {len(missing)} model tensors are missing or shaped differently there, "
+            f"e.g. {missing[:3]}; use init_from_part: embeddings to load only the tables"
+        )
+    dcp.load({"model": wanted}, checkpoint_id=str(path))
+    dmp.load_state_dict({**state, **wanted})
+    return sorted(wanted)
 
 
 def _ebcs(module: nn.Module):
