@@ -144,3 +144,19 @@ def test_two_processes_compress_exactly_like_one(setup, model, sharding):
     log = json.loads((root / two / "afm" / "step2_embeddings" / "train.json").read_text())["log"]
     expected = {"table_wise": "row", "row_wise": "row", "column_wise": "column"}[sharding]
     assert {entry["sharding"] for entry in log} == {expected}
+
+
+def test_a_killed_compression_resumes_to_the_same_model(setup):
+    """SIGKILL while fine-tuning step 1; the rerun keeps the finished compression, redoes the rest and
+    ends with the same weights as an uninterrupted run."""
+    root = setup
+    whole = compress_recipe(root, "dnn", "dnn_whole", "row_wise", finetune_epochs=1, methods=("afm",))
+    killed = compress_recipe(root, "dnn", "dnn_killed", "row_wise", finetune_epochs=1, methods=("afm",))
+    assert run_stage("compress", whole, 1) == [0]
+    assert run_stage("compress", killed, 1, env={"RECSYS_KD_KILL_AT_STEP": "0:3"}) != [0]
+    assert (root / "dnn_killed" / "afm" / "step1_mlp" / "train.json").exists()
+    assert not (root / "dnn_killed" / "compress.json").exists()
+    assert run_stage("compress", killed, 1) == [0]
+    for step in ("step1_mlp/ft", "step2_embeddings", "step2_embeddings/ft"):
+        assert_same_weights(compressed_weights(root / "dnn_killed" / "afm" / step)[1],
+                            compressed_weights(root / "dnn_whole" / "afm" / step)[1], atol=1e-6)
