@@ -126,7 +126,7 @@ def test_sharded_compression_matches_the_in_memory_surgery_and_rebuilds(setup):
 
 
 @pytest.mark.parametrize("model, sharding", [("dnn", "table_wise"), ("dnn", "row_wise"), ("dnn", "column_wise"),
-                                             ("dcn", "column_wise")])
+                                             ("dcn", "column_wise"), ("dcn", "data_parallel")])
 def test_two_processes_compress_exactly_like_one(setup, model, sharding):
     root = setup
     one, two = f"{model}_{sharding}_1", f"{model}_{sharding}_2"
@@ -142,7 +142,7 @@ def test_two_processes_compress_exactly_like_one(setup, model, sharding):
             assert first["statistics_rows"] == second["statistics_rows"]
             assert first["test"]["auc"] == pytest.approx(second["test"]["auc"], abs=1e-6)
     log = json.loads((root / two / "afm" / "step2_embeddings" / "train.json").read_text())["log"]
-    expected = {"table_wise": "row", "row_wise": "row", "column_wise": "column"}[sharding]
+    expected = {"table_wise": "row", "row_wise": "row", "column_wise": "column", "data_parallel": "data_parallel"}[sharding]
     assert {entry["sharding"] for entry in log} == {expected}
 
 
