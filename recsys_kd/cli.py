@@ -158,15 +158,13 @@ def _distill(args) -> int:
 
 
 def _compress(args) -> int:
-    from recsys_kd.compress.stage import compress, read_train_record
+    from recsys_kd.compress.stage import compress
+    from recsys_kd.pipeline import resolve_compress
 
     recipe = _recipe(args)
     if recipe.compress is None:
         raise ConfigError(f"{args.config}: no 'compress' section")
-    source = recipe.compress_source()
-    recipe.compress.source = str(source)
-    recipe.compress.output = str(recipe.compress_output(read_train_record(source)["model"]))
-    record = compress(recipe.compress, recipe.reader)
+    record = compress(resolve_compress(recipe), recipe.reader)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_table(compress_rows(record)))
         print(f"record: {Path(record['output']) / 'compress.json'}")

@@ -116,13 +116,11 @@ def distill_if_needed(recipe: Recipe) -> Dict[str, Any]:
 def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
     """Compresses the student (or the trained model) unless the same config already did; a finished
     step of an interrupted run is kept, a run of another config is replaced."""
-    from recsys_kd.compress.stage import RECORD_FILE, compress, read_train_record
+    from recsys_kd.compress.stage import RECORD_FILE, compress
 
-    config = recipe.compress
-    config.source = str(recipe.compress_source())
-    output = recipe.compress_output(read_train_record(Path(config.source))["model"])
-    config.output = str(output)
+    config = resolve_compress(recipe)
     config.progress = recipe.train.progress
+    output = Path(config.output)
     record_path = output / RECORD_FILE
     if record_path.exists():
         previous = json.loads(record_path.read_text())
@@ -130,6 +128,15 @@ def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
             return {**previous, "skipped": True}
         shutil.rmtree(output)
     return {**compress(config, recipe.reader), "skipped": False}
+
+
+def resolve_compress(recipe: Recipe):
+    """The recipe's ``compress`` section with its source and output filled in (the output's default
+    names the source's model, read from its ``train.json``)."""
+    config = recipe.compress
+    config.source = str(recipe.compress_source())
+    config.output = str(recipe.compress_output(_model_name(Path(config.source))))
+    return config
 
 
 def models_to_export(recipe: Recipe) -> Dict[str, Path]:
@@ -143,7 +150,7 @@ def models_to_export(recipe: Recipe) -> Dict[str, Path]:
     if recipe.compress is not None:
         from recsys_kd.compress.stage import RECORD_FILE
 
-        record = json.loads((recipe.compress_output(_model_name(recipe.compress_source())) / RECORD_FILE).read_text())
+        record = json.loads((Path(resolve_compress(recipe).output) / RECORD_FILE).read_text())
         method = "afm" if "afm" in record["final"] else next(iter(record["final"]))
         models["compressed"] = Path(record["final"][method])
     return models
@@ -158,7 +165,8 @@ def export_if_needed(recipe: Recipe, role: str, source: Path) -> Dict[str, Any]:
     from recsys_kd.export import export_artifact
     from recsys_kd.export.artifact import record_path
 
-    output = recipe.export_output(f"{role}_{_model_name(source)}") if role != "model" else recipe.export_output(_model_name(source))
+    name = _model_name(source)
+    output = recipe.export_output(name if role == "model" else f"{role}_{name}")
     previous = record_path(output)
     if output.exists() and previous.exists():
         record = json.loads(previous.read_text())
@@ -191,7 +199,9 @@ def score_all(recipe: Recipe, exported: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _model_name(train_output: Path) -> str:
-    return json.loads((Path(train_output) / "train.json").read_text())["model"]
+    from recsys_kd.compress.stage import read_train_record
+
+    return read_train_record(Path(train_output))["model"]
 
 
 def _train_config_if_needed(config, recipe: Recipe) -> Dict[str, Any]:

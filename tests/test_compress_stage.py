@@ -9,13 +9,11 @@ import torch
 
 from recsys_kd.compress import collect_statistics, compress_embeddings, compress_mlp
 from recsys_kd.config import from_dict
-from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
-from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.models.zoo import ModelConfig, build_model
 from recsys_kd.train import checkpoint
-from tests.trainrun import run_ranks, run_stage, write_recipe
+from tests.trainrun import run_stage, train_on_synthetic, write_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -30,18 +28,7 @@ STATS_BATCH = 500
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compress")
-    synthetic = SyntheticConfig(rows=6000, seed=5, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=1000)
-    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
-                          row_group_rows=300, rows_per_part=900))
-    for name, model in MODELS.items():
-        config = write_recipe(root / f"train_{name}.yaml", {
-            "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
-            "reader": {"batch_size": 256, "shuffle": True},
-            "train": {"model": model, "output": str(root / name), "epochs": 1, "max_steps": 12, "progress": False},
-        })
-        assert run_ranks(config, 1) == [0]
-    return root
+    return train_on_synthetic(tmp_path_factory.mktemp("compress"), MODELS, rows=6000, seed=5, max_steps=12)
 
 
 def compress_recipe(root, model, name, sharding, finetune_epochs=0, methods=("afm", "svd")):

@@ -8,12 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
-from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.distill.infer import verify_alignment
-from tests.trainrun import run_ranks, run_stage, write_recipe
+from tests.trainrun import run_stage, train_on_synthetic, write_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -23,18 +21,7 @@ TEACHERS = {"dcn": {"name": "dcn", "embedding_dim": 8, "mlp_layers": [16]},
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("infer")
-    synthetic = SyntheticConfig(rows=5000, seed=3, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=1000)
-    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
-                          row_group_rows=300, rows_per_part=900))
-    for name, model in TEACHERS.items():
-        config = write_recipe(root / f"train_{name}.yaml", {
-            "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
-            "reader": {"batch_size": 256, "shuffle": True},
-            "train": {"model": model, "output": str(root / name), "epochs": 1, "max_steps": 6, "progress": False},
-        })
-        assert run_ranks(config, 1) == [0]
-    return root
+    return train_on_synthetic(tmp_path_factory.mktemp("infer"), TEACHERS, rows=5000, seed=3, max_steps=6)
 
 
 def infer_recipe(root, name, hints=False):

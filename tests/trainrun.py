@@ -64,6 +64,25 @@ def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = 
     return codes
 
 
+def train_on_synthetic(root: Path, models: Dict[str, Dict], rows: int, seed: int, max_steps: int) -> Path:
+    """A small synthetic dataset (``root/data``: 5 sparse and 2 dense features, parts of 3 row groups)
+    and one single-process training run per model (``root/<name>``); returns ``root``."""
+    from recsys_kd.data.prepare import PrepareConfig, prepare
+    from recsys_kd.data.synthetic import SyntheticConfig
+
+    synthetic = SyntheticConfig(rows=rows, seed=seed, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=1000)
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=300, rows_per_part=900))
+    for name, model in models.items():
+        config = write_recipe(root / f"train_{name}.yaml", {
+            "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+            "reader": {"batch_size": 256, "shuffle": True},
+            "train": {"model": model, "output": str(root / name), "epochs": 1, "max_steps": max_steps, "progress": False},
+        })
+        assert run_ranks(config, 1) == [0], name
+    return root
+
+
 def final_weights(output: Path, dataset: Path, model: Dict) -> Dict[str, torch.Tensor]:
     """The newest checkpoint's model tensors as a plain state_dict (single process, no group)."""
     module = TrainingModule(build_model(Schema.load(dataset), ModelConfig(**model)))

@@ -67,17 +67,19 @@ class TableShards:
     holders: List[int]
     replicated: bool
     column_split: bool
+    dtype: torch.dtype
 
     @classmethod
     def of(cls, value: Any) -> "TableShards":
         if not isinstance(value, ShardedTensor):
-            return cls(tuple(value.shape), [(value, 0, 0)], list(range(dist.get_world_size())), True, False)
-        everywhere = value.metadata().shards_metadata
+            return cls(tuple(value.shape), [(value, 0, 0)], list(range(dist.get_world_size())), True, False, value.dtype)
+        metadata = value.metadata()
+        everywhere = metadata.shards_metadata
         size = tuple(value.size())
         local = [(s.tensor, s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]) for s in value.local_shards()]
         holders = sorted({meta.placement.rank() for meta in everywhere})
         column_split = any(meta.shard_sizes[1] != size[1] for meta in everywhere)
-        return cls(size, local, holders, False, column_split)
+        return cls(size, local, holders, False, column_split, metadata.tensor_properties.dtype)
 
 
 def row_blocks(num_rows: int, owners: Sequence[int]) -> List[Tuple[int, int, int]]:
@@ -113,8 +115,7 @@ def project_table(
             rows = afm_embedding_rows(block, u_k, mu, centered)
             shards.append(Shard(rows, ShardMetadata([row0, 0], [block.shape[0], k], f"rank:{rank}/cpu")))
     else:
-        dtype = table.local[0][0].dtype if table.local else torch.float32
-        dtype = _broadcast_dtype(dtype, table.holders[0])
+        dtype = table.dtype
         for owner, start, stop in row_blocks(num_rows, table.holders):
             pieces = []
             for chunk_start in range(start, stop, chunk_rows):
@@ -152,12 +153,6 @@ def table_gram(table: TableShards, chunk_rows: int = 1 << 20) -> torch.Tensor:
         dist.all_reduce(rows)
         gram += embedding_gram(rows)
     return gram
-
-
-def _broadcast_dtype(dtype: torch.dtype, src: int) -> torch.dtype:
-    box = [dtype]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def broadcast_from_main(*tensors: torch.Tensor) -> None:
@@ -266,9 +261,8 @@ def compress_sharded_embeddings(
         u_k = vectors[:, :k].contiguous()
         use_centered = centered and method == "afm"
         state[key] = project_table(table, u_k, mu, use_centered, chunk_rows)
-        dtype = table.local[0][0].dtype if table.local else torch.float32
-        up_weights[name] = u_k.to(dtype)
-        up_biases[name] = (afm_up_bias(u_k, mu, use_centered) if method == "afm" else torch.zeros(d, dtype=torch.float64)).to(dtype)
+        up_weights[name] = u_k.to(table.dtype)
+        up_biases[name] = afm_up_bias(u_k, mu, use_centered).to(table.dtype)
         chosen[name] = k
         log.append(
             {

@@ -257,7 +257,8 @@ def compress_step(
             model, layout, state, ranks, stats, fuse, method, step.centered, config.chunk_rows
         )
     compressed_config = dataclasses.replace(model_config, compression=list(model_config.compression) + [low_rank])
-    _check_structure(state, schema, compressed_config)
+    skeleton = build_model(schema, compressed_config, embedding_device=torch.device("meta"))
+    _check_structure(state, TrainingModule(skeleton).state_dict())
     checkpoint.save(step_dir / "checkpoints", checkpoint.BEST, {"model": state}, {"step": 0})
     del dmp, state
 
@@ -267,7 +268,6 @@ def compress_step(
         split: evaluate(evaluated, ParquetReader(dataset, split, eval_config, ctx.rank, ctx.world_size), ctx)
         for split in ("valid", "test")
     }
-    skeleton = build_model(schema, compressed_config, embedding_device=torch.device("meta"))
     record = {
         "stage": "compress_step",
         "method": method,
@@ -330,7 +330,7 @@ def finetune_config(base: TrainConfig, model_config: ModelConfig, step_dir: Path
 def read_train_record(directory: Path) -> Dict[str, Any]:
     path = Path(directory) / TRAIN_RECORD
     if not path.exists():
-        raise ConfigError(f"compress.source: {path} not found; is {directory} a train output?")
+        raise ConfigError(f"{path} not found; is {directory} the output of train, distill or compress?")
     return json.loads(path.read_text())
 
 
@@ -353,9 +353,8 @@ def _rows_of(stats) -> float:
     return any_stats.n if any_stats is not None else 0
 
 
-def _check_structure(state: Dict[str, Any], schema: Schema, config: ModelConfig) -> None:
+def _check_structure(state: Dict[str, Any], expected: Dict[str, torch.Tensor]) -> None:
     """The transformed state must be exactly the compressed model's: same keys, same global shapes."""
-    expected = TrainingModule(build_model(schema, config, embedding_device=torch.device("meta"))).state_dict()
     have = {key: tuple(value.size()) for key, value in state.items()}
     want = {key: tuple(value.shape) for key, value in expected.items()}
     if have != want:
