@@ -25,9 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from recsys_kd.io import atomic_write_json, atomic_write_text
-
-LATEST = "latest"
-BEST = "best"
+from recsys_kd.runs import BEST, LATEST, is_checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +76,7 @@ def latest(directory: Path) -> Optional[Path]:
     if not pointer.exists():
         return None
     path = Path(directory) / pointer.read_text().strip()
-    if not (path / ".metadata").exists():
+    if not is_checkpoint(path):
         raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
 
@@ -104,7 +102,7 @@ def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor]) -> Dict[
     """Single process, no process group: fills a plain (unsharded) model state_dict from any
     checkpoint, whatever its sharding. Returns ``state_dict``."""
     path = Path(path)
-    if not (path / ".metadata").exists():
+    if not is_checkpoint(path):
         raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
     dcp.load({"model": state_dict}, checkpoint_id=str(path), no_dist=True)
     return state_dict
