@@ -12,11 +12,13 @@ from typing import Any, Dict, List, Optional, Sequence
 from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
-from recsys_kd.train.checkpoint import CheckpointError
 from recsys_kd.export.artifact import ArtifactError, ParityError
+from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
+from recsys_kd.train.checkpoint import CheckpointError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
-USER_ERRORS = (ConfigError, SchemaError, CheckpointError, ArtifactError, ParityError, TooManyBadRows, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
+               FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -110,7 +112,7 @@ def _train(args) -> int:
             "params": record["parameters"]["total"], "flops/example": record["flops_per_example"],
             "steps": record["steps"], "samples/s": round(record["samples_per_second_this_run"]),
         }]))
-        print(f"record: {Path(record['output']) / 'train.json'}")
+        print(f"record: {Path(record['output']) / TRAIN_RECORD}")
     return 0
 
 
@@ -133,19 +135,15 @@ def _infer(args) -> int:
 
 
 def _distill(args) -> int:
+    from recsys_kd.distill.task import distill
     from recsys_kd.train.trainer import train
 
     recipe = _recipe(args)
-    if recipe.distill is None or recipe.distill.distill is None:
-        raise ConfigError(f"{args.config}: no 'distill' section with a 'distill.distill' part")
-    output = recipe.distill_output()
-    recipe.distill.output = str(output)
-    if recipe.distill.distill.soft_labels == "" and recipe.distill.distill.scheme == "pretrain":
-        recipe.distill.distill.soft_labels = str(recipe.infer_output())
-    records = [("distill", train(recipe.distill, Path(recipe.prepare.output), recipe.reader))]
+    if recipe.distill is None:
+        raise ConfigError(f"{args.config}: no 'distill' section")
+    recipe.resolve_distill()
+    records = [("distill", distill(recipe.distill, Path(recipe.prepare.output), recipe.reader))]
     if recipe.finetune is not None:
-        recipe.finetune.output = recipe.finetune.output or str(output / "ft")
-        recipe.finetune.init_from = recipe.finetune.init_from or str(output / "checkpoints" / "best")
         records.append(("finetune", train(recipe.finetune, Path(recipe.prepare.output), recipe.reader)))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_table([
@@ -167,7 +165,7 @@ def _compress(args) -> int:
     record = compress(resolve_compress(recipe), recipe.reader)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_table(compress_rows(record)))
-        print(f"record: {Path(record['output']) / 'compress.json'}")
+        print(f"record: {Path(record['output']) / COMPRESS_RECORD}")
     return 0
 
 
@@ -194,7 +192,7 @@ def _export(args) -> int:
 
     recipe = _recipe(args)
     source = recipe.export_source()
-    model_name = json.loads((source / "train.json").read_text())["model"]
+    model_name = TrainOutput(source).model_name
     record = export_artifact(source, recipe.export_output(model_name), checkpoint=recipe.export.checkpoint,
                              dtype=recipe.export.dtype, parity_rows=recipe.export.parity_rows,
                              dataset=recipe.prepare.output)
@@ -235,7 +233,7 @@ def _score(args) -> int:
         "auc": round(metrics.get("auc", float("nan")), 5), "logloss": round(metrics.get("logloss", float("nan")), 5),
         "rows/s": round(record["rows_per_second"]), "quarantined": sum(record["quarantined"].values()),
     }]))
-    print(f"record: {Path(record['output']) / 'score.json'}")
+    print(f"record: {Path(record['output']) / SCORE_RECORD}")
     return 0
 
 

@@ -11,8 +11,6 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import List
-
 import torch
 import torch.distributed as dist
 
@@ -56,13 +54,6 @@ def init_distributed(backend: str = "auto", timeout_seconds: int = 1800) -> Dist
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
 
 
-def all_gather_objects(value) -> List:
-    """Every rank's ``value`` (any picklable object of our own making), in rank order."""
-    gathered: List = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 def max_over_ranks(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -73,12 +64,6 @@ def sum_over_ranks(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor)
     return int(tensor.item())
-
-
-def broadcast_object(value, src: int = 0):
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def _free_port() -> int:

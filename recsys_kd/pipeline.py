@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from recsys_kd.config import to_dict
-from recsys_kd.data.prepare import RECORD_FILE, PrepareConfig, describe_inputs, open_source, prepare
+from recsys_kd.data.prepare import PrepareConfig, describe_inputs, open_source, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import write_criteo_tsv
 from recsys_kd.io import atomic_write_json
 from recsys_kd.recipe import Recipe, SynthesizeConfig
+from recsys_kd.runs import COMPRESS_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput, export_record
 
 # Config keys that change how a stage runs but not what it produces.
 _RUNTIME_KEYS = ("progress", "overwrite")
@@ -70,7 +71,7 @@ def synthesize(config: SynthesizeConfig, progress: bool = True) -> Dict[str, Any
 
 def prepare_if_needed(config: PrepareConfig) -> Dict[str, Any]:
     """Runs ``prepare`` unless its output holds a record of the same config over the same inputs."""
-    record_path = Path(config.output) / RECORD_FILE
+    record_path = Path(config.output) / PREPARE_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         same_config = _stable(previous.get("config", {})) == _stable(to_dict(config))
@@ -100,15 +101,11 @@ def infer_stage(recipe: Recipe) -> Dict[str, Any]:
 
 def distill_if_needed(recipe: Recipe) -> Dict[str, Any]:
     """The student (and its FT phase), each skipped when already trained with the same config."""
-    stages = {}
-    output = recipe.distill_output()
-    recipe.distill.output = str(output)
-    if recipe.distill.distill is not None and recipe.distill.distill.scheme == "pretrain" and not recipe.distill.distill.soft_labels:
-        recipe.distill.distill.soft_labels = str(recipe.infer_output())
-    stages["distill"] = _train_config_if_needed(recipe.distill, recipe)
+    from recsys_kd.distill.task import distill
+
+    recipe.resolve_distill()
+    stages = {"distill": _train_config_if_needed(recipe.distill, recipe, distill)}
     if recipe.finetune is not None:
-        recipe.finetune.output = recipe.finetune.output or str(output / "ft")
-        recipe.finetune.init_from = recipe.finetune.init_from or str(output / "checkpoints" / "best")
         stages["finetune"] = _train_config_if_needed(recipe.finetune, recipe)
     return stages
 
@@ -116,12 +113,12 @@ def distill_if_needed(recipe: Recipe) -> Dict[str, Any]:
 def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
     """Compresses the student (or the trained model) unless the same config already did; a finished
     step of an interrupted run is kept, a run of another config is replaced."""
-    from recsys_kd.compress.stage import RECORD_FILE, compress
+    from recsys_kd.compress.stage import compress
 
     config = resolve_compress(recipe)
     config.progress = recipe.train.progress
     output = Path(config.output)
-    record_path = output / RECORD_FILE
+    record_path = output / COMPRESS_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         if _stable(previous.get("config", {})) == _stable(to_dict(config)):
@@ -132,10 +129,10 @@ def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
 
 def resolve_compress(recipe: Recipe):
     """The recipe's ``compress`` section with its source and output filled in (the output's default
-    names the source's model, read from its ``train.json``)."""
+    names the source's model, read from its record)."""
     config = recipe.compress
     config.source = str(recipe.compress_source())
-    config.output = str(recipe.compress_output(_model_name(Path(config.source))))
+    config.output = str(recipe.compress_output(TrainOutput(config.source).model_name))
     return config
 
 
@@ -148,9 +145,7 @@ def models_to_export(recipe: Recipe) -> Dict[str, Path]:
     if recipe.distill is not None:
         models["student"] = recipe.student_output()
     if recipe.compress is not None:
-        from recsys_kd.compress.stage import RECORD_FILE
-
-        record = json.loads((Path(resolve_compress(recipe).output) / RECORD_FILE).read_text())
+        record = json.loads((Path(resolve_compress(recipe).output) / COMPRESS_RECORD).read_text())
         method = "afm" if "afm" in record["final"] else next(iter(record["final"]))
         models["compressed"] = Path(record["final"][method])
     return models
@@ -163,11 +158,10 @@ def export_all(recipe: Recipe) -> Dict[str, Any]:
 def export_if_needed(recipe: Recipe, role: str, source: Path) -> Dict[str, Any]:
     """Exports one model as a TorchScript artifact (parity-checked) unless it is up to date."""
     from recsys_kd.export import export_artifact
-    from recsys_kd.export.artifact import record_path
 
-    name = _model_name(source)
+    name = TrainOutput(source).model_name
     output = recipe.export_output(name if role == "model" else f"{role}_{name}")
-    previous = record_path(output)
+    previous = export_record(output)
     if output.exists() and previous.exists():
         record = json.loads(previous.read_text())
         checkpoint_metadata = Path(record["checkpoint"]) / ".metadata"
@@ -188,7 +182,7 @@ def score_all(recipe: Recipe, exported: Dict[str, Any]) -> Dict[str, Any]:
     for role, record in exported.items():
         artifact = Path(record["artifact"])
         output = Path(recipe.run_dir) / "scores" / artifact.stem
-        previous = output / "score.json"
+        previous = output / SCORE_RECORD
         if previous.exists() and previous.stat().st_mtime >= artifact.stat().st_mtime:
             scored[role] = {**json.loads(previous.read_text()), "skipped": True}
             continue
@@ -198,21 +192,17 @@ def score_all(recipe: Recipe, exported: Dict[str, Any]) -> Dict[str, Any]:
     return scored
 
 
-def _model_name(train_output: Path) -> str:
-    from recsys_kd.compress.stage import read_train_record
+def _train_config_if_needed(config, recipe: Recipe, stage=None) -> Dict[str, Any]:
+    """Runs ``stage`` (the trainer, or the distill stage) unless ``config.output`` holds a finished
+    record of the same config and reader."""
+    from recsys_kd.train.trainer import train
 
-    return read_train_record(Path(train_output))["model"]
-
-
-def _train_config_if_needed(config, recipe: Recipe) -> Dict[str, Any]:
-    from recsys_kd.train.trainer import RECORD_FILE, train
-
-    record_path = Path(config.output) / RECORD_FILE
+    record_path = Path(config.output) / TRAIN_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         if _stable(previous.get("config", {})) == _stable(to_dict(config)) and previous.get("reader") == to_dict(recipe.reader):
             return {**previous, "skipped": True}
-    return {**train(config, Path(recipe.prepare.output), recipe.reader), "skipped": False}
+    return {**(stage or train)(config, Path(recipe.prepare.output), recipe.reader), "skipped": False}
 
 
 def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True) -> Dict[str, Any]:

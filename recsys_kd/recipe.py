@@ -22,8 +22,10 @@ from recsys_kd.config import load_config
 from recsys_kd.data.prepare import PrepareConfig
 from recsys_kd.data.reader import ReaderConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.distill.config import StudentConfig
 from recsys_kd.distill.infer import InferConfig
-from recsys_kd.train.trainer import TrainConfig
+from recsys_kd.runs import TrainOutput
+from recsys_kd.train.config import TrainConfig
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Recipe:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
-    distill: Optional[TrainConfig] = None
+    distill: Optional[StudentConfig] = None
     finetune: Optional[TrainConfig] = None
     compress: Optional[CompressConfig] = None
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -68,6 +70,18 @@ class Recipe:
     def distill_output(self) -> Path:
         """Where ``distill`` writes the student: ``distill.output``, or ``<run_dir>/distill/<student>``."""
         return Path(self.distill.output or Path(self.run_dir) / "distill" / self.distill.model.name)
+
+    def resolve_distill(self) -> None:
+        """Fills the distill and FT sections' defaults: where the student goes, its soft labels
+        (the pre-train scheme's default is this recipe's infer output), and the FT phase's output and
+        starting point (the distilled student's best model)."""
+        output = self.distill_output()
+        self.distill.output = str(output)
+        if self.distill.distill.scheme == "pretrain" and not self.distill.distill.soft_labels:
+            self.distill.distill.soft_labels = str(self.infer_output())
+        if self.finetune is not None:
+            self.finetune.output = self.finetune.output or str(output / "ft")
+            self.finetune.init_from = self.finetune.init_from or str(TrainOutput(output).best)
 
     def student_output(self) -> Path:
         """The model the later stages start from: the fine-tuned student when the recipe distils

@@ -140,7 +140,7 @@ def test_a_killed_compression_resumes_to_the_same_model(setup):
     whole = compress_recipe(root, "dnn", "dnn_whole", "row_wise", finetune_epochs=1, methods=("afm",))
     killed = compress_recipe(root, "dnn", "dnn_killed", "row_wise", finetune_epochs=1, methods=("afm",))
     assert run_stage("compress", whole, 1) == [0]
-    assert run_stage("compress", killed, 1, env={"RECSYS_KD_KILL_AT_STEP": "0:3"}) != [0]
+    assert run_stage("compress", killed, 1, fault="train_step=0:3") != [0]
     assert (root / "dnn_killed" / "afm" / "step1_mlp" / "train.json").exists()
     assert not (root / "dnn_killed" / "compress.json").exists()
     assert run_stage("compress", killed, 1) == [0]

@@ -11,20 +11,18 @@ import yaml
 from recsys_kd.cli import main
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.distill.config import DistillConfig
 from recsys_kd.distill.losses import KDLossConfig, kd_loss
-from recsys_kd.distill.objective import distillation_terms
+from recsys_kd.distill.task import DistillationTask
 from recsys_kd.train import checkpoint
 
 
-def test_distillation_terms_equal_kd_loss():
+def test_kd_loss_distill_is_the_weighted_teacher_terms():
     torch.manual_seed(0)
     student, teacher, labels = torch.randn(64), torch.randn(64), torch.randint(0, 2, (64,)).float()
-    config = KDLossConfig(hard=0.3, soft=0.5, mse=2.0, temperature=2.0)
-    ours = distillation_terms(config, student, labels, teacher)
-    reference = kd_loss(config, student, None, labels, teacher)
-    for name in ("hard", "soft", "mse", "total"):
-        torch.testing.assert_close(ours[name], reference[name])
-    torch.testing.assert_close(ours["distill"], 0.5 * reference["soft"] + 2.0 * reference["mse"])
+    terms = kd_loss(KDLossConfig(hard=0.3, soft=0.5, mse=2.0, temperature=2.0), student, labels, teacher)
+    torch.testing.assert_close(terms["distill"], 0.5 * terms["soft"] + 2.0 * terms["mse"])
+    torch.testing.assert_close(terms["total"], 0.3 * terms["hard"] + terms["distill"])
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +58,20 @@ def distill(root, name, distill_section, **student):
     return json.loads((root / name / "train.json").read_text())
 
 
-def test_distillation_terms_add_the_weighted_hint_term():
+def test_kd_loss_adds_the_weighted_hint_term():
     torch.manual_seed(0)
     student, teacher, labels, hint = torch.randn(32), torch.randn(32), torch.randint(0, 2, (32,)).float(), torch.rand(())
     config = KDLossConfig(hard=1.0, soft=0.5, hint=1e-3)
-    terms = distillation_terms(config, student, labels, teacher, hint)
+    terms = kd_loss(config, student, labels, teacher, hint)
     torch.testing.assert_close(terms["distill"], 0.5 * terms["soft"] + 1e-3 * hint)
     torch.testing.assert_close(terms["total"], terms["hard"] + terms["distill"])
     with pytest.raises(ValueError, match="hint"):
-        distillation_terms(config, student, labels, teacher)
+        kd_loss(config, student, labels, teacher)
 
 
 def test_hint_term_without_hint_columns_names_the_manifest(tmp_path):
     from recsys_kd.data.schema import SchemaError
-    from recsys_kd.distill.objective import DistillConfig, hint_widths
+    from recsys_kd.distill.config import hint_widths
 
     (tmp_path / "side.json").write_text(json.dumps({"columns": ["teacher_dcn"], "splits": {}}))
     config = DistillConfig(soft_labels=str(tmp_path), teachers=["dcn"], loss=KDLossConfig(hard=1.0, hint=1e-3))
@@ -166,48 +164,53 @@ def record_hidden_dim(root, name):
     return build_model(Schema.load(root / "data"), ModelConfig(name=name, embedding_dim=8, mlp_layers=[16])).hidden_dim
 
 
-def test_hint_loss_trains_projection_and_student_never_teacher(root):
+def test_hint_loss_trains_projection_and_student_never_the_hint_inputs(root):
     from recsys_kd.data.reader import ParquetReader, ReaderConfig
     from recsys_kd.data.schema import Schema
     from recsys_kd.models.zoo import ModelConfig, build_model
-    from recsys_kd.train.trainer import TrainingModule
 
     schema = Schema.load(root / "data")
     student = build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8]))
-    batch = next(iter(ParquetReader(root / "data", "train", ReaderConfig(batch_size=64, extras=["hint_dcn"]),
+    batch = next(iter(ParquetReader(root / "data", "train", ReaderConfig(batch_size=64, extras=["teacher_dcn", "hint_dcn"]),
                                     rank=0, world_size=1, side_inputs=[root / "soft_labels"])))
     # pre-train: the hint comes from infer's column; a gradient must not flow into it
     projection = torch.nn.Linear(batch.extras["hint_dcn"].shape[1], student.hidden_dim, bias=False)
-    module = TrainingModule(student, projections={"dcn": projection})
-    hints = {"dcn": batch.extras["hint_dcn"].clone().requires_grad_(True)}
-    hint = module(batch.dense, batch.sparse, None, hints)[5]
-    hint.backward()
-    assert hints["dcn"].grad is None
+    task = DistillationTask(student, DistillConfig(teachers=["dcn"], loss=KDLossConfig(hard=0.0, hint=1.0)),
+                            projections={"dcn": projection})
+    batch.extras["hint_dcn"].requires_grad_(True)
+    loss, outputs = task(batch)
+    loss.backward()
+    assert batch.extras["hint_dcn"].grad is None
     assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    # co-train: the hint comes from the jointly trained teacher, which the hint term never trains
-    teacher = build_model(schema, ModelConfig(name="dcn", embedding_dim=8, mlp_layers=[16]))
-    cotrain = TrainingModule(build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8])),
-                             teacher=teacher, projections={"cotrain": torch.nn.Linear(teacher.hidden_dim, 8, bias=False)})
-    cotrain(batch.dense, batch.sparse)[5].backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert cotrain.projections["cotrain"].weight.grad.abs().sum() > 0
+    torch.testing.assert_close(loss.detach(), outputs.losses["distill"])  # the hint term alone
 
 
-def test_cotrain_distillation_terms_send_no_gradient_to_the_teacher(root):
+def test_cotrained_teacher_learns_from_its_labels_only(root):
+    """Every distillation term (soft, MSE, hint) reaches the student and never the co-trained teacher:
+    the teacher's gradient is that of its own label loss alone."""
     from recsys_kd.data.reader import ParquetReader, ReaderConfig
     from recsys_kd.data.schema import Schema
     from recsys_kd.models.zoo import ModelConfig, build_model
-    from recsys_kd.train.trainer import TrainingModule
 
     schema = Schema.load(root / "data")
-    module = TrainingModule(build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8])),
-                            teacher=build_model(schema, ModelConfig(name="fm", embedding_dim=8)))
+    torch.manual_seed(0)
+    teacher = build_model(schema, ModelConfig(name="dcn", embedding_dim=8, mlp_layers=[16]))
+    student = build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[8]))
+    config = DistillConfig(scheme="cotrain", cotrain_teacher={"name": "dcn"}, loss=KDLossConfig(hard=0.5, soft=0.5, mse=1.0, hint=1.0))
+    task = DistillationTask(student, config, teacher=teacher,
+                            projections={"cotrain": torch.nn.Linear(teacher.hidden_dim, student.hidden_dim, bias=False)})
     batch = next(iter(ParquetReader(root / "data", "train", ReaderConfig(batch_size=64), rank=0, world_size=1)))
-    logits, _, _, teacher, own, _ = module(batch.dense, batch.sparse)
-    terms = distillation_terms(KDLossConfig(hard=0.5, soft=0.5, mse=1.0), logits, batch.labels, teacher)
-    terms["total"].backward()
-    assert all(p.grad is None for p in module.teacher.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
+    loss, outputs = task(batch)
+    loss.backward()
+    assert outputs.losses["distill"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert task.projections["cotrain"].weight.grad.abs().sum() > 0
+    from_kd_and_labels = {name: p.grad.clone() for name, p in teacher.named_parameters() if p.grad is not None}
+    teacher.zero_grad()
+    own, _, _ = teacher.forward_with_hidden(batch.dense, batch.sparse)
     torch.nn.functional.binary_cross_entropy_with_logits(own, batch.labels).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.teacher.parameters())
+    from_labels = {name: p.grad for name, p in teacher.named_parameters() if p.grad is not None}
+    assert from_kd_and_labels.keys() == from_labels.keys() and from_labels
+    for name, grad in from_labels.items():
+        torch.testing.assert_close(from_kd_and_labels[name], grad)

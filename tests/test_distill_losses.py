@@ -203,8 +203,8 @@ def test_kd_loss_total_is_weighted_sum_of_terms() -> None:
     v_s = torch.randn(B, H_S, dtype=torch.float64)
     v_t = torch.randn(B, H_T, dtype=torch.float64)
     proj = nn.Linear(H_T, H_S, bias=False).double()
-    out = kd_loss(cfg, z_s, v_s, y, z_t, v_t, proj)
-    assert set(out) == {"hard", "soft", "mse", "hint", "total"}
+    out = kd_loss(cfg, z_s, y, z_t, hint_loss(v_s, v_t, proj))
+    assert set(out) == {"hard", "soft", "mse", "hint", "distill", "total"}
     refs = {
         "hard": ref_hard(z_s.tolist(), y.tolist()),
         "soft": ref_soft(z_s.tolist(), z_t.tolist(), 2.0),
@@ -217,37 +217,41 @@ def test_kd_loss_total_is_weighted_sum_of_terms() -> None:
     assert math.isclose(out["total"].item(), expected, **TOL)
     from_terms = sum(getattr(cfg, k) * out[k].item() for k in ("hard", "soft", "mse", "hint"))
     assert math.isclose(out["total"].item(), from_terms, **TOL)
+    distill = 0.7 * refs["soft"] + 0.05 * refs["mse"] + 1e-2 * refs["hint"]
+    assert math.isclose(out["distill"].item(), distill, **TOL)
 
 
 def test_kd_loss_zero_weight_terms_are_logged_but_not_trained() -> None:
     cfg = KDLossConfig(hard=0.1, mse=921.6)  # soft weight 0
     z_s = _logits().requires_grad_()
-    out = kd_loss(cfg, z_s, None, _labels(), _logits())
+    out = kd_loss(cfg, z_s, _labels(), _logits())
     assert "hint" not in out
     assert not out["soft"].requires_grad and out["soft"].item() > 0
     assert math.isclose(out["total"].item(), 0.1 * out["hard"].item() + 921.6 * out["mse"].item(), **TOL)
 
 
 def test_kd_loss_missing_hint_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="hint"):
+        kd_loss(KDLossConfig(hint=1.0), _logits(), _labels(), _logits())
     with pytest.raises(ValueError):
-        kd_loss(KDLossConfig(hint=1.0), _logits(), torch.randn(B, H_S), _labels(), _logits())
-    with pytest.raises(ValueError):
-        kd_loss(KDLossConfig(hard=-1.0), _logits(), None, _labels(), _logits())
+        kd_loss(KDLossConfig(hard=-1.0), _logits(), _labels(), _logits())
+    with pytest.raises(ValueError, match=r"\[B\]"):  # [B, M] teachers are aggregated first
+        kd_loss(KDLossConfig(mse=1.0), _logits(), _labels(), torch.randn(B, M, dtype=torch.float64))
 
 
-def test_kd_loss_several_teachers_mean_or_gate() -> None:
+def test_kd_loss_of_several_teachers_mean_or_gate() -> None:
     z_s, y = _logits(), _labels()
     z_t = torch.randn(B, M, dtype=torch.float64)
     cfg = KDLossConfig(hard=0.0, mse=1.0)
     rows = z_t.tolist()
     avg = [sum(r) / M for r in rows]
-    assert math.isclose(kd_loss(cfg, z_s, None, y, z_t)["mse"].item(), ref_mse(z_s.tolist(), avg), **TOL)
+    assert math.isclose(kd_loss(cfg, z_s, y, mean_teacher(z_t))["mse"].item(), ref_mse(z_s.tolist(), avg), **TOL)
     gate = TeacherGate(M).double()
     with torch.no_grad():
         gate.w.copy_(torch.tensor([0.7, -0.4, 1.3]))
         gate.b.copy_(torch.tensor([0.1, 0.0, -0.5]))
     _, ens = ref_gate(rows, gate.w.tolist(), gate.b.tolist())
-    got = kd_loss(cfg, z_s, None, y, z_t, gate=gate)["mse"].item()
+    got = kd_loss(cfg, z_s, y, gate(z_t)[1])["mse"].item()
     assert math.isclose(got, ref_mse(z_s.tolist(), ens), **TOL)
 
 
@@ -315,11 +319,11 @@ def test_cotrain_kd_loss_trains_student_gate_projection_not_teachers() -> None:
     x, y = torch.randn(B, 8), _labels().float()
     teachers = nn.ModuleList([_Net(H_T) for _ in range(M)])
     student, gate, proj = _Net(H_S), TeacherGate(M), nn.Linear(H_T, H_S)
-    t_out = [t(x) for t in teachers]  # NOT detached: kd_loss must cut them itself
-    t_logits = torch.stack([o[0] for o in t_out], dim=1)  # [B, M]
+    t_out = [t(x) for t in teachers]
+    t_logits, t_hidden = detach_teacher((torch.stack([o[0] for o in t_out], dim=1), t_out[0][1]))  # [B, M], [B, H_T]
     z_s, v_s = student(x)
     cfg = KDLossConfig(hard=0.5, soft=0.5, mse=0.1, hint=1e-2, temperature=2.0)
-    out = kd_loss(cfg, z_s, v_s, y, t_logits, t_out[0][1], proj, gate=gate)
+    out = kd_loss(cfg, z_s, y, gate(t_logits)[1], hint_loss(v_s, t_hidden, proj))
     out["total"].backward()
     assert all(_no_grad(t) for t in teachers)
     assert _has_grad(student) and _has_grad(gate) and _has_grad(proj)

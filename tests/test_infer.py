@@ -109,7 +109,7 @@ def test_one_and_two_processes_write_identical_aligned_soft_labels(setup):
 def test_killed_infer_rerun_completes_without_loss_or_duplicates(setup):
     root = setup
     config = infer_recipe(root, "soft_killed")
-    codes = run_stage("infer", config, 2, env={"RECSYS_KD_KILL_AT_PART": "1:2"})
+    codes = run_stage("infer", config, 2, fault="infer_part=1:2")
     assert codes[1] == -9
     with pytest.raises(SchemaError, match="missing or incomplete"):
         verify_alignment(root / "data", root / "soft_killed")

@@ -89,7 +89,7 @@ def test_killed_rank_resumes_to_the_same_result(dataset):
     uninterrupted = recipe(dataset, "whole", BATCH, "row_wise", **settings)
     assert run_ranks(uninterrupted, 2) == [0, 0]
     interrupted = recipe(dataset, "killed", BATCH, "row_wise", **settings)
-    codes = run_ranks(interrupted, 2, env={"RECSYS_KD_KILL_AT_STEP": "1:10"})
+    codes = run_ranks(interrupted, 2, fault="train_step=1:10")
     assert codes[1] == -9 and not (dataset / "killed" / "train.json").exists()
     assert (dataset / "killed" / "checkpoints" / "latest").read_text().strip() == "step_000000008"
     assert run_ranks(interrupted, 2) == [0, 0]

@@ -16,7 +16,7 @@ import yaml
 from recsys_kd.models.zoo import ModelConfig, build_model
 from recsys_kd.data.schema import Schema
 from recsys_kd.train import checkpoint
-from recsys_kd.train.trainer import TrainingModule
+from recsys_kd.train.task import LabelTask
 
 
 def free_port() -> int:
@@ -30,25 +30,29 @@ def write_recipe(path: Path, recipe: Dict) -> Path:
     return path
 
 
-def run_ranks(config: Path, world_size: int, overrides: List[str] = (), env: Optional[Dict[str, str]] = None,
+def run_ranks(config: Path, world_size: int, overrides: List[str] = (), fault: Optional[str] = None,
               timeout: float = 240) -> List[int]:
     """``recsys-kd train`` on ``world_size`` processes; the exit codes in rank order."""
-    return run_stage("train", config, world_size, overrides, env, timeout)
+    return run_stage("train", config, world_size, overrides, fault, timeout)
 
 
 def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = (),
-              env: Optional[Dict[str, str]] = None, timeout: float = 240) -> List[int]:
+              fault: Optional[str] = None, timeout: float = 240) -> List[int]:
     """Starts one process per rank; when any rank dies, the others are killed (as torchrun does).
-    Returns the exit codes in rank order."""
+    ``fault``: ``point=rank:index`` kills that rank there (tests/faults.py). Returns the exit codes in
+    rank order."""
     port = free_port()
     processes = []
     for rank in range(world_size):
         process_env = {
             **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", **(env or {}),
+            "OMP_NUM_THREADS": "1",
+            # tests.faults is importable wherever pytest was started from
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
         }
-        command = [sys.executable, "-m", "recsys_kd.cli", stage, "--config", str(config), *overrides]
+        entry = ["tests.faults", fault] if fault else ["recsys_kd.cli"]
+        command = [sys.executable, "-m", *entry, stage, "--config", str(config), *overrides]
         processes.append(subprocess.Popen(command, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     deadline = time.time() + timeout
     while any(p.poll() is None for p in processes):
@@ -58,7 +62,7 @@ def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = 
                     p.kill()
         time.sleep(0.1)
     codes = [p.returncode for p in processes]
-    if any(codes) and not any(key.startswith("RECSYS_KD_KILL") for key in (env or {})):
+    if any(codes) and not fault:
         for rank, p in enumerate(processes):
             print(f"--- rank {rank} exit {p.returncode}\n" + p.stdout.read().decode(errors="replace")[-4000:])
     return codes
@@ -85,6 +89,6 @@ def train_on_synthetic(root: Path, models: Dict[str, Dict], rows: int, seed: int
 
 def final_weights(output: Path, dataset: Path, model: Dict) -> Dict[str, torch.Tensor]:
     """The newest checkpoint's model tensors as a plain state_dict (single process, no group)."""
-    module = TrainingModule(build_model(Schema.load(dataset), ModelConfig(**model)))
+    module = LabelTask(build_model(Schema.load(dataset), ModelConfig(**model)))
     latest = checkpoint.latest(output / "checkpoints")
     return checkpoint.load_model_tensors(latest, module.state_dict())

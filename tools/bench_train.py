@@ -46,8 +46,10 @@ def measure(model_name: str, dataset: Path, steps: int, warmup: int, batch: int)
     from recsys_kd.data.schema import Schema
     from recsys_kd.distributed import init_distributed
     from recsys_kd.models.zoo import ModelConfig, build_model
+    from recsys_kd.train.config import TrainConfig
     from recsys_kd.train.sharding import ShardingConfig
-    from recsys_kd.train.trainer import TrainConfig, TrainingModule, _distribute, _step
+    from recsys_kd.train.task import LabelTask
+    from recsys_kd.train.trainer import distribute
     from recsys_kd.warnings_filter import silence_third_party_warnings
 
     silence_third_party_warnings()
@@ -56,15 +58,22 @@ def measure(model_name: str, dataset: Path, steps: int, warmup: int, batch: int)
                          deterministic_init=False)
     torch.manual_seed(0)
     model = build_model(Schema.load(dataset), config.model)
-    dmp, optimizer, _ = _distribute(TrainingModule(model), config, ctx)
+    dmp, optimizer, _ = distribute(LabelTask(model), config, ctx)
+
+    def step(batch) -> None:
+        loss, _ = dmp(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
     reader = ParquetReader(dataset, "train", ReaderConfig(batch_size=batch, shuffle=True), ctx.rank, ctx.world_size)
     batches = iter(reader)
     for _ in range(warmup):
-        _step(config, dmp, optimizer, next(batches), 1.0)
+        step(next(batches))
     dist.barrier()
     started = time.perf_counter()
     for _ in range(steps):
-        _step(config, dmp, optimizer, next(batches), 1.0)
+        step(next(batches))
     dist.barrier()
     seconds = time.perf_counter() - started
     return {"model": model_name, "world_size": ctx.world_size, "threads": torch.get_num_threads(),

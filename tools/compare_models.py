@@ -27,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from recsys_kd.recipe import load_recipe
-    from recsys_kd.train.trainer import RECORD_FILE, train
+    from recsys_kd.runs import TRAIN_RECORD
+    from recsys_kd.train.trainer import train
     from recsys_kd.warnings_filter import silence_third_party_warnings
 
     silence_third_party_warnings()
@@ -38,7 +39,7 @@ def main() -> None:
             recipe = load_recipe(args.config, [*args.overrides, f"train.model.name={name}", f"train.seed={seed}",
                                                "train.progress=false"])
             output = Path(recipe.run_dir) / "compare" / name / f"seed_{seed}"
-            record_path = output / RECORD_FILE
+            record_path = output / TRAIN_RECORD
             if record_path.exists():
                 record = json.loads(record_path.read_text())
             else:

@@ -76,6 +76,7 @@ def main() -> None:
 def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_name: str = "ft") -> Dict[str, Any]:
     """Every stage of one recipe for one seed (reusing finished runs); returns their records' metrics."""
     from recsys_kd.distill.infer import infer
+    from recsys_kd.distill.task import distill
     from recsys_kd.models.zoo import ModelConfig
     from recsys_kd.recipe import load_recipe
 
@@ -103,9 +104,9 @@ def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_nam
 
     distill_config = recipe.distill
     distill_config.seed, distill_config.progress = seed, False
-    if distill_config.distill is not None and distill_config.distill.scheme == "pretrain":
+    if distill_config.distill.scheme == "pretrain":
         distill_config.distill.soft_labels = recipe.infer.output
-    distilled = train_once(distill_config, seed_dir / "distill", dataset, recipe.reader)
+    distilled = train_once(distill_config, seed_dir / "distill", dataset, recipe.reader, stage=distill)
 
     finetuned = None
     if recipe.finetune is not None:
@@ -135,24 +136,26 @@ def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_nam
     return result
 
 
-def train_once(config, output: Path, dataset: Path, reader) -> Dict[str, Any]:
-    """``train(config)`` into ``output`` unless a finished record of the same config and reader is
-    there; a finished record of another config raises SystemExit naming it."""
+def train_once(config, output: Path, dataset: Path, reader, stage=None) -> Dict[str, Any]:
+    """``stage(config)`` (the trainer unless given: the distill stage for a student) into ``output``
+    unless a finished record of the same config and reader is there; a finished record of another
+    config raises SystemExit naming it."""
     from recsys_kd.config import from_dict, to_dict
-    from recsys_kd.train.trainer import RECORD_FILE, TrainConfig, train
+    from recsys_kd.runs import TRAIN_RECORD
+    from recsys_kd.train.trainer import train
 
     config = dataclasses.replace(config, output=str(output), progress=False)
-    record_path = output / RECORD_FILE
+    record_path = output / TRAIN_RECORD
     if record_path.exists():
         record = json.loads(record_path.read_text())
         # through the dataclass, so that fields added since the run compare at their defaults
-        recorded = to_dict(from_dict(TrainConfig, record["config"], source=str(record_path)))
+        recorded = to_dict(from_dict(type(config), record["config"], source=str(record_path)))
         # the recorded reader holds the soft-label columns the distill config asked for, as "extras"
         same_reader = _comparable(record["reader"], ("extras",)) == _comparable(to_dict(reader), ("extras",))
         if _comparable(recorded) == _comparable(to_dict(config)) and same_reader:
             return record
         raise SystemExit(f"{record_path}: made from another config or reader; remove it or use another run_dir/tag")
-    return train(config, dataset, reader)
+    return (stage or train)(config, dataset, reader)
 
 
 def _comparable(config: Dict[str, Any], ignored: Sequence[str] = _IGNORED_KEYS) -> Dict[str, Any]:

@@ -17,21 +17,21 @@ embeddings), the stage
    compressed one (early stopping's rule, applied to epoch 0); ``final`` in the record names the
    chain's last model.
 
-Output layout (every directory is a train-output: ``train.json`` + ``checkpoints/best``)::
+Output layout (every directory is a model output that ``recsys_kd.runs.TrainOutput`` reads: a step's
+record is ``compress_step.json``, a fine-tuning's ``train.json``, each beside ``checkpoints/best``)::
 
     <output>/<method>/step1_mlp/            compressed, not fine-tuned
     <output>/<method>/step1_mlp/ft/         fine-tuned
     <output>/<method>/step2_embeddings/...
     <output>/compress.json                  the record: parameters, FLOPs, AUC/logloss per stage
 
-A finished step (its ``train.json`` exists) is not redone, so a killed run resumes at its step.
+A finished step (its record exists) is not redone, so a killed run resumes at its step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,20 +50,14 @@ from recsys_kd.data.schema import Schema
 from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import ModelConfig, build_model
+from recsys_kd.runs import BEST, COMPRESS_RECORD, COMPRESS_STEP_RECORD, TrainOutput
 from recsys_kd.train import checkpoint
-from recsys_kd.train.sharding import ShardingConfig
-from recsys_kd.train.trainer import (
-    OptimConfig,
-    TrainConfig,
-    TrainingModule,
-    _distribute,
-    evaluate,
-    load_init_from,
-    train,
-)
+from recsys_kd.train.config import OptimConfig, TrainConfig
+from recsys_kd.train.evaluation import evaluate
+from recsys_kd.train.sharding import ShardingConfig, shard
+from recsys_kd.train.task import LabelTask
+from recsys_kd.train.trainer import train
 
-RECORD_FILE = "compress.json"
-TRAIN_RECORD = "train.json"
 METHODS = ("afm", "svd")
 
 
@@ -169,42 +163,39 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
     ``<output>/compress.json``."""
     ctx = init_distributed(config.backend)
     started = time.time()
-    source = Path(config.source)
-    source_record = read_train_record(source)
-    base = from_dict(TrainConfig, source_record["config"], source=str(source / TRAIN_RECORD), prefix="config")
-    dataset = Path(source_record["dataset"])
+    source = TrainOutput(config.source)
+    base = TrainConfig.of(source)
+    dataset = source.dataset
     schema = Schema.load(dataset)
     output = Path(config.output)
     chains: Dict[str, List[Dict[str, Any]]] = {}
     finals: Dict[str, str] = {}
     for method in config.methods:
-        rows = [_summary("uncompressed", source_record)]
+        rows = [_summary("uncompressed", source.record)]
         current, current_checkpoint, model_config = source, config.checkpoint, base.model
         for index, step in enumerate(config.steps, 1):
-            step_dir = output / method / f"step{index}_{step.what}"
-            step_record = _finished(step_dir)
-            if step_record is None:
-                step_record = compress_step(
-                    ctx, config, step, method, schema, dataset, base, model_config,
-                    current / "checkpoints" / current_checkpoint, step_dir, reader_config,
-                )
-            model_config = from_dict(ModelConfig, step_record["config"]["model"], source=str(step_dir / TRAIN_RECORD))
+            step_output = TrainOutput(output / method / f"step{index}_{step.what}")
+            if not step_output.finished():
+                compress_step(ctx, config, step, method, schema, dataset, base, model_config,
+                              current.checkpoint(current_checkpoint), step_output.path, reader_config)
+            step_record = step_output.record
+            model_config = from_dict(ModelConfig, step_output.model_config, source=str(step_output.record_path))
             rows.append(_summary(f"{step.what} compressed", step_record))
-            current, current_checkpoint = step_dir, checkpoint.BEST
+            current, current_checkpoint = step_output, BEST
             if config.finetune.epochs:
-                ft_dir = step_dir / "ft"
-                ft_record = _finished(ft_dir) or train(
-                    finetune_config(base, model_config, step_dir, ft_dir, config), dataset, reader_config
+                ft_output = TrainOutput(step_output.path / "ft")
+                ft_record = ft_output.record if ft_output.finished() else train(
+                    finetune_config(base, model_config, step_output.best, ft_output.path, config), dataset, reader_config
                 )
                 rows.append(_summary(f"{step.what} fine-tuned", ft_record))
                 # early stopping's rule applied to epoch 0: keep the fine-tuning only if valid AUC improved
                 if ft_record["best_valid"] >= step_record["valid"]["auc"]:
-                    current = ft_dir
+                    current = ft_output
         chains[method] = rows
-        finals[method] = str(current)
+        finals[method] = str(current.path)
     record = {
         "stage": "compress",
-        "source": str(source),
+        "source": str(source.path),
         "dataset": str(dataset),
         "output": str(output),
         "world_size": ctx.world_size,
@@ -214,7 +205,7 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
         "seconds_this_run": round(time.time() - started, 3),
     }
     if ctx.is_main:
-        atomic_write_json(output / RECORD_FILE, record)
+        atomic_write_json(output / COMPRESS_RECORD, record)
     dist.barrier()
     return record
 
@@ -258,11 +249,12 @@ def compress_step(
         )
     compressed_config = dataclasses.replace(model_config, compression=list(model_config.compression) + [low_rank])
     skeleton = build_model(schema, compressed_config, embedding_device=torch.device("meta"))
-    _check_structure(state, TrainingModule(skeleton).state_dict())
-    checkpoint.save(step_dir / "checkpoints", checkpoint.BEST, {"model": state}, {"step": 0})
+    _check_structure(state, LabelTask(skeleton).state_dict())
+    step_output = TrainOutput(step_dir)
+    checkpoint.save(step_output.checkpoints, BEST, {"model": state}, {"step": 0})
     del dmp, state
 
-    evaluated = load_sharded(schema, compressed_config, sharding, step_dir / "checkpoints" / checkpoint.BEST, ctx)
+    evaluated = load_sharded(schema, compressed_config, sharding, step_output.best, ctx)
     eval_config = ReaderConfig(batch_size=base.eval_batch_size, validate_ids=reader_config.validate_ids)
     metrics = {
         split: evaluate(evaluated, ParquetReader(dataset, split, eval_config, ctx.rank, ctx.world_size), ctx)
@@ -277,7 +269,7 @@ def compress_step(
         "output": str(step_dir),
         "source_checkpoint": str(source_checkpoint),
         "world_size": ctx.world_size,
-        "config": to_dict(dataclasses.replace(base, model=compressed_config, output=str(step_dir), distill=None)),
+        "config": to_dict(dataclasses.replace(base, model=compressed_config, output=str(step_dir))),
         "log": log,
         "parameters": skeleton.num_parameters(),
         "flops_per_example": skeleton.flops_per_example(),
@@ -288,7 +280,7 @@ def compress_step(
         "seconds": round(time.time() - started, 3),
     }
     if ctx.is_main:
-        atomic_write_json(step_dir / TRAIN_RECORD, record)
+        atomic_write_json(step_dir / COMPRESS_STEP_RECORD, record)
         tqdm.write(f"{method} {step.what}: valid auc {metrics['valid']['auc']:.5f}, test auc {metrics['test']['auc']:.5f}, "
                    f"{record['parameters']['total']:,} parameters", file=sys.stderr)
     dist.barrier()
@@ -297,16 +289,14 @@ def compress_step(
 
 def load_sharded(schema: Schema, model_config: ModelConfig, sharding: ShardingConfig, path: Path,
                  ctx: DistributedContext) -> torch.nn.Module:
-    """A model built on the meta device, sharded by DMP (each rank materialises only its shards) and
-    filled from the checkpoint at ``path`` (DCP reshards it to this plan and number of ranks)."""
-    module = TrainingModule(build_model(schema, model_config, embedding_device=torch.device("meta")))
-    plan_config = TrainConfig(model=model_config, sharding=sharding, deterministic_init=False)
-    dmp, _, _ = _distribute(module, plan_config, ctx)
-    load_init_from(dmp, path)
+    """A model built on the meta device, sharded (each rank materialises only its shards) and filled
+    from the checkpoint at ``path`` (DCP reshards it to this plan and number of ranks)."""
+    dmp, _ = shard(LabelTask(build_model(schema, model_config, embedding_device=torch.device("meta"))), sharding, ctx)
+    checkpoint.load_init_from(dmp, path)
     return dmp
 
 
-def finetune_config(base: TrainConfig, model_config: ModelConfig, step_dir: Path, ft_dir: Path,
+def finetune_config(base: TrainConfig, model_config: ModelConfig, step_checkpoint: Path, ft_dir: Path,
                     config: CompressConfig) -> TrainConfig:
     """Label-only training of the compressed model, initialised from its step checkpoint."""
     return dataclasses.replace(
@@ -319,19 +309,11 @@ def finetune_config(base: TrainConfig, model_config: ModelConfig, step_dir: Path
         max_steps=0,
         eval_every_steps=config.finetune.eval_every_steps,
         monitor="auc",
-        init_from=str(step_dir / "checkpoints" / checkpoint.BEST),
+        init_from=str(step_checkpoint),
         init_from_part="all",
         deterministic_init=False,  # every tensor comes from init_from, shard by shard
         freeze_embeddings=False,
-        distill=None,
     )
-
-
-def read_train_record(directory: Path) -> Dict[str, Any]:
-    path = Path(directory) / TRAIN_RECORD
-    if not path.exists():
-        raise ConfigError(f"{path} not found; is {directory} the output of train, distill or compress?")
-    return json.loads(path.read_text())
 
 
 def _statistics(ctx, config: CompressConfig, dmp, model, schema: Schema, dataset: Path, reader_config: ReaderConfig,
@@ -360,11 +342,6 @@ def _check_structure(state: Dict[str, Any], expected: Dict[str, torch.Tensor]) -
     if have != want:
         diff = sorted(set(have.items()) ^ set(want.items()))
         raise RuntimeError(f"compressed state does not match the compressed model's structure: {diff[:6]}")
-
-
-def _finished(directory: Path) -> Optional[Dict[str, Any]]:
-    path = directory / TRAIN_RECORD
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _summary(what: str, record: Dict[str, Any]) -> Dict[str, Any]:

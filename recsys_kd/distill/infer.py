@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,18 +35,15 @@ from tqdm import tqdm
 
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.ids import splitmix64
-from recsys_kd.data.reader import SIDE_INPUT_FILE, ParquetReader, ReaderConfig, padding_batch
+from recsys_kd.data.reader import ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
-from recsys_kd.distill.objective import hint_column, teacher_column
+from recsys_kd.distill.config import hint_column, teacher_column
 from recsys_kd.distributed import init_distributed, max_over_ranks, sum_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
-from recsys_kd.train import checkpoint
-from recsys_kd.train.sharding import EmbeddingBagCollectionSharderAnyDevice, ShardingConfig, describe_plan, make_plan
-from recsys_kd.train.trainer import RECORD_FILE as TRAIN_RECORD
-
-RECORD_FILE = "infer.json"
-KILL_ENV = "RECSYS_KD_KILL_AT_PART"  # "rank:n" -> SIGKILL that rank as it starts its n-th part (fault tests)
+from recsys_kd.runs import INFER_RECORD, SIDE_INPUT_FILE, OutputError, TrainOutput
+from recsys_kd.train import checkpoint, hooks
+from recsys_kd.train.sharding import ShardingConfig, describe_plan, shard
 
 
 @dataclass
@@ -109,8 +105,7 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
     schema = Schema.load(dataset)
     teachers, records = _build_teachers(config, schema)
     ensemble = TeacherEnsemble(teachers, hints=config.hints)
-    plan = make_plan(ensemble, config.sharding, ctx.device, ctx.world_size)
-    dmp = _wrap(ensemble, plan, ctx.device)
+    dmp, plan = shard(ensemble, config.sharding, ctx)
     _load_teachers(dmp, config)
     dmp.eval()
     started, rows_scored = time.time(), 0
@@ -141,7 +136,7 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
         splits = {split: {"files": schema.split(split).files, "rows": schema.split(split).rows} for split in config.splits}
         atomic_write_json(output / SIDE_INPUT_FILE,
                           {"dataset": str(dataset), "columns": columns, "vectors": vectors, "splits": splits})
-        atomic_write_json(output / RECORD_FILE, record)
+        atomic_write_json(output / INFER_RECORD, record)
     dist.barrier()
     return record
 
@@ -149,36 +144,25 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
 def _build_teachers(config: InferConfig, schema: Schema) -> Tuple[Dict[str, nn.Module], Dict[str, Dict]]:
     teachers, records = {}, {}
     for spec in config.teachers:
-        record_path = Path(spec.train_output) / TRAIN_RECORD
-        if not record_path.exists():
-            raise SchemaError(f"teacher {spec.name!r}: {record_path} not found; train it first")
-        record = json.loads(record_path.read_text())
-        model_config = from_dict(ModelConfig, record["config"]["model"], source=str(record_path), prefix="config.model")
+        source = TrainOutput(spec.train_output)
+        if not source.finished():
+            raise OutputError(f"teacher {spec.name!r}: {source.record_path} not found; train it first")
+        model_config = from_dict(ModelConfig, source.model_config, source=str(source.record_path), prefix="config.model")
         teachers[spec.name] = build_model(schema, model_config)
-        records[spec.name] = record
+        records[spec.name] = source.record
     return teachers, records
 
 
-def _wrap(module: nn.Module, plan, device: torch.device) -> nn.Module:
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-
-    return DistributedModelParallel(module, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()])
-
-
 def _load_teachers(dmp: nn.Module, config: InferConfig) -> None:
-    """Each teacher's checkpoint (saved from its TrainingModule, keys ``model.*``) into its slice of
+    """Each teacher's checkpoint (saved from its task module, keys ``model.*``) into its slice of
     the sharded ensemble (keys ``teachers.<name>.*``); DCP reshards as needed."""
     state = dmp.state_dict()
     for spec in config.teachers:
         prefix = f"teachers.{spec.name}."
-        path = Path(spec.train_output) / "checkpoints" / spec.checkpoint
-        if not (path / ".metadata").exists():
-            raise checkpoint.CheckpointError(f"teacher {spec.name!r}: no checkpoint at {path}")
+        path = TrainOutput(spec.train_output).checkpoint(spec.checkpoint)
         part = {"model." + key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         loaded = {"model": part}
-        import torch.distributed.checkpoint as dcp
-
-        dcp.load(loaded, checkpoint_id=str(path))
+        checkpoint.load_state(path, loaded)
         for key, value in loaded["model"].items():
             state[prefix + key[len("model."):]] = value
     dmp.load_state_dict(state)
@@ -193,7 +177,6 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
             stale.unlink()
     dist.barrier()
     scored = 0
-    kill_rank, _, kill_part = os.environ.get(KILL_ENV, "-1:-1").partition(":")
     rounds = -(-len(files) // ctx.world_size)
     bar = tqdm(total=len(files), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
     for round_index in range(rounds):
@@ -205,8 +188,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
         batches = reader.file_batches(index) if mine else iter(())
         if mine:
             _parts_started[0] += 1
-            if ctx.rank == int(kill_rank) and _parts_started[0] == int(kill_part):
-                os.kill(os.getpid(), signal.SIGKILL)
+            hooks.reached("infer_part", ctx.rank, _parts_started[0])
         writer = _PartWriter(output, split, files[index], columns, vectors) if mine else None
         padding = None
         with torch.no_grad():
@@ -229,7 +211,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
     return scored
 
 
-_parts_started = [0]  # parts this process began scoring (for the fault-injection hook)
+_parts_started = [0]  # parts this process began scoring, announced to hooks (train.hooks "infer_part")
 
 
 class _PartWriter:

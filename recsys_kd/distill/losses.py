@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_kd.distill.gating import TeacherGate
 
 
 def _check_logits(name: str, x: torch.Tensor) -> None:
@@ -291,85 +290,60 @@ class KDLossConfig:
 def kd_loss(
     config: KDLossConfig,
     student_logits: torch.Tensor,
-    student_hidden: Optional[torch.Tensor],
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    teacher_hidden: Optional[torch.Tensor] = None,
-    projection: Optional[nn.Module] = None,
-    gate: Optional[TeacherGate] = None,
+    teacher_logit: torch.Tensor,
+    hint: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     r"""
-    The weighted student loss with every term, for training and logging:
+    The student loss of KD-DAGFM (eq. 14) and ECKD (eq. 7), with every term, for training and logging:
 
     .. math:: \mathcal{L} = w_{hard} \mathcal{L}_{CE}(y, \sigma(z_S))
-        + w_{soft} \mathcal{L}_{CE}(\sigma(z_T/\tau), \sigma(z_S/\tau))
-        + w_{mse} \overline{(z_T - z_S)^2} + w_{hint} \overline{\|W v_T - v_S\|^2}
+        + \underbrace{w_{soft} \mathcal{L}_{CE}(\sigma(z_T/\tau), \sigma(z_S/\tau))
+        + w_{mse} \overline{(z_T - z_S)^2} + w_{hint} \mathcal{L}_{hint}}_{\text{distill}}
 
-    The raw teacher inputs (``teacher_logits``, ``teacher_hidden``) are detached here, so the loss never
-    trains a teacher (ECKD co-train scheme); gradients reach the student, ``projection`` and ``gate``.
+    ``teacher_logit`` is the (aggregated) teacher :math:`z_T`, ``[B]``: raw teacher outputs must be
+    detached by the caller (:func:`detach_teacher`) so the loss never trains a teacher (ECKD co-train
+    scheme); an aggregate made by :class:`~recsys_kd.distill.gating.TeacherGate` keeps its graph, so
+    the gate learns through the distillation terms. ``hint`` is the scalar hint-regression loss
+    (:func:`hint_loss`, ECKD eq. 9, averaged over teachers by the caller), required when
+    ``config.hint`` > 0.
 
-    Several teachers: pass ``teacher_logits`` as [B, M]. With ``gate`` the teacher logit is the gate's
-    per-example ensemble (ECKD eqs. 10-11; the gate learns through the distillation terms), otherwise the
-    mean over teachers. The hint term uses a single ``teacher_hidden``.
-
-    Terms: ``hard``, ``soft`` and ``mse`` are always returned (unweighted); ``hint`` when both
-    ``teacher_hidden`` and ``projection`` are given (``student_hidden`` is then required). A term whose weight
-    is 0 is returned detached, for logging only (ECKD section 3.4.2 stops early on the unweighted
-    distillation loss), and is left out of ``total`` (so it cannot turn the total into NaN). A term whose
-    weight is > 0 but whose inputs are missing raises ``ValueError``.
+    A term whose weight is 0 is returned detached, for logging only, and is left out of the sums (so
+    it can neither train anything nor turn the total into NaN). ``distill`` is the weighted sum of the
+    teacher terms alone: ECKD (section 3.4.2) stops early on it.
 
     Args:
         config (KDLossConfig): the weights and temperature; validated here.
-        student_logits (torch.Tensor): shape [B].
-        student_hidden (Optional[torch.Tensor]): shape [B, n], for the hint term.
+        student_logits (torch.Tensor): :math:`z_S`, shape [B].
         labels (torch.Tensor): shape [B].
-        teacher_logits (torch.Tensor): shape [B], or [B, M] for M teachers.
-        teacher_hidden (Optional[torch.Tensor]): shape [B, m], for the hint term.
-        projection (Optional[nn.Module]): :math:`W` of the hint term, ``[B, m] -> [B, n]``.
-        gate (Optional[TeacherGate]): aggregates [B, M] teacher logits; ignored for [B].
+        teacher_logit (torch.Tensor): :math:`z_T`, shape [B].
+        hint (Optional[torch.Tensor]): the hint-regression loss, a scalar.
 
     Returns:
-        Dict[str, torch.Tensor]: scalar tensors ``hard``, ``soft``, ``mse``, optionally ``hint``, and
-        ``total`` (every value a scalar, so a trainer can log them all).
+        Dict[str, torch.Tensor]: scalars ``hard``, ``soft``, ``mse``, ``hint`` (when given),
+        ``distill`` and ``total``.
 
     Example::
 
-        out = kd_loss(KDLossConfig(hard=0.5, soft=0.5, temperature=2.0), z_s, None, y, z_t)
+        z_t = mean_teacher(detach_teacher(teacher_logits))  # [B, M] -> [B]
+        out = kd_loss(KDLossConfig(hard=0.5, soft=0.5, temperature=2.0), z_s, y, z_t)
         out["total"].backward()
     """
     config.validate()
-    t_logits = teacher_logits.detach()
-    t_hidden = teacher_hidden.detach() if teacher_hidden is not None else None
-    if t_logits.dim() == 2:
-        if gate is not None:
-            t_logits = gate(t_logits)[1]
-        else:
-            t_logits = mean_teacher(t_logits)
-    elif t_logits.dim() != 1:
-        raise ValueError(f"teacher_logits must be [B] or [B, M], got shape {tuple(teacher_logits.shape)}")
-
+    _check_logits("teacher_logit", teacher_logit)
     terms: Dict[str, torch.Tensor] = {
         "hard": hard_label_bce(student_logits, labels),
-        "soft": soft_label_bce(student_logits, t_logits, config.temperature),
-        "mse": logit_mse(student_logits, t_logits),
+        "soft": soft_label_bce(student_logits, teacher_logit, config.temperature),
+        "mse": logit_mse(student_logits, teacher_logit),
     }
-    if t_hidden is not None and projection is not None:
-        if student_hidden is None:
-            raise ValueError("the hint term needs student_hidden")
-        terms["hint"] = hint_loss(student_hidden, t_hidden, projection)
+    if hint is not None:
+        terms["hint"] = hint
     elif config.hint > 0:
-        raise ValueError("KDLossConfig.hint > 0 needs teacher_hidden and projection")
-
+        raise ValueError("KDLossConfig.hint > 0 needs the hint term (teacher hint vectors and a projection)")
     weights = {"hard": config.hard, "soft": config.soft, "mse": config.mse, "hint": config.hint}
-    total: Optional[torch.Tensor] = None
-    out: Dict[str, torch.Tensor] = {}
-    for name, value in terms.items():
-        w = float(weights[name])
-        if w > 0:
-            total = w * value if total is None else total + w * value
-            out[name] = value
-        else:
-            out[name] = value.detach()
-    assert total is not None  # validate() rejects all-zero weights and the hint case raised above
-    out["total"] = total
+    weighted = {name: float(weights[name]) * value for name, value in terms.items() if weights[name] > 0}
+    out = {name: value if weights[name] > 0 else value.detach() for name, value in terms.items()}
+    teacher_terms = [weighted[name] for name in ("soft", "mse", "hint") if name in weighted]
+    out["distill"] = torch.stack(teacher_terms).sum() if teacher_terms else student_logits.new_zeros(())
+    out["total"] = weighted["hard"] + out["distill"] if "hard" in weighted else out["distill"]
     return out

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,43 @@ def load(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
         )
     dcp.load(state, checkpoint_id=str(path))
     return rank_state
+
+
+def load_state(path: Path, state: Dict[str, Any]) -> None:
+    """Collective: loads DCP tensors into ``state`` in place, resharded to this process group's plan."""
+    dcp.load(state, checkpoint_id=str(path))
+
+
+def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all") -> List[str]:
+    """
+    Collective, after sharding: fills the task module ``dmp`` from the checkpoint at ``path``, each rank
+    reading only the shards it holds (DCP reshards to this plan and number of ranks), so no rank ever
+    holds a table it does not own. Loads every model tensor (``model.*``) stored there under the same
+    name and shape; ``part`` ``embeddings`` loads the tables only (KD-DAGFM's student sharing its
+    teacher's). With ``all``, a model tensor the checkpoint lacks is an error. Returns the names loaded.
+    """
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise CheckpointError(f"init_from {path}: not a checkpoint (no .metadata)")
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = dmp.state_dict()
+    prefix = "model.embedding." if part == "embeddings" else "model."
+    wanted = {
+        key: value for key, value in state.items()
+        if key.startswith(prefix) and f"model.{key}" in stored
+        and tuple(getattr(stored[f"model.{key}"], "size", ())) == tuple(value.size())
+    }
+    if not wanted:
+        raise CheckpointError(f"init_from {path}: no tensor matches this model")
+    missing = sorted(key for key in state if key.startswith("model.") and key not in wanted)
+    if part == "all" and missing:
+        raise CheckpointError(
+            f"init_from {path}: {len(missing)} model tensors are missing or shaped differently there, "
+            f"e.g. {missing[:3]}; use init_from_part: embeddings to load only the tables"
+        )
+    dcp.load({"model": wanted}, checkpoint_id=str(path))
+    dmp.load_state_dict({**state, **wanted})
+    return sorted(wanted)
 
 
 def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

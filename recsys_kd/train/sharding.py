@@ -1,23 +1,27 @@
-"""Sharding plans for the embedding tables: torchrec's planner, with our constraints.
+"""Sharding: torchrec's planner with our constraints, and :func:`shard`, the one place a module is
+wrapped in DistributedModelParallel (train, infer and compress all call it).
 
 On CPU torchrec's EBC sharder allows data_parallel, table_wise, column_wise and table_column_wise;
-row_wise and table_row_wise work on CPU too (and match single-process results, see STACK.md) but
+row_wise and table_row_wise work on CPU too (the 2-process tests check they match one process) but
 are not in its allow-list, so :class:`EmbeddingBagCollectionSharderAnyDevice` adds them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys_kd.distributed import DistributedContext
 
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
@@ -100,3 +104,24 @@ def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
                 "ranks": list(option.ranks or []),
             }
     return described
+
+
+def shard(module: nn.Module, config: ShardingConfig, ctx: DistributedContext) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """
+    Collective: plans ``module``'s tables (``config``) for this process group and wraps it in
+    DistributedModelParallel; returns (the sharded module, the plan).
+
+    Tables are materialised shard by shard, so a module built with its tables on the meta device
+    never holds a full table on any rank. No optimizer is involved: a trainer attaches the fused
+    table optimizer before (``apply_optimizer_in_backward``), a reader of checkpoints just loads.
+
+    Example::
+
+        dmp, plan = shard(LabelTask(build_model(schema, config, embedding_device=torch.device("meta"))),
+                          ShardingConfig(type="row_wise"), init_distributed())
+    """
+    plan = make_plan(module, config, ctx.device, ctx.world_size)
+    dmp = DistributedModelParallel(
+        module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()]
+    )
+    return dmp, plan

@@ -1,11 +1,9 @@
-"""What the trainer minimises when it distils: the student's loss against labels and teachers.
+"""The ``distill`` section of a recipe: a student's training config plus how it learns from its teachers.
 
 Teachers' logits come either from the soft labels written by ``infer`` (pre-train scheme: read as
-extra columns beside the logs) or from a teacher trained in the same step (co-train scheme: its own
-label loss trains it; the distillation terms never reach it). Several teachers are aggregated by
-their mean, fixed weights, or the ECKD gating network (trained with the student through the
-distillation terms). Hint regression (ECKD eq. 9) reads each teacher's hidden vector, from infer's
-``hint_<name>`` columns or the co-trained teacher, through a learned projection per teacher.
+extra columns ``teacher_<name>`` beside the logs) or from a teacher trained in the same step (co-train
+scheme). Hint regression (ECKD eq. 9) reads each teacher's hidden vector from infer's ``hint_<name>``
+columns or the co-trained teacher.
 """
 
 from __future__ import annotations
@@ -15,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional
 
-import torch
-
-from recsys_kd.data.reader import SIDE_INPUT_FILE
 from recsys_kd.data.schema import SchemaError
-from recsys_kd.distill.losses import KDLossConfig, hard_label_bce, logit_mse, soft_label_bce
+from recsys_kd.distill.losses import KDLossConfig
+from recsys_kd.runs import SIDE_INPUT_FILE
+from recsys_kd.train.config import TrainConfig
 
 COLUMN_PREFIX = "teacher_"
 HINT_PREFIX = "hint_"
@@ -89,52 +86,13 @@ def hint_widths(config: DistillConfig) -> Dict[str, int]:
     return {name: int(vectors[hint_column(name)]) for name in config.teachers}
 
 
-def teacher_hints(extras: Dict[str, torch.Tensor], config: DistillConfig) -> Optional[Dict[str, torch.Tensor]]:
-    """Teacher name -> [B, H_i] hint vectors from a batch's extra columns (pre-train scheme with the
-    hint term on), else None."""
-    if not config.hint_columns:
-        return None
-    return {name: extras[hint_column(name)] for name in config.teachers}
+@dataclass
+class StudentConfig(TrainConfig):
+    """A student's training run: a ``TrainConfig`` and its ``distill`` section (the recipe's
+    ``distill:`` has the keys of ``train:`` plus ``distill:``)."""
 
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
-def teacher_matrix(extras: Dict[str, torch.Tensor], config: DistillConfig) -> Optional[torch.Tensor]:
-    """[B, M] teacher logits from a batch's extra columns (pre-train scheme), else None."""
-    if not config.columns:
-        return None
-    return torch.stack([extras[teacher_column(name)] for name in config.teachers], dim=1)
-
-
-def aggregate(config: DistillConfig, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """[B, M] -> [B] by mean or fixed weights (the gate is applied inside the trained module)."""
-    if config.aggregation == "fixed":
-        return teacher_logits @ torch.tensor(config.weights, dtype=teacher_logits.dtype, device=teacher_logits.device)
-    return teacher_logits.mean(dim=1)
-
-
-def distillation_terms(
-    config: KDLossConfig,
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logit: torch.Tensor,
-    hint: Optional[torch.Tensor] = None,
-) -> Dict[str, torch.Tensor]:
-    """Every term of the student loss and the weighted ``total`` (KD-DAGFM eq. 14 / ECKD eq. 7).
-
-    ``teacher_logit`` [B] is the (aggregated) teacher: raw teacher outputs must already be
-    detached by the caller; a gate's output keeps its graph so the gate learns from these terms.
-    ``hint`` is the scalar hint-regression loss (ECKD eq. 9, see ``TrainingModule``), required when
-    ``config.hint`` > 0. ``distill`` is the weighted sum of the teacher terms alone (ECKD early
-    stops on it)."""
-    terms = {
-        "hard": hard_label_bce(student_logits, labels),
-        "soft": soft_label_bce(student_logits, teacher_logit, config.temperature),
-        "mse": logit_mse(student_logits, teacher_logit),
-    }
-    weights = {"hard": config.hard, "soft": config.soft, "mse": config.mse, "hint": config.hint}
-    if hint is not None:
-        terms["hint"] = hint
-    elif config.hint > 0:
-        raise ValueError("loss.hint > 0 needs the hint term (teacher hint vectors and a projection)")
-    distill = sum(weights[name] * terms[name] for name in ("soft", "mse", "hint") if name in terms)
-    total = weights["hard"] * terms["hard"] + distill
-    return {**terms, "distill": distill, "total": total}
+    def validate(self) -> None:
+        super().validate()
+        self.distill.validate()

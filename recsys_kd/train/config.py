@@ -1,0 +1,72 @@
+"""The ``train`` section of a recipe: what to train, how to optimise it, when to evaluate and stop."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from recsys_kd.config import from_dict
+from recsys_kd.models.zoo import ModelConfig
+from recsys_kd.runs import TrainOutput
+from recsys_kd.train.sharding import ShardingConfig
+
+
+@dataclass
+class OptimConfig:
+    """Sharded tables train with a fused optimizer (CPU kernels: sgd, adagrad, rowwise_adagrad);
+    data-parallel tables and every dense parameter with ``dense`` (adam, adagrad or sgd).
+
+    ``l2_embedding`` adds l2 * mean over the batch of ||e||^2 of the looked-up field embeddings (the
+    regulariser of the KD-DAGFM/RecBole code); ``l2_dense`` is weight decay on dense parameters."""
+
+    embedding: Literal["sgd", "adagrad", "rowwise_adagrad"] = "adagrad"
+    embedding_lr: float = 0.05
+    dense: Literal["adam", "adagrad", "sgd"] = "adam"
+    lr: float = 1e-3
+    l2_embedding: float = 0.0
+    l2_dense: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``monitor`` is the validation metric that picks the best model and stops early
+    (``distill_loss`` exists when the run distils); ``init_from`` a checkpoint to start from (``all``
+    its tensors, or only the ``embeddings``); ``freeze_embeddings`` keeps the tables fixed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    output: str = ""
+    epochs: int = 10
+    max_steps: int = 0
+    eval_every_steps: int = 0
+    eval_batch_size: int = 8192
+    monitor: Literal["auc", "logloss", "distill_loss"] = "auc"
+    patience: int = 2
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 2022
+    deterministic_init: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    log_every_steps: int = 50
+    progress: bool = True
+    init_from: str = ""
+    init_from_part: Literal["all", "embeddings"] = "all"
+    freeze_embeddings: bool = False
+
+    def validate(self) -> None:
+        for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.patience < 0 or self.max_steps < 0:
+            raise ValueError("patience and max_steps must be >= 0")
+
+    @classmethod
+    def of(cls, output: TrainOutput) -> "TrainConfig":
+        """The training part of the config a finished run recorded. A subclass's own sections (a
+        student's ``distill``) are left out unless ``cls`` is that subclass."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        recorded = {key: value for key, value in output.config.items() if key in own}
+        return from_dict(cls, recorded, source=str(output.record_path), prefix="config")

@@ -1,0 +1,74 @@
+"""Evaluation of a task module over a split: exact AUC and logloss on every rank, for any number of
+ranks, plus the task's own losses and, on request, its other predictors.
+
+Ranks step together (sharded lookups are collective): a rank whose rows run out first evaluates
+padding batches whose outputs are dropped. Predictions are gathered, so every rank computes the same
+exact figures as one process would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recsys_kd.data.reader import ParquetReader, padding_batch
+from recsys_kd.distributed import DistributedContext, max_over_ranks
+from recsys_kd.train.metrics import classification_metrics, gather_predictions
+
+
+def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, predictors: bool = False) -> Dict[str, Any]:
+    """
+    Collective. Scores the task module ``dmp`` (``forward(batch) -> (loss, TaskOutputs)``) over
+    ``reader``'s split.
+
+    Returns:
+        ``auc``, ``logloss``, ``rows`` of the model's logits; ``<name>_loss``: the mean over rows of
+        each of the task's named losses; with ``predictors``, ``predictors``: name -> the ``auc``,
+        ``logloss`` and ``rows`` of each other predictor the task outputs (absent when it has none).
+    """
+    steps = max_over_ranks(reader.num_batches())
+    batches = iter(reader)
+    labels: List[torch.Tensor] = []
+    logits: List[torch.Tensor] = []
+    loss_sums: Dict[str, float] = {}
+    scored: Dict[str, List[torch.Tensor]] = {}
+    dmp.eval()
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = next(batches, None)
+            padding = batch is None
+            if padding:
+                batch = padding_batch(reader.schema, reader.config.batch_size, reader.config.extras, reader.vector_widths)
+            batch = batch.to(ctx.device)
+            _, outputs = dmp(batch)
+            # names come from padding batches too, so every rank reduces the same ones in the same order
+            for name, value in outputs.losses.items():
+                loss_sums[name] = loss_sums.get(name, 0.0) + (0.0 if padding else float(value) * batch.batch_size)
+            for name in outputs.predictors if predictors else ():
+                scored.setdefault(name, [])
+            if padding:
+                continue
+            labels.append(batch.labels.cpu())
+            logits.append(outputs.logits.float().cpu())
+            for name, values in outputs.predictors.items() if predictors else ():
+                scored[name].append(values.float().cpu())
+    dmp.train()
+    local_labels = torch.cat(labels) if labels else torch.zeros(0)
+    metrics = _scores(local_labels, logits)
+    if loss_sums:
+        totals = torch.tensor([*loss_sums.values(), float(local_labels.shape[0])], dtype=torch.float64)
+        dist.all_reduce(totals)
+        for index, name in enumerate(loss_sums):
+            metrics[f"{name}_loss"] = float(totals[index] / max(float(totals[-1]), 1.0))
+    if scored:
+        metrics["predictors"] = {name: _scores(local_labels, values) for name, values in scored.items()}
+    return metrics
+
+
+def _scores(labels: torch.Tensor, logits: List[torch.Tensor]) -> Dict[str, float]:
+    local = torch.cat(logits) if logits else torch.zeros(0)
+    gathered = gather_predictions(labels, local)
+    return classification_metrics(gathered["labels"], gathered["logits"])
