@@ -7,7 +7,8 @@ Importing this package imports torch only; :func:`export_artifact` imports torch
 """
 
 from recsys_kd.export.artifact import ArtifactError, ParityError, export_artifact, load_artifact, record_path
-from recsys_kd.export.serving import ServingModel, example_major_inputs, quantize_rows_int8, script_serving
+from recsys_kd.export.serving import ServingModel, example_major_inputs, script_serving
+from recsys_kd.export.tables import quantize_rows_int8
 
 __all__ = [
     "ArtifactError",
