@@ -18,11 +18,12 @@ feature, the example and the id (checked before any lookup). Output: probabiliti
 (``forward_logits`` returns the logits).
 
 How it is fast: at small batches serving is bound by the number of ops (about 10 us each), not by
-FLOPs, so every sparse table is concatenated row-wise into one table ``[sum_f V_f, D]`` (plus one column for the first-order weight when the model has a
-first-order term), and a feature's ids are shifted by its row offset, so ONE lookup gathers every
-field of every example, with no Python loop over fields, and :func:`script_serving` freezes the module.
-The dense projection is a broadcast multiply. The head is the trained model's own head, copied
-unchanged (it is scriptable). The fused table is built in :mod:`recsys_kd.export.tables`.
+FLOPs. So every sparse table is concatenated row-wise into one table ``[sum_f V_f, D]`` (plus one
+column for the first-order weight when the model has a first-order term), and a feature's ids are
+shifted by its row offset: ONE lookup gathers every field of every example, with no Python loop over
+fields; and :func:`script_serving` freezes the module. The dense projection is a broadcast multiply.
+The head is the trained model's own head, copied unchanged (it is scriptable). The fused table is
+built in :mod:`recsys_kd.export.tables`.
 
 AFM-compressed models (a ``LowRankFieldEmbedding``: field tables ``[V_f, k_f]``, ranks may differ per
 field) keep the one lookup: every table is zero-padded to the widest field ``W = max_f w_f`` (``w_f =
