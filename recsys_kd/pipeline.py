@@ -163,11 +163,11 @@ def export_all(recipe: Recipe) -> Dict[str, Any]:
 def export_if_needed(recipe: Recipe, role: str, source: Path) -> Dict[str, Any]:
     """Exports one model as a TorchScript artifact (parity-checked) unless it is up to date."""
     from recsys_kd.export import export_artifact
-    from recsys_kd.export.artifact import record_path
+    from recsys_kd.runs import export_record
 
     name = _model_name(source)
     output = recipe.export_output(name if role == "model" else f"{role}_{name}")
-    previous = record_path(output)
+    previous = export_record(output)
     if output.exists() and previous.exists():
         record = json.loads(previous.read_text())
         checkpoint_metadata = Path(record["checkpoint"]) / ".metadata"
