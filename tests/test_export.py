@@ -26,10 +26,10 @@ from recsys_kd.export import (
     export_artifact,
     load_artifact,
     quantize_rows_int8,
-    record_path,
     script_serving,
 )
 from recsys_kd.models import CTRModel, ModelConfig, build_model
+from recsys_kd.runs import OutputError, TrainOutput, export_record
 from recsys_kd.train import checkpoint
 from tests.helpers import SMALL_MODEL, fake_train_output, save_train_output, tiny_batch, tiny_schema, visible_model
 
@@ -265,7 +265,7 @@ def exported(datasets) -> List[Dict[str, Any]]:
 def test_export_records_and_metadata(exported) -> None:
     for case in exported:
         record, artifact = case["record"], case["artifact"]
-        assert artifact.exists() and json.loads(record_path(artifact).read_text()) == json.loads(json.dumps(record))
+        assert artifact.exists() and json.loads(export_record(artifact).read_text()) == json.loads(json.dumps(record))
         assert record["size_bytes"] == artifact.stat().st_size > 0
         assert record["parity"]["rows"] == 256 and record["latency_batch1_ms"] > 0
         if case["dtype"] == "float32":
@@ -391,3 +391,16 @@ def test_checkpoint_choice_and_fp16_storage(exported, tmp_path) -> None:
     with pytest.raises(ArtifactError, match="step_9.*not a checkpoint.*known: best"):
         export_artifact(trained, tmp_path / "nope.pt", checkpoint="step_9")
     assert not (tmp_path / "nope.pt").exists()
+
+
+def test_load_model_rebuilds_the_plain_model_from_a_train_output(datasets, tmp_path) -> None:
+    dataset = datasets["synthetic"]
+    output = TrainOutput(fake_train_output(tmp_path, dataset, "xdeepfm", seed=3))
+    model = checkpoint.load_model(output)
+    assert not model.training and model.name == "xdeepfm"
+    expected = visible_model(Schema.load(dataset), "xdeepfm", seed=3).state_dict()
+    loaded = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+    with pytest.raises(OutputError, match="no complete step checkpoint"):
+        checkpoint.load_model(output, "latest")

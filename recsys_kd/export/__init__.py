@@ -6,8 +6,9 @@ with an artifact alone) and ``server`` (the stdlib HTTP JSON endpoint).
 Importing this package imports torch only; :func:`export_artifact` imports torchrec when called.
 """
 
-from recsys_kd.export.artifact import ArtifactError, ParityError, export_artifact, load_artifact, record_path
-from recsys_kd.export.serving import ServingModel, example_major_inputs, quantize_rows_int8, script_serving
+from recsys_kd.export.artifact import ArtifactError, ParityError, export_artifact, load_artifact
+from recsys_kd.export.serving import ServingModel, example_major_inputs, script_serving
+from recsys_kd.export.tables import quantize_rows_int8
 
 __all__ = [
     "ArtifactError",
@@ -17,6 +18,5 @@ __all__ = [
     "export_artifact",
     "load_artifact",
     "quantize_rows_int8",
-    "record_path",
     "script_serving",
 ]

@@ -1,9 +1,10 @@
 """The ``export`` stage: a trained model -> a verified TorchScript serving artifact that loads with torch alone.
 
-:func:`export_artifact` reads a ``train`` output (``train.json``: model config and dataset), rebuilds
-the plain model and fills it from a checkpoint of any sharding (``checkpoint.load_model_tensors``,
-one process, no process group), builds the :class:`~recsys_kd.export.serving.ServingModel`, scripts
-and freezes it, and saves it with two extra files:
+:func:`export_artifact` reads a ``train``, ``distill`` or ``compress``-step output through
+:class:`~recsys_kd.runs.TrainOutput`, rebuilds the plain model from a checkpoint of any sharding
+(:func:`recsys_kd.train.checkpoint.load_model`: one process, no process group), builds the
+:class:`~recsys_kd.export.serving.ServingModel`, scripts and freezes it, and saves it with two extra
+files:
 
 - ``schema.json``: the dataset's schema (features, ``num_embeddings``, id rules);
 - ``model.json``: model name and config, parameters, FLOPs, test metrics, source checkpoint, library
@@ -14,9 +15,10 @@ against the training model on the first ``parity_rows`` held-out rows (the test 
 it renamed to its final name. For float32 storage the largest probability difference must be below
 ``parity_tolerance`` (1e-5) or :class:`ParityError` is raised and nothing is left under the final
 name; for fp16 / int8 storage the record reports that difference and the AUC change instead. The
-record (parity, sizes, paths, timings) is written beside the artifact as ``<name>.export.json``.
+record (parity, sizes, paths, timings) is written beside the artifact as ``<name>.export.json``
+(:func:`recsys_kd.runs.export_record`).
 
-:func:`load_artifact` needs torch only (this module imports torchrec lazily, inside
+:func:`load_artifact` needs torch only (this module imports torchrec lazily, in the steps of
 :func:`export_artifact`).
 
 Example::
@@ -32,19 +34,30 @@ import json
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from recsys_kd.export.serving import INPUT_ORDER, STORAGE_DTYPES, ServingModel, example_major_inputs, script_serving
+import recsys_kd
+from recsys_kd.config import to_dict
+from recsys_kd.data.schema import MISSING_ID, OOV_ID, Schema
+from recsys_kd.export.serving import INPUT_ORDER, ServingModel, example_major_inputs, script_serving
+from recsys_kd.export.tables import STORAGE_DTYPES
 from recsys_kd.io import atomic_file, atomic_write_json
+from recsys_kd.runs import OutputError, TrainOutput, export_record
+from recsys_kd.train.metrics import auc
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_kd.models.zoo import CTRModel, ModelConfig
 
 ARTIFACT_FORMAT = 1
 SCHEMA_FILE = "schema.json"
 MODEL_FILE = "model.json"
 EXTRA_FILES = (SCHEMA_FILE, MODEL_FILE)
-RECORD_SUFFIX = ".export.json"
 PARITY_TOLERANCE = 1e-5
 
 
@@ -54,12 +67,6 @@ class ParityError(RuntimeError):
 
 class ArtifactError(ValueError):
     """A file is not a serving artifact (missing metadata) or its inputs are unusable."""
-
-
-def record_path(out_path: Union[str, Path]) -> Path:
-    """Where :func:`export_artifact` writes its record: ``<artifact>.export.json`` beside the artifact."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.name + RECORD_SUFFIX)
 
 
 def load_artifact(path: Union[str, Path]) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
@@ -101,14 +108,14 @@ def export_artifact(
     Exports a trained model as a TorchScript serving artifact and verifies it.
 
     Args:
-        train_output: a ``train`` output directory: ``train.json`` (``config.model``, ``dataset``, ``test``)
-            and ``checkpoints/``.
+        train_output: a ``train``, ``distill`` or ``compress``-step output directory (its record:
+            ``config.model``, ``dataset``, ``test``; and ``checkpoints/``).
         out_path: the artifact file to write.
         checkpoint: ``"best"``, ``"latest"``, a checkpoint directory name under ``checkpoints/``
             (``step_000001200``), or a path to a checkpoint directory.
         parity_rows: how many held-out rows (the first of the test split) the parity check scores.
         dtype: storage of the fused embedding table: ``"float32"``, ``"fp16"`` or ``"int8"``.
-        dataset: the prepared dataset; defaults to the one named in ``train.json``.
+        dataset: the prepared dataset; defaults to the one named in the output's record.
         parity_tolerance: the largest probability difference allowed for float32 storage.
 
     Returns:
@@ -118,56 +125,102 @@ def export_artifact(
     Raises:
         ParityError: float32 artifact differs from the training model by ``parity_tolerance`` or more
             (no artifact is left under ``out_path``).
-        ArtifactError: missing ``train.json``, checkpoint or dataset.
+        ArtifactError: missing record or checkpoint, or a dataset with no rows to check.
     """
-    # torchrec-dependent imports are local: load_artifact (and `import recsys_kd.export`) need torch only
-    import recsys_kd
-    from recsys_kd.config import from_dict, to_dict
-    from recsys_kd.data.reader import ParquetReader, ReaderConfig
-    from recsys_kd.data.schema import MISSING_ID, OOV_ID, Schema
-    from recsys_kd.models.zoo import ModelConfig, build_model
-    from recsys_kd.train import checkpoint as checkpoints
-    from recsys_kd.train.metrics import auc
-
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
     if parity_rows < 1:
         raise ValueError(f"parity_rows must be >= 1, got {parity_rows}")
     started = time.perf_counter()
     timings: Dict[str, float] = {}
-    train_output, out_path = Path(train_output), Path(out_path)
+    out_path = Path(out_path)
+    source = _open_source(train_output, checkpoint, dataset)
+    schema = Schema.load(source.dataset)
 
-    record_file = train_output / "train.json"
-    if not record_file.exists():
-        raise ArtifactError(f"{record_file}: not found; is {train_output} a train output?")
-    train_record = json.loads(record_file.read_text())
-    source = str(record_file)
-    model_config = from_dict(ModelConfig, train_record["config"]["model"], source=source, prefix="config.model")
-    dataset = Path(dataset if dataset is not None else train_record["dataset"])
-    schema = Schema.load(dataset)
-    checkpoint_path = _resolve_checkpoint(train_output, checkpoint, checkpoints)
-    checkpoint_state = _rank0_state(checkpoint_path)
-
-    # the plain training model, filled from the (possibly sharded) checkpoint
-    t = time.perf_counter()
-    model = build_model(schema, model_config)
-    state = {f"model.{key}": value for key, value in model.state_dict().items()}
-    checkpoints.load_model_tensors(checkpoint_path, state)
-    model.load_state_dict({key[len("model."):]: value for key, value in state.items()})
-    model.eval()
-    timings["load_checkpoint_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    serving = ServingModel.from_model(model, num_dense_inputs=len(schema.dense), storage=dtype).eval()
-    scripted = script_serving(serving, roundtrip=False)  # saved, then loaded back for the parity check
-    timings["script_freeze_s"] = time.perf_counter() - t
-
+    with _timed(timings, "load_checkpoint_s"):
+        model = _load_training_model(source)
+    with _timed(timings, "script_freeze_s"):
+        serving = ServingModel.from_model(model, num_dense_inputs=len(schema.dense), storage=dtype).eval()
+        scripted = script_serving(serving, roundtrip=False)  # saved, then loaded back for the parity check
     libraries = _library_versions()
-    metadata = {
+    metadata = _serving_metadata(source, schema, model, serving, dtype, libraries)
+    extra_files = {SCHEMA_FILE: schema.to_json(), MODEL_FILE: json.dumps(metadata, indent=2, default=str) + "\n"}
+    rows = _parity_batch(source.dataset, schema, parity_rows)
+
+    with atomic_file(out_path) as temp:
+        with _timed(timings, "save_s"):
+            _save(scripted, temp, extra_files)
+        with _timed(timings, "parity_s"):
+            loaded = _load_back(temp, extra_files, out_path)
+            parity = _check_parity(model, loaded, rows, dtype, parity_tolerance, out_path)
+        latency = _latency(loaded, rows.dense[:1], *_first_example(rows.ids, rows.offsets, len(schema.sparse)))
+        size = os.path.getsize(temp)
+
+    timings["total_s"] = time.perf_counter() - started
+    record = _export_record(source, out_path, dtype, size, parity, latency, libraries, timings)
+    atomic_write_json(export_record(out_path), record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+class _Source(NamedTuple):
+    """What is exported: the stage output, the checkpoint path, the dataset and the model config."""
+
+    output: TrainOutput
+    checkpoint: Path
+    dataset: Path
+    model_config: ModelConfig
+
+
+class _ParityRows(NamedTuple):
+    """The held-out rows of the parity check, as the training model and the artifact take them."""
+
+    split: str
+    size: int
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _open_source(train_output: Union[str, Path], checkpoint: str, dataset: Optional[Union[str, Path]]) -> _Source:
+    """Reads the output's record and resolves the checkpoint; a missing or unusable one is an ArtifactError."""
+    from recsys_kd.train.checkpoint import recorded_model_config  # torch.distributed.checkpoint: only to export
+
+    output = TrainOutput(train_output)
+    try:
+        model_config = recorded_model_config(output)
+        dataset = Path(dataset) if dataset is not None else output.dataset
+        return _Source(output, output.checkpoint(checkpoint), dataset, model_config)
+    except OutputError as error:
+        raise ArtifactError(str(error)) from None
+
+
+def _load_training_model(source: _Source) -> CTRModel:
+    """The plain training model, filled from the (possibly sharded) checkpoint, in eval mode."""
+    from recsys_kd.train.checkpoint import load_model
+
+    return load_model(source.output, str(source.checkpoint), source.dataset)
+
+
+def _serving_metadata(
+    source: _Source,
+    schema: Schema,
+    model: CTRModel,
+    serving: ServingModel,
+    dtype: str,
+    libraries: Dict[str, Optional[str]],
+) -> Dict[str, Any]:
+    """The artifact's ``model.json``: what the model is, where it came from, and its input contract."""
+    record = source.output.record
+    return {
         "format": ARTIFACT_FORMAT,
         "kind": "recsys_kd.serving",
-        "model": model_config.name,
-        "config": to_dict(model_config),
+        "model": source.model_config.name,
+        "config": to_dict(source.model_config),
         "storage_dtype": dtype,
         "parameters": model.num_parameters(),
         "serving_parameters": {
@@ -177,116 +230,130 @@ def export_artifact(
         },
         "flops_per_example": model.flops_per_example(),
         "compression": getattr(model, "compression_log", []),
-        "metrics": {"test": train_record.get("test"), "best_valid": train_record.get("best_valid")},
+        "metrics": {"test": source.output.test_metrics, "best_valid": record.get("best_valid")},
         "source": {
-            "train_output": str(train_output),
-            "checkpoint": str(checkpoint_path),
-            "checkpoint_step": checkpoint_state.get("step"),
-            "dataset": str(dataset),
-            "train_steps": train_record.get("steps"),
+            "train_output": str(source.output.path),
+            "checkpoint": str(source.checkpoint),
+            "checkpoint_step": _checkpoint_step(source.checkpoint),
+            "dataset": str(source.dataset),
+            "train_steps": record.get("steps"),
         },
         "libraries": libraries,
         "recsys_kd_version": recsys_kd.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": _input_contract(schema, serving, MISSING_ID, OOV_ID),
     }
-    extra_files = {SCHEMA_FILE: schema.to_json(), MODEL_FILE: json.dumps(metadata, indent=2, default=str) + "\n"}
+
+
+def _parity_batch(dataset: Path, schema: Schema, parity_rows: int) -> _ParityRows:
+    """The first ``parity_rows`` rows of the first non-empty split of test, valid, train."""
+    from recsys_kd.data.reader import ParquetReader, ReaderConfig  # torchrec: only to export
 
     split = _parity_split(schema)
     reader = ParquetReader(dataset, split, ReaderConfig(batch_size=parity_rows, shuffle=False), rank=0, world_size=1)
     batch = next(iter(reader))
-    ids, offsets = example_major_inputs(batch.sparse.values(), batch.sparse.lengths(), batch.batch_size, len(schema.sparse))
+    sparse = batch.sparse
+    ids, offsets = example_major_inputs(sparse.values(), sparse.lengths(), batch.batch_size, len(schema.sparse))
+    return _ParityRows(split, int(batch.batch_size), batch.dense, sparse, batch.labels, ids, offsets)
 
-    with atomic_file(out_path) as temp:
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, str(temp), _extra_files=extra_files)
-        timings["save_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        loaded, loaded_metadata = load_artifact(temp)
-        if loaded_metadata["model"]["input"] != json.loads(extra_files[MODEL_FILE])["input"]:
-            raise ParityError(f"{out_path}: the metadata read back differs from the metadata written")
-        with torch.no_grad():
-            reference = torch.sigmoid(model(batch.dense, batch.sparse))
-            served = loaded(batch.dense, ids, offsets)
-        max_diff = float((reference - served).abs().max()) if reference.numel() else 0.0
-        labels = batch.labels.numpy()
-        auc_model, auc_artifact = auc(labels, reference.numpy()), auc(labels, served.numpy())
-        parity = {
-            "split": split,
-            "rows": int(batch.batch_size),
-            "max_abs_diff": max_diff,
-            "tolerance": parity_tolerance if dtype == "float32" else None,
-            "auc_training_model": auc_model,
-            "auc_artifact": auc_artifact,
-            "auc_delta": auc_artifact - auc_model,
-        }
-        timings["parity_s"] = time.perf_counter() - t
-        if dtype == "float32" and not max_diff < parity_tolerance:
-            raise ParityError(
-                f"{out_path}: the scripted artifact's probabilities differ from the training model's by up to "
-                f"{max_diff:.3g} on {parity['rows']} {split} rows (tolerance {parity_tolerance:g}); "
-                "the artifact was not written"
-            )
-        latency = _latency(loaded, batch.dense[:1], *_first_example(ids, offsets, len(schema.sparse)))
-        size = os.path.getsize(temp)
+def _save(scripted: torch.jit.ScriptModule, path: Path, extra_files: Dict[str, str]) -> None:
+    """Saves the module with its extra files (``schema.json``, ``model.json``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, str(path), _extra_files=extra_files)
 
-    record = {
+
+def _load_back(path: Path, extra_files: Dict[str, str], out_path: Path) -> torch.jit.ScriptModule:
+    """The saved artifact as :func:`load_artifact` gives it, its input contract checked against the one written."""
+    loaded, loaded_metadata = load_artifact(path)
+    if loaded_metadata["model"]["input"] != json.loads(extra_files[MODEL_FILE])["input"]:
+        raise ParityError(f"{out_path}: the metadata read back differs from the metadata written")
+    return loaded
+
+
+def _check_parity(
+    model: CTRModel, artifact: torch.jit.ScriptModule, rows: _ParityRows, dtype: str, tolerance: float, out_path: Path
+) -> Dict[str, Any]:
+    """The artifact's probabilities against the training model's on the parity rows; raises
+    :class:`ParityError` when float32 storage differs by ``tolerance`` or more."""
+    with torch.no_grad():
+        reference = torch.sigmoid(model(rows.dense, rows.sparse))
+        served = artifact(rows.dense, rows.ids, rows.offsets)
+    max_diff = float((reference - served).abs().max()) if reference.numel() else 0.0
+    labels = rows.labels.numpy()
+    auc_model, auc_artifact = auc(labels, reference.numpy()), auc(labels, served.numpy())
+    if dtype == "float32" and not max_diff < tolerance:
+        raise ParityError(
+            f"{out_path}: the scripted artifact's probabilities differ from the training model's by up to "
+            f"{max_diff:.3g} on {rows.size} {rows.split} rows (tolerance {tolerance:g}); "
+            "the artifact was not written"
+        )
+    return {
+        "split": rows.split,
+        "rows": rows.size,
+        "max_abs_diff": max_diff,
+        "tolerance": tolerance if dtype == "float32" else None,
+        "auc_training_model": auc_model,
+        "auc_artifact": auc_artifact,
+        "auc_delta": auc_artifact - auc_model,
+    }
+
+
+def _export_record(
+    source: _Source,
+    out_path: Path,
+    dtype: str,
+    size: int,
+    parity: Dict[str, Any],
+    latency: Optional[float],
+    libraries: Dict[str, Optional[str]],
+    timings: Dict[str, float],
+) -> Dict[str, Any]:
+    return {
         "stage": "export",
         "artifact": str(out_path),
-        "record": str(record_path(out_path)),
-        "train_output": str(train_output),
-        "checkpoint": str(checkpoint_path),
-        "dataset": str(dataset),
-        "model": model_config.name,
+        "record": str(export_record(out_path)),
+        "train_output": str(source.output.path),
+        "checkpoint": str(source.checkpoint),
+        "dataset": str(source.dataset),
+        "model": source.model_config.name,
         "dtype": dtype,
         "size_bytes": size,
         "parity": parity,
         "latency_batch1_ms": latency,
         "torch_threads": torch.get_num_threads(),
         "libraries": libraries,
-        "timings": {key: round(value, 4) for key, value in {**timings, "total_s": time.perf_counter() - started}.items()},
+        "timings": {key: round(value, 4) for key, value in timings.items()},
     }
-    atomic_write_json(record_path(out_path), record)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------- parts
 
 
-def _resolve_checkpoint(train_output: Path, name: str, checkpoints) -> Path:
-    directory = train_output / "checkpoints"
-    if name == checkpoints.LATEST:
-        path = checkpoints.latest(directory)
-        if path is None:
-            raise ArtifactError(f"{directory}: no complete step checkpoint (no 'latest' pointer)")
-        return path
-    path = Path(name) if Path(name).is_absolute() or os.sep in name else directory / name
-    if not (path / ".metadata").exists():
-        raise ArtifactError(f"{path}: not a checkpoint (no .metadata); known: {_known_checkpoints(directory)}")
-    return path
+@contextmanager
+def _timed(timings: Dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
 
 
-def _known_checkpoints(directory: Path) -> str:
-    names = sorted(p.name for p in directory.glob("*") if (p / ".metadata").exists()) if directory.is_dir() else []
-    return ", ".join(names) or "none"
-
-
-def _rank0_state(path: Path) -> Dict[str, Any]:
+def _checkpoint_step(path: Path) -> Optional[int]:
+    """The training step a checkpoint was written at (its ``rank_0.json``), None when it records none."""
     rank_file = path / "rank_0.json"
-    return json.loads(rank_file.read_text()) if rank_file.exists() else {}
+    return json.loads(rank_file.read_text()).get("step") if rank_file.exists() else None
 
 
-def _parity_split(schema) -> str:
+def _parity_split(schema: Schema) -> str:
+    """The first split of test, valid, train that has rows."""
     for split in ("test", "valid", "train"):
         if split in schema.splits and schema.splits[split].rows > 0:
             return split
     raise ArtifactError(f"dataset {schema.name!r} has no rows to check parity on")
 
 
-def _input_contract(schema, serving: ServingModel, missing_id: int, oov_id: int) -> Dict[str, Any]:
+def _input_contract(schema: Schema, serving: ServingModel, missing_id: int, oov_id: int) -> Dict[str, Any]:
+    """The ``input`` entry of ``model.json``: what ``forward`` takes and returns."""
     sparse = [
         {"name": f.name, "num_embeddings": f.num_embeddings, "multi_hot": f.multi_hot, "id_rule": f.id_rule.kind}
         for f in schema.sparse

@@ -17,11 +17,13 @@ must lie in ``[0, num_embeddings)`` of its feature, otherwise ``forward`` raises
 feature, the example and the id (checked before any lookup). Output: probabilities ``[B]`` float32
 (``forward_logits`` returns the logits).
 
-How it is fast (see STACK.md, "Serving speed"): every sparse table is concatenated row-wise into one
-table ``[sum_f V_f, D]`` (plus one column for the first-order weight when the model has a
-first-order term), and a feature's ids are shifted by its row offset, so ONE lookup gathers every
-field of every example, with no Python loop over fields. The dense projection is a broadcast multiply.
-The head is the trained model's own head, copied unchanged (it is scriptable).
+How it is fast: at small batches serving is bound by the number of ops (about 10 us each), not by
+FLOPs. So every sparse table is concatenated row-wise into one table ``[sum_f V_f, D]`` (plus one
+column for the first-order weight when the model has a first-order term), and a feature's ids are
+shifted by its row offset: ONE lookup gathers every field of every example, with no Python loop over
+fields; and :func:`script_serving` freezes the module. The dense projection is a broadcast multiply.
+The head is the trained model's own head, copied unchanged (it is scriptable). The fused table is
+built in :mod:`recsys_kd.export.tables`.
 
 AFM-compressed models (a ``LowRankFieldEmbedding``: field tables ``[V_f, k_f]``, ranks may differ per
 field) keep the one lookup: every table is zero-padded to the widest field ``W = max_f w_f`` (``w_f =
@@ -43,16 +45,24 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_kd.export.tables import (
+    STORAGE_DTYPES,
+    field_tables,
+    fused_storage,
+    lookup_buffers,
+    low_rank_projections,
+    stacked_up_projections,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from recsys_kd.models.zoo import CTRModel
 
-STORAGE_DTYPES = ("float32", "fp16", "int8")
 INPUT_ORDER = "example-major"
 
 
@@ -111,40 +121,13 @@ class ServingModel(nn.Module):
         codes_to_head: bool = False,
     ) -> None:
         super().__init__()
-        if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage must be one of {list(STORAGE_DTYPES)}, got {storage!r}")
-        if not tables or len(tables) != len(sparse_names):
-            raise ValueError(f"need one table per sparse feature: {len(tables)} tables, {len(sparse_names)} names")
+        _check_arguments(tables, sparse_names, storage, up_weights, codes_to_head, first_order_tables)
         widths = [int(t.shape[1]) for t in tables]
-        if embedding_dim is None:
-            if len(set(widths)) != 1:
-                raise ValueError(f"tables of different widths {sorted(set(widths))} need embedding_dim")
-            embedding_dim = widths[0]
-        dim = embedding_dim
-        if up_weights is not None and codes_to_head:
-            raise ValueError("up_weights and codes_to_head exclude each other: the head reads fields or codes")
-        if up_weights is not None and len(up_weights) != len(tables):
-            raise ValueError(f"need one up-projection (or None) per sparse feature, got {len(up_weights)}")
-        for f, width in enumerate(widths):
-            projected = up_weights is not None and up_weights[f] is not None
-            if projected:
-                assert up_weights is not None
-                if tuple(up_weights[f].shape) != (dim, width):
-                    raise ValueError(
-                        f"up-projection of {sparse_names[f]!r} is {list(up_weights[f].shape)}, expected [{dim}, {width}]"
-                    )
-            elif width != dim and not codes_to_head:
-                raise ValueError(f"table {sparse_names[f]!r} has width {width}, not D = {dim}, and no up-projection")
-        with_first_order = first_order_tables is not None
-        if with_first_order:
-            assert first_order_tables is not None
-            if [t.shape[0] for t in first_order_tables] != [t.shape[0] for t in tables]:
-                raise ValueError("first-order tables must have the rows of the field tables")
-        num_dense = 0 if dense_weight is None else int(dense_weight.shape[0])
-        if dense_weight is not None and num_dense_inputs != num_dense:
-            raise ValueError(f"num_dense_inputs is {num_dense_inputs} but the model projects {num_dense} dense fields")
-
+        dim = _embedding_dim(widths, embedding_dim)
+        _check_widths(widths, dim, sparse_names, up_weights, codes_to_head)
+        num_dense = _num_dense(dense_weight, num_dense_inputs)
         width = max(widths)  # W: every table is zero-padded to it, so one lookup serves all fields
+
         self.head = head
         self.sparse_names: List[str] = list(sparse_names)
         self.num_sparse: int = len(tables)
@@ -152,7 +135,7 @@ class ServingModel(nn.Module):
         self.num_dense_inputs: int = num_dense_inputs
         self.embedding_dim: int = dim
         self.table_width: int = width
-        self.with_first_order: bool = with_first_order
+        self.with_first_order: bool = first_order_tables is not None
         self.storage: str = storage
         self._int8: bool = storage == "int8"
         self._fp16: bool = storage == "fp16"
@@ -160,59 +143,16 @@ class ServingModel(nn.Module):
         self._codes_to_head: bool = codes_to_head
         self._uniform_width: bool = len(set(widths)) == 1
 
-        sizes = torch.tensor([int(t.shape[0]) for t in tables], dtype=torch.int64)
-        self.register_buffer("num_embeddings", sizes)
-        self.register_buffer("row_offsets", torch.cumsum(sizes, 0) - sizes)
-        self.register_buffer("bag_feature", torch.arange(len(tables), dtype=torch.int64))
-        # concatenated codes: column j < w_f of field f sits at f * W + j of the flattened [F, W] codes
-        self.register_buffer(
-            "code_columns", torch.cat([f * width + torch.arange(w, dtype=torch.int64) for f, w in enumerate(widths)])
-        )
-        up_weight = torch.zeros(len(tables) if self._project else 0, dim, width)
-        up_bias = torch.zeros(len(tables) if self._project else 0, dim)
-        if up_weights is not None:
-            for f, table_width in enumerate(widths):
-                projection = up_weights[f]
-                if projection is None:  # a full-width table: the identity keeps its field exact
-                    up_weight[f, :, :dim] = torch.eye(dim)
-                else:
-                    up_weight[f, :, :table_width] = projection.detach().float()
-                    if up_biases is not None and up_biases[f] is not None:
-                        up_bias[f] = up_biases[f].detach().float()
-        self.register_buffer("up_weight", up_weight)
-        self.register_buffer("up_bias", up_bias)
-
-        fused = torch.cat([F.pad(t.detach().float(), (0, width - int(t.shape[1]))) for t in tables], dim=0)  # [R, W]
-        first = (
-            torch.cat([t.detach().float() for t in first_order_tables], dim=0)
-            if first_order_tables is not None
-            else torch.zeros(fused.shape[0], 0)
-        )  # [R, 1] or [R, 0]
-        # float storage: one table [R, W (+1)], the first-order weight as its last column
-        # int8 storage: codes [R, W] int8 and params [R, 2 (+1)] = (scale, bias (, first-order weight))
-        if storage == "int8":
-            codes, scale, bias = quantize_rows_int8(fused)
-            self.register_buffer("weight", torch.zeros(0, width + first.shape[1]))
-            self.register_buffer("codes", codes)
-            self.register_buffer("row_params", torch.cat([scale, bias, first], dim=1))
-        else:
-            weight = torch.cat([fused, first], dim=1)
-            self.register_buffer("weight", weight.half() if storage == "fp16" else weight)
-            self.register_buffer("codes", torch.zeros(0, width, dtype=torch.int8))
-            self.register_buffer("row_params", torch.zeros(0, 2 + first.shape[1]))
-        self.register_buffer(
-            "dense_weight", dense_weight.detach().float().clone() if dense_weight is not None else torch.zeros(0, dim)
-        )
-        self.register_buffer(
-            "first_order_dense",
-            first_order_dense.detach().float().reshape(-1, 1).clone()
-            if first_order_dense is not None
-            else torch.zeros(num_dense, 1),
-        )
-        self.register_buffer(
-            "first_order_bias",
-            first_order_bias.detach().float().reshape(1).clone() if first_order_bias is not None else torch.zeros(1),
-        )
+        up_weight, up_bias = stacked_up_projections(widths, dim, up_weights, up_biases)
+        buffers = {
+            **lookup_buffers(tables, widths),
+            "up_weight": up_weight,
+            "up_bias": up_bias,
+            **fused_storage(tables, first_order_tables, width, storage),
+            **_dense_buffers(dense_weight, first_order_dense, first_order_bias, num_dense, dim),
+        }
+        for name, buffer in buffers.items():
+            self.register_buffer(name, buffer)
 
     @classmethod
     def from_model(
@@ -230,16 +170,16 @@ class ServingModel(nn.Module):
             storage (str): ``"float32"``, ``"fp16"`` or ``"int8"`` for the fused table.
         """
         embedding = model.embedding
-        sparse_names, tables = _field_tables(embedding)
+        sparse_names, tables = field_tables(embedding)
         num_dense = 0 if embedding.dense_weight is None else int(embedding.dense_weight.shape[0])
         first_order_tables = first_order_dense = first_order_bias = None
         if model.first_order is not None:
-            fo_names, first_order_tables = _field_tables(model.first_order.weights)
+            fo_names, first_order_tables = field_tables(model.first_order.weights)
             if fo_names != sparse_names:
                 raise ValueError(f"first-order features {fo_names} differ from the field features {sparse_names}")
             first_order_dense = model.first_order.weights.dense_weight
             first_order_bias = model.first_order.bias
-        up_weights, up_biases, codes_to_head = _low_rank_projections(embedding, sparse_names)
+        up_weights, up_biases, codes_to_head = low_rank_projections(embedding, sparse_names)
         head = copy.deepcopy(model.head).eval()
         return cls(
             head,
@@ -332,6 +272,86 @@ class ServingModel(nn.Module):
                 first = first + torch.mm(dense, self.first_order_dense)
             first_order = first + self.first_order_bias
         return self.head(fields, first_order)
+
+
+# ------------------------------------------------------------------------- the constructor's steps
+
+
+def _check_arguments(
+    tables: List[torch.Tensor],
+    sparse_names: List[str],
+    storage: str,
+    up_weights: Optional[List[Optional[torch.Tensor]]],
+    codes_to_head: bool,
+    first_order_tables: Optional[List[torch.Tensor]],
+) -> None:
+    """A known storage; one table, one up-projection (or None) and one first-order table per feature."""
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {list(STORAGE_DTYPES)}, got {storage!r}")
+    if not tables or len(tables) != len(sparse_names):
+        raise ValueError(f"need one table per sparse feature: {len(tables)} tables, {len(sparse_names)} names")
+    if up_weights is not None and codes_to_head:
+        raise ValueError("up_weights and codes_to_head exclude each other: the head reads fields or codes")
+    if up_weights is not None and len(up_weights) != len(tables):
+        raise ValueError(f"need one up-projection (or None) per sparse feature, got {len(up_weights)}")
+    if first_order_tables is not None and [t.shape[0] for t in first_order_tables] != [t.shape[0] for t in tables]:
+        raise ValueError("first-order tables must have the rows of the field tables")
+
+
+def _embedding_dim(widths: List[int], embedding_dim: Optional[int]) -> int:
+    """D of the fields the head reads: ``embedding_dim``, else the tables' one common width."""
+    if embedding_dim is not None:
+        return embedding_dim
+    if len(set(widths)) != 1:
+        raise ValueError(f"tables of different widths {sorted(set(widths))} need embedding_dim")
+    return widths[0]
+
+
+def _check_widths(
+    widths: List[int],
+    dim: int,
+    sparse_names: List[str],
+    up_weights: Optional[List[Optional[torch.Tensor]]],
+    codes_to_head: bool,
+) -> None:
+    """Each table is D wide, or up-projected from its width to D, or read as codes by the head."""
+    for f, width in enumerate(widths):
+        projection = up_weights[f] if up_weights is not None else None
+        if projection is not None:
+            if tuple(projection.shape) != (dim, width):
+                raise ValueError(
+                    f"up-projection of {sparse_names[f]!r} is {list(projection.shape)}, expected [{dim}, {width}]"
+                )
+        elif width != dim and not codes_to_head:
+            raise ValueError(f"table {sparse_names[f]!r} has width {width}, not D = {dim}, and no up-projection")
+
+
+def _num_dense(dense_weight: Optional[torch.Tensor], num_dense_inputs: int) -> int:
+    """How many dense fields the model projects (0 when dense features are not model inputs)."""
+    num_dense = 0 if dense_weight is None else int(dense_weight.shape[0])
+    if dense_weight is not None and num_dense_inputs != num_dense:
+        raise ValueError(f"num_dense_inputs is {num_dense_inputs} but the model projects {num_dense} dense fields")
+    return num_dense
+
+
+def _dense_buffers(
+    dense_weight: Optional[torch.Tensor],
+    first_order_dense: Optional[torch.Tensor],
+    first_order_bias: Optional[torch.Tensor],
+    num_dense: int,
+    dim: int,
+) -> Dict[str, torch.Tensor]:
+    """The dense projection ``[n_dense, D]``, the first-order dense weights ``[n_dense, 1]`` and bias
+    ``[1]``, float32 copies (empty or zero when absent)."""
+    return {
+        "dense_weight": dense_weight.detach().float().clone() if dense_weight is not None else torch.zeros(0, dim),
+        "first_order_dense": first_order_dense.detach().float().reshape(-1, 1).clone()
+        if first_order_dense is not None
+        else torch.zeros(num_dense, 1),
+        "first_order_bias": first_order_bias.detach().float().reshape(1).clone()
+        if first_order_bias is not None
+        else torch.zeros(1),
+    }
 
 
 # Input checks are free functions called from the exported methods, never private methods: a frozen
@@ -434,33 +454,6 @@ def script_serving(serving: ServingModel, roundtrip: bool = True) -> torch.jit.S
         return torch.jit.load(buffer)
 
 
-def quantize_rows_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    Per-row asymmetric int8 quantisation: ``weight ~ codes * scale + bias``.
-
-    Each row's range [min, max] maps onto the 256 codes -128..127 (``scale = (max - min) / 255``,
-    ``bias = min + 128 * scale``); a constant row gets scale 1 and is exact. The error per entry is at
-    most ``scale / 2``.
-
-    Args:
-        weight (torch.Tensor): float [R, D].
-
-    Returns:
-        Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: codes int8 [R, D], scale float32 [R, 1],
-        bias float32 [R, 1].
-    """
-    weight = weight.detach().float()
-    if weight.numel() == 0:
-        rows = weight.shape[0]
-        return weight.to(torch.int8), torch.ones(rows, 1), torch.zeros(rows, 1)
-    low = weight.min(dim=1, keepdim=True).values
-    high = weight.max(dim=1, keepdim=True).values
-    span = high - low
-    scale = torch.where(span > 0, span / 255.0, torch.ones_like(span))
-    codes = torch.clamp(torch.round((weight - low) / scale) - 128.0, -128.0, 127.0).to(torch.int8)
-    return codes, scale, low + 128.0 * scale
-
-
 def example_major_inputs(
     values: torch.Tensor, lengths: torch.Tensor, batch_size: int, num_features: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -496,49 +489,3 @@ def example_major_inputs(
     source = torch.repeat_interleave(starts - offsets[:-1], by_example, output_size=total)
     source = source + torch.arange(total, dtype=torch.int64)
     return values[source], offsets
-
-
-def _low_rank_projections(
-    embedding: nn.Module, sparse_names: List[str]
-) -> Tuple[Optional[List[Optional[torch.Tensor]]], Optional[List[Optional[torch.Tensor]]], bool]:
-    """(up-projections ``[D, k_f]`` or None per sparse feature, their biases, whether the head reads the
-    concatenated codes) of a ``LowRankFieldEmbedding``; (None, None, False) for a ``FieldEmbedding``.
-    Read through attributes (duck typing) so that this file never imports the torchrec-based module."""
-    ranks = getattr(embedding, "ranks", None)
-    if ranks is None:
-        return None, None, False
-    if bool(embedding.fused):
-        return None, None, True
-    compressed = list(embedding._compressed)
-    weights: List[Optional[torch.Tensor]] = [None] * len(sparse_names)
-    biases: List[Optional[torch.Tensor]] = [None] * len(sparse_names)
-    for i, name in enumerate(compressed):
-        f = sparse_names.index(name)
-        weights[f] = embedding.up_weight[i, :, : int(ranks[name])].detach()  # stored padded to k_max
-        biases[f] = embedding.up_bias[i].detach()
-    return weights, biases, False
-
-
-def _field_tables(embedding: nn.Module) -> Tuple[List[str], List[torch.Tensor]]:
-    """(sparse feature names in field order, their tables) of a ``FieldEmbedding``."""
-    num_dense = 0 if embedding.dense_weight is None else int(embedding.dense_weight.shape[0])
-    sparse_names = list(embedding.field_names[num_dense:])
-    ebc = embedding.ebc
-    by_feature = {}
-    for config in ebc.embedding_bag_configs():
-        if len(config.feature_names) != 1:
-            raise ValueError(f"table {config.name!r} serves {config.feature_names}; expected one feature per table")
-        pooling = getattr(config.pooling, "name", str(config.pooling))
-        if pooling != "SUM":
-            raise ValueError(f"table {config.name!r} uses {pooling} pooling; the serving module sums bags")
-        weight = ebc.embedding_bags[config.name].weight
-        if type(weight) not in (torch.Tensor, nn.Parameter) or weight.device.type == "meta":
-            raise ValueError(
-                f"table {config.name!r} is a {type(weight).__name__} on {weight.device}; the serving module needs "
-                "a plain model with its tables loaded (unshard with checkpoint.load_model_tensors first)"
-            )
-        by_feature[config.feature_names[0]] = weight
-    missing = [name for name in sparse_names if name not in by_feature]
-    if missing:
-        raise ValueError(f"no table for sparse features {missing}")
-    return sparse_names, [by_feature[name].detach() for name in sparse_names]

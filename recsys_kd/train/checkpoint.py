@@ -9,6 +9,7 @@ Layout under ``<output>/checkpoints/``::
 A checkpoint is written under a temporary name and renamed by rank 0 only after every rank has
 finished, so a crash (of any rank, at any moment) never leaves a partial checkpoint under a final
 name; ``latest`` is replaced atomically after the rename. Loading uses DCP, never unpickling.
+:func:`load_model` rebuilds the plain model of a stage output from any of its checkpoints.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from recsys_kd.io import atomic_write_json, atomic_write_text
-from recsys_kd.runs import BEST, LATEST, is_checkpoint
+from recsys_kd.runs import BEST, LATEST, TrainOutput, is_checkpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recsys_kd.models.zoo import CTRModel, ModelConfig
 
 
 class CheckpointError(RuntimeError):
@@ -143,6 +147,46 @@ def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor]) -> Dict[
         raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
     dcp.load({"model": state_dict}, checkpoint_id=str(path), no_dist=True)
     return state_dict
+
+
+def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Union[str, Path]] = None) -> "CTRModel":
+    """
+    The plain (unsharded) model of a train / distill / compress-step output, in eval mode.
+
+    Built from the output's recorded model config (compression steps included) and the dataset's
+    schema, then filled from the checkpoint, whatever its sharding (:func:`load_model_tensors`: one
+    process, no process group). The checkpoint holds the trained module, which wraps the model as
+    ``.model``: its tensors are ``model.<name>``.
+
+    Args:
+        output (TrainOutput): the stage output.
+        checkpoint (str): ``"best"``, ``"latest"``, a ``step_*`` name or a checkpoint path
+            (:meth:`TrainOutput.checkpoint`).
+        dataset (Optional[Union[str, Path]]): the prepared dataset; defaults to the output's.
+
+    Raises:
+        OutputError: no record, or no such checkpoint.
+        ConfigError: the recorded model config is invalid.
+    """
+    from recsys_kd.data.schema import Schema  # local imports: see recorded_model_config
+    from recsys_kd.models.zoo import build_model
+
+    path = output.checkpoint(checkpoint)
+    schema = Schema.load(Path(dataset) if dataset is not None else output.dataset)
+    model = build_model(schema, recorded_model_config(output))
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    load_model_tensors(path, state)
+    model.load_state_dict({key[len("model."):]: value for key, value in state.items()})
+    return model.eval()
+
+
+def recorded_model_config(output: TrainOutput) -> "ModelConfig":
+    """The output's model config (``config.model`` of its record), validated."""
+    # local imports: the CLI imports this module for CheckpointError and must not load torchrec
+    from recsys_kd.config import from_dict
+    from recsys_kd.models.zoo import ModelConfig
+
+    return from_dict(ModelConfig, output.model_config, source=str(output.record_path), prefix="config.model")
 
 
 def rng_state() -> Dict[str, str]:
