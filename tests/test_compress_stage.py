@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from recsys_kd.compress import collect_statistics, compress_embeddings, compress_mlp
-from recsys_kd.config import from_dict
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.models.zoo import ModelConfig, build_model
+from recsys_kd.runs import COMPRESS_STEP_RECORD, TrainOutput
 from recsys_kd.train import checkpoint
 from tests.trainrun import run_stage, train_on_synthetic, write_recipe
 
@@ -46,13 +46,8 @@ def compress_recipe(root, model, name, sharding, finetune_epochs=0, methods=("af
 
 def compressed_weights(step_dir):
     """A compressed step's model, rebuilt from its record and filled from its checkpoint (one process)."""
-    record = json.loads((step_dir / "train.json").read_text())
-    config = from_dict(ModelConfig, record["config"]["model"])
-    model = build_model(Schema.load(record["dataset"]), config)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    checkpoint.load_model_tensors(step_dir / "checkpoints" / "best", state)
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
-    return model.eval(), {k[len("model."):]: v for k, v in state.items()}
+    model = checkpoint.load_model(TrainOutput(step_dir))
+    return model, model.state_dict()
 
 
 def assert_same_weights(mine, theirs, atol=2e-5):
@@ -100,7 +95,7 @@ def test_sharded_compression_matches_the_in_memory_surgery_and_rebuilds(setup):
 
     # the record reports each compressed layer's / table's spectrum and the share of variance kept
     for step, width in (("step1_mlp", 16), ("step2_embeddings", 8)):
-        for entry in json.loads((root / "dnn_1" / "afm" / step / "train.json").read_text())["log"]:
+        for entry in json.loads((root / "dnn_1" / "afm" / step / COMPRESS_STEP_RECORD).read_text())["log"]:
             spectrum = entry["spectrum"]
             assert spectrum["dim"] == width and spectrum["cumulative"][-1] == pytest.approx(1.0)
             assert entry["kept_share"] == pytest.approx(spectrum["cumulative"][entry["k"] - 1])
@@ -124,11 +119,11 @@ def test_two_processes_compress_exactly_like_one(setup, model, sharding):
             _, mine = compressed_weights(root / one / method / step)
             _, theirs = compressed_weights(root / two / method / step)
             assert_same_weights(mine, theirs)
-            first = json.loads((root / one / method / step / "train.json").read_text())
-            second = json.loads((root / two / method / step / "train.json").read_text())
+            first = json.loads((root / one / method / step / COMPRESS_STEP_RECORD).read_text())
+            second = json.loads((root / two / method / step / COMPRESS_STEP_RECORD).read_text())
             assert first["statistics_rows"] == second["statistics_rows"]
             assert first["test"]["auc"] == pytest.approx(second["test"]["auc"], abs=1e-6)
-    log = json.loads((root / two / "afm" / "step2_embeddings" / "train.json").read_text())["log"]
+    log = json.loads((root / two / "afm" / "step2_embeddings" / COMPRESS_STEP_RECORD).read_text())["log"]
     expected = {"table_wise": "row", "row_wise": "row", "column_wise": "column", "data_parallel": "data_parallel"}[sharding]
     assert {entry["sharding"] for entry in log} == {expected}
 
@@ -141,7 +136,7 @@ def test_a_killed_compression_resumes_to_the_same_model(setup):
     killed = compress_recipe(root, "dnn", "dnn_killed", "row_wise", finetune_epochs=1, methods=("afm",))
     assert run_stage("compress", whole, 1) == [0]
     assert run_stage("compress", killed, 1, fault="train_step=0:3") != [0]
-    assert (root / "dnn_killed" / "afm" / "step1_mlp" / "train.json").exists()
+    assert (root / "dnn_killed" / "afm" / "step1_mlp" / COMPRESS_STEP_RECORD).exists()
     assert not (root / "dnn_killed" / "compress.json").exists()
     assert run_stage("compress", killed, 1) == [0]
     for step in ("step1_mlp/ft", "step2_embeddings", "step2_embeddings/ft"):

@@ -14,7 +14,7 @@ from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.distill.config import DistillConfig
 from recsys_kd.distill.losses import KDLossConfig, kd_loss
 from recsys_kd.distill.task import DistillationTask
-from recsys_kd.train import checkpoint
+from recsys_kd.runs import TrainOutput
 
 
 def test_kd_loss_distill_is_the_weighted_teacher_terms():
@@ -106,7 +106,7 @@ def test_gated_ensemble_distillation_with_distill_loss_early_stopping(root):
     assert 0.5 < ensemble["test"]["auc"] < 1 and 0.5 < ensemble["valid"]["auc"] < 1
     assert distilled["student"]["test"] == record["test"] and distilled["student"]["parameters"] == record["parameters"]
     assert distilled["student"]["valid"]["distill_loss"] == pytest.approx(record["best_valid"], rel=1e-6)
-    path = checkpoint.latest(root / "gated" / "checkpoints")
+    path = TrainOutput(root / "gated").latest()
     import torch.distributed.checkpoint as dcp
 
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -128,7 +128,7 @@ def test_kd_dagfm_shared_frozen_embeddings_then_fine_tune(root):
     teacher_table = {key: torch.zeros(tuple(stored.size))}
     student_table = {key: torch.zeros(tuple(stored.size))}
     dcp.load(teacher_table, checkpoint_id=str(teacher_best), no_dist=True)
-    dcp.load(student_table, checkpoint_id=str(checkpoint.latest(root / "shared" / "checkpoints")), no_dist=True)
+    dcp.load(student_table, checkpoint_id=str(TrainOutput(root / "shared").latest()), no_dist=True)
     torch.testing.assert_close(student_table[key], teacher_table[key])  # shared and frozen
 
 
@@ -151,7 +151,7 @@ def test_hint_regression_from_infer_hints_trains_the_projection(root):
     assert all(value > 0 for value in hint_losses) and hint_losses[-1] < hint_losses[0]
     import torch.distributed.checkpoint as dcp
 
-    path = checkpoint.latest(root / "hint" / "checkpoints")
+    path = TrainOutput(root / "hint").latest()
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     key = "model.projections.dcn.weight"
     assert tuple(stored[key].size) == (record_hidden_dim(root, "dagfm_outer"), record_hidden_dim(root, "dcn"))

@@ -8,6 +8,7 @@ import pytest
 
 from recsys_kd.pipeline import artifact_rows, model_rows, run_pipeline
 from recsys_kd.recipe import load_recipe
+from recsys_kd.runs import TrainOutput
 from tests.trainrun import write_recipe
 
 TINY = {"embedding_dim": 8, "dense_mode": "projected"}
@@ -47,7 +48,7 @@ def test_tiny_pipeline_runs_every_stage_and_the_artifacts_agree(tmp_path):
     assert compressed["stage"] == "embeddings fine-tuned"
     assert compressed["parameters"] < stages["finetune"]["parameters"]["total"]
     # each artifact, scored on its own, reproduces the test AUC the training side measured
-    final = json.loads((Path(stages["compress"]["final"]["afm"]) / "train.json").read_text())
+    final = TrainOutput(stages["compress"]["final"]["afm"]).record
     expected = {"teacher": stages["train"]["test"]["auc"], "student": stages["finetune"]["test"]["auc"],
                 "compressed": final["test"]["auc"]}
     for role, auc in expected.items():

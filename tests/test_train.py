@@ -8,6 +8,7 @@ import torch
 
 from recsys_kd.cli import main
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.runs import TrainOutput
 from recsys_kd.train import checkpoint
 from recsys_kd.train.metrics import auc, classification_metrics, logloss
 
@@ -76,14 +77,14 @@ def test_train_cli_resume_and_plain_loader(movielens, capsys):
 
 
 def test_checkpoint_from_another_world_size_is_refused(movielens, tmp_path):
-    source = movielens / "dnn" / "checkpoints"
-    step = checkpoint.latest(source)
+    source = TrainOutput(movielens / "dnn")
+    step = source.latest()
     rank_file = step / "rank_0.json"
     state = json.loads(rank_file.read_text())
     forged = tmp_path / "checkpoints"
     import shutil
 
-    shutil.copytree(source, forged)
+    shutil.copytree(source.checkpoints, forged)
     (forged / step.name / "rank_0.json").write_text(json.dumps({**state, "world_size": 4}))
     out = tmp_path
     code = main(["train", "-c", "configs/movielens.yaml", f"prepare.output={movielens / 'data'}", f"train.output={out}",

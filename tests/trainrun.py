@@ -15,6 +15,7 @@ import yaml
 
 from recsys_kd.models.zoo import ModelConfig, build_model
 from recsys_kd.data.schema import Schema
+from recsys_kd.runs import TrainOutput
 from recsys_kd.train import checkpoint
 from recsys_kd.train.task import LabelTask
 
@@ -90,5 +91,5 @@ def train_on_synthetic(root: Path, models: Dict[str, Dict], rows: int, seed: int
 def final_weights(output: Path, dataset: Path, model: Dict) -> Dict[str, torch.Tensor]:
     """The newest checkpoint's model tensors as a plain state_dict (single process, no group)."""
     module = LabelTask(build_model(Schema.load(dataset), ModelConfig(**model)))
-    latest = checkpoint.latest(output / "checkpoints")
+    latest = TrainOutput(output).latest()
     return checkpoint.load_model_tensors(latest, module.state_dict())

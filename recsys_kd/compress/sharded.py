@@ -183,7 +183,7 @@ def sharded_statistics(
             batch = next(iterator, None)
             hooks.active = batch is not None
             batch = batch if batch is not None else padding()
-            dmp(batch.dense, batch.sparse)
+            dmp(batch)  # a task module: forward(batch) -> (loss, outputs)
             if progress is not None:
                 progress.update(1)
     stats = hooks.stats.all_reduce()

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from recsys_kd.compress.sharded import compress_sharded_embeddings, compress_sharded_mlp, sharded_statistics
 from recsys_kd.compress.surgery import can_fuse, mlp_linear_names
-from recsys_kd.config import ConfigError, from_dict, to_dict
+from recsys_kd.config import ConfigError, to_dict
 from recsys_kd.data.reader import ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import Schema
 from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
@@ -179,7 +179,7 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
                 compress_step(ctx, config, step, method, schema, dataset, base, model_config,
                               current.checkpoint(current_checkpoint), step_output.path, reader_config)
             step_record = step_output.record
-            model_config = from_dict(ModelConfig, step_output.model_config, source=str(step_output.record_path))
+            model_config = checkpoint.recorded_model_config(step_output)
             rows.append(_summary(f"{step.what} compressed", step_record))
             current, current_checkpoint = step_output, BEST
             if config.finetune.epochs:

@@ -33,14 +33,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from recsys_kd.config import from_dict, to_dict
+from recsys_kd.config import to_dict
 from recsys_kd.data.ids import splitmix64
 from recsys_kd.data.reader import ParquetReader, ReaderConfig, padding_batch
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.distill.config import hint_column, teacher_column
 from recsys_kd.distributed import init_distributed, max_over_ranks, sum_over_ranks
 from recsys_kd.io import atomic_write_json
-from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
+from recsys_kd.models.zoo import CTRModel, build_model
 from recsys_kd.runs import INFER_RECORD, SIDE_INPUT_FILE, OutputError, TrainOutput
 from recsys_kd.train import checkpoint, hooks
 from recsys_kd.train.sharding import ShardingConfig, describe_plan, shard
@@ -147,8 +147,7 @@ def _build_teachers(config: InferConfig, schema: Schema) -> Tuple[Dict[str, nn.M
         source = TrainOutput(spec.train_output)
         if not source.finished():
             raise OutputError(f"teacher {spec.name!r}: {source.record_path} not found; train it first")
-        model_config = from_dict(ModelConfig, source.model_config, source=str(source.record_path), prefix="config.model")
-        teachers[spec.name] = build_model(schema, model_config)
+        teachers[spec.name] = build_model(schema, checkpoint.recorded_model_config(source))
         records[spec.name] = source.record
     return teachers, records
 

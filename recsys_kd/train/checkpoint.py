@@ -74,17 +74,6 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
     return final
 
 
-def latest(directory: Path) -> Optional[Path]:
-    """The newest complete checkpoint, or None when there is none."""
-    pointer = Path(directory) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(directory) / pointer.read_text().strip()
-    if not is_checkpoint(path):
-        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
-
-
 def load(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
     """Collective: loads DCP tensors into ``state`` in place; returns this rank's JSON state."""
     path = Path(path)

@@ -246,7 +246,7 @@ def _save(run: _Run, reader: ParquetReader, progress: Progress) -> None:
 
 
 def _resume(run: _Run, reader: ParquetReader) -> Optional[Progress]:
-    path = checkpoint.latest(run.output.checkpoints)
+    path = run.output.latest()
     if path is None:
         return None
     run.optimizer.init_state()
