@@ -12,16 +12,13 @@ import torch
 from torch import nn
 
 from recsys_kd.compress import (
-    CompressedMLP,
     LayerStatistics,
-    LowRankFieldEmbedding,
     ModelStatistics,
     afm_embedding,
     afm_embedding_columns,
     afm_embedding_rows,
     afm_linear,
     afm_linear_factors,
-    can_fuse,
     choose_rank,
     collect_statistics,
     compress_embeddings,
@@ -37,7 +34,7 @@ from recsys_kd.compress import (
 )
 from recsys_kd.data.reader import Batch
 from recsys_kd.models import CTRModel, ModelConfig, build_model
-from recsys_kd.models.zoo import LowRankStep
+from recsys_kd.models.low_rank import CompressedMLP, LowRankFieldEmbedding, LowRankStep, can_fuse
 from tests.helpers import tiny_batch, tiny_schema
 
 F64 = torch.float64

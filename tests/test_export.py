@@ -13,7 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.cli import main
-from recsys_kd.compress.surgery import LowRankFieldEmbedding, collect_statistics, compress_embeddings, compress_mlp
+from recsys_kd.compress import collect_statistics, compress_embeddings, compress_mlp
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
@@ -29,6 +29,7 @@ from recsys_kd.export import (
     script_serving,
 )
 from recsys_kd.models import CTRModel, ModelConfig, build_model
+from recsys_kd.models.low_rank import LowRankFieldEmbedding
 from recsys_kd.runs import OutputError, TrainOutput, export_record
 from recsys_kd.train import checkpoint
 from tests.helpers import SMALL_MODEL, fake_train_output, save_train_output, tiny_batch, tiny_schema, visible_model

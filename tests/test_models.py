@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, table_wise
 from torchrec.distributed.types import ShardingPlan
@@ -19,6 +20,7 @@ from recsys_kd.config import ConfigError, from_dict
 from recsys_kd.data.reader import Batch
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.models import MODEL_NAMES, CTRModel, FieldEmbedding, ModelConfig, build_model
+from recsys_kd.models.low_rank import CompressedMLP, LowRankFieldEmbedding, LowRankStep
 from tests.helpers import tiny_batch, tiny_schema
 
 B = 8
@@ -169,6 +171,34 @@ def test_flops_hand_counts() -> None:
     assert build("dnn").flops_per_example() == 8 + mlp + 17
     # dcn, 2 cross layers of 2N (dot) + 3N (scale x0, bias, residual); output Linear(24 + 8, 1)
     assert build("dcn").flops_per_example() == 8 + 2 * (48 + 72) + mlp + (2 * 32 + 1)
+
+
+@pytest.mark.parametrize("name", ["dnn", "deepfm"])
+def test_recorded_compression_builds_the_low_rank_structure(name: str) -> None:
+    """build_model gives a config's LowRankSteps their modules: Linear 1 (16 -> 8) factored through
+    rank 3, tables user and item V x 2 and V x 3, their up-projections folded into the first Linear
+    (dnn, whose MLP reads the fields directly) or kept per field (deepfm, whose FM reads them)."""
+    fused = name == "dnn"
+    steps = [
+        LowRankStep("mlp", {"1": 3}, relu_between=True),
+        LowRankStep("embeddings", {"user": 2, "item": 3}, fused=fused),
+    ]
+    model = build(name, compression=steps).eval()
+    mlp = model.head.mlp
+    assert isinstance(mlp, CompressedMLP) and model.compression_steps == steps
+    assert [(m.in_features, m.out_features) for m in mlp.layers if isinstance(m, nn.Linear)][1:] == [(16, 3), (3, 8)]
+    assert isinstance(mlp.layers[3], nn.ReLU)
+    embedding = model.embedding
+    assert isinstance(embedding, LowRankFieldEmbedding) and embedding.fused == fused
+    assert {n: t.weight.shape[1] for n, t in embedding.ebc.embedding_bags.items()} == {
+        "t_user": 2, "t_tags": D, "t_item": 3, "t_hour": D
+    }
+    assert embedding.output_width == (2 * D + 2 + D + 3 + D if fused else NUM_FIELDS * D)
+    assert mlp.layers[0].in_features == embedding.output_width
+    batch = make_batch()
+    logits, _, fields = model.forward_with_hidden(batch.dense, batch.sparse)
+    assert logits.shape == (B,)
+    assert fields.shape == ((B, embedding.output_width) if fused else (B, NUM_FIELDS, D))
 
 
 # ---------------------------------------------------------------- sharded tables

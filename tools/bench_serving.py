@@ -130,7 +130,7 @@ def build(workdir: Path, rows: int, teachers: List[str], students: List[str], tr
           train_seconds: float, rank: int) -> Tuple[List[Dict[str, Any]], Path]:
     """Synthetic Criteo-shaped data; teacher, student and AFM-compressed student artifacts (all reused
     when a previous build had the same settings)."""
-    from recsys_kd.compress.surgery import collect_statistics, compress_embeddings
+    from recsys_kd.compress import collect_statistics, compress_embeddings
     from recsys_kd.data.prepare import PrepareConfig, prepare
     from recsys_kd.data.reader import ParquetReader, ReaderConfig
     from recsys_kd.data.schema import Schema

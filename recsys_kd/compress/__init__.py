@@ -1,8 +1,11 @@
 """Low-rank compression of trained CTR models: AFM (Yu et al., KDD 2024) and the SVD baseline.
 
 ``afm``: the math on tensors (statistics, PCA, rank choice, the transforms, their row-block and
-column-partial forms for sharded tables). ``surgery``: the same applied to a plain ``CTRModel``
-(``collect_statistics``, ``compress_mlp``, ``compress_embeddings``), returning new models.
+column-partial forms for sharded tables). ``statistics``: the statistics of a whole ``CTRModel``,
+collected by forward hooks (``collect_statistics``). ``surgery``: the transforms applied to a plain
+``CTRModel`` (``compress_mlp``, ``compress_embeddings``), returning new models. ``sharded``: the same
+on a DistributedModelParallel-sharded model, shard by shard. The compressed models' modules
+(``CompressedMLP``, ``LowRankFieldEmbedding``, ``LowRankStep``) live in ``recsys_kd.models.low_rank``.
 """
 
 from recsys_kd.compress.afm import (
@@ -18,7 +21,6 @@ from recsys_kd.compress.afm import (
     explained_variance_ratio,
     fuse_into_first_linear,
     pca,
-    principal_subspace,
     singular_value_spectrum,
     spectrum_report,
     svd_embedding,
@@ -26,23 +28,11 @@ from recsys_kd.compress.afm import (
     svd_linear_factors,
     two_linear_layers,
 )
-from recsys_kd.compress.surgery import (
-    CompressedMLP,
-    LowRankFieldEmbedding,
-    ModelStatistics,
-    StatisticsHooks,
-    can_fuse,
-    collect_statistics,
-    compress_embeddings,
-    compress_mlp,
-    find_mlp,
-    mlp_linear_names,
-)
+from recsys_kd.compress.statistics import ModelStatistics, StatisticsHooks, collect_statistics, mlp_linear_names
+from recsys_kd.compress.surgery import compress_embeddings, compress_mlp
 
 __all__ = [
-    "CompressedMLP",
     "LayerStatistics",
-    "LowRankFieldEmbedding",
     "ModelStatistics",
     "StatisticsHooks",
     "afm_embedding",
@@ -51,18 +41,15 @@ __all__ = [
     "afm_linear",
     "afm_linear_factors",
     "afm_up_bias",
-    "can_fuse",
     "choose_rank",
     "collect_statistics",
     "compress_embeddings",
     "compress_mlp",
     "embedding_gram",
     "explained_variance_ratio",
-    "find_mlp",
     "fuse_into_first_linear",
     "mlp_linear_names",
     "pca",
-    "principal_subspace",
     "singular_value_spectrum",
     "spectrum_report",
     "svd_embedding",

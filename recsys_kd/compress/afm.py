@@ -48,6 +48,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from recsys_kd.models.low_rank import factored_linear
+
 _F64 = torch.float64
 
 
@@ -240,15 +242,6 @@ def spectrum_report(
     }
 
 
-def principal_subspace(
-    stats: LayerStatistics, k: Optional[int] = None, variance_share: Optional[float] = None
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U_k [n, k], mu [n], eigenvalues [n])`` of ungrouped statistics, float64."""
-    values, vectors = pca(stats.covariance())
-    rank = choose_rank(values, k, variance_share)
-    return vectors[:, :rank], stats.mean(), values
-
-
 # ---------------------------------------------------------------- MLP layers
 
 
@@ -302,18 +295,17 @@ def singular_value_spectrum(weight: torch.Tensor) -> torch.Tensor:
 def two_linear_layers(
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, relu_between: bool
 ) -> nn.Sequential:
-    """``Linear(n, k) [-> ReLU] -> Linear(k, m)`` holding the given factors."""
+    """``Linear(n, k) [-> ReLU] -> Linear(k, m)`` (:func:`~recsys_kd.models.low_rank.factored_linear`)
+    holding the factors ``w1 [k, n], b1 [k], w2 [m, k], b2 [m]``."""
     k, n = w1.shape
-    m = w2.shape[0]
-    first = nn.Linear(n, k, device=w1.device, dtype=w1.dtype)
-    second = nn.Linear(k, m, device=w2.device, dtype=w2.dtype)
+    layers = factored_linear(n, k, w2.shape[0], relu_between, device=w1.device, dtype=w1.dtype)
+    first, second = layers[0], layers[len(layers) - 1]
     with torch.no_grad():
         first.weight.copy_(w1)
         first.bias.copy_(b1)
         second.weight.copy_(w2)
         second.bias.copy_(b2)
-    layers: List[nn.Module] = [first] + ([nn.ReLU()] if relu_between else []) + [second]
-    return nn.Sequential(*layers)
+    return layers
 
 
 def afm_linear(

@@ -38,22 +38,19 @@ from recsys_kd.compress.afm import (
     afm_up_bias,
     embedding_gram,
     pca,
-    spectrum_report,
 )
+from recsys_kd.compress.statistics import ModelStatistics, StatisticsHooks
 from recsys_kd.compress.surgery import (
-    ModelStatistics,
-    StatisticsHooks,
-    _kept_share,
-    _rank_from_spec,
+    RankSpec,
     compress_mlp_module,
-    find_mlp,
+    embedding_log_entry,
     fused_first_layer,
-    low_rank_field_embedding,
+    rank_from_spec,
 )
 from recsys_kd.models.embedding import FieldEmbedding
-from recsys_kd.models.zoo import CTRModel, LowRankStep
+from recsys_kd.models.low_rank import LowRankStep, find_mlp, low_rank_field_embedding, table_configs
+from recsys_kd.models.zoo import CTRModel
 
-RankSpec = Any  # an int k or a float variance share
 TABLE_KEY = "model.embedding.ebc.embedding_bags.{}.weight"
 
 
@@ -237,7 +234,7 @@ def compress_sharded_embeddings(
     if not isinstance(embedding, FieldEmbedding):
         raise ValueError(f"the embeddings step needs a FieldEmbedding, got {type(embedding).__name__}")
     num_dense, d = embedding._num_dense, embedding.embedding_dim
-    configs = {config.feature_names[0]: config for config in embedding.ebc.embedding_bag_configs()}
+    configs = table_configs(embedding)
     up_weights: Dict[str, torch.Tensor] = {}
     up_biases: Dict[str, torch.Tensor] = {}
     chosen: Dict[str, int] = {}
@@ -257,28 +254,16 @@ def compress_sharded_embeddings(
             spectrum, vectors = pca(table_gram(table, chunk_rows))
             mu = torch.zeros(d, dtype=torch.float64)
         broadcast_from_main(spectrum, vectors, mu)
-        k = _rank_from_spec(ranks[name], spectrum, name)
+        k = rank_from_spec(ranks[name], spectrum, name)
         u_k = vectors[:, :k].contiguous()
         use_centered = centered and method == "afm"
         state[key] = project_table(table, u_k, mu, use_centered, chunk_rows)
         up_weights[name] = u_k.to(table.dtype)
         up_biases[name] = afm_up_bias(u_k, mu, use_centered).to(table.dtype)
         chosen[name] = k
-        log.append(
-            {
-                "what": "embedding",
-                "table": table_name,
-                "feature": name,
-                "method": method,
-                "shape": [configs[name].num_embeddings, d],
-                "k": k,
-                "kept_share": _kept_share(spectrum, k),
-                "spectrum": spectrum_report(spectrum),
-                "centered": use_centered,
-                "fused": fuse,
-                "sharding": "data_parallel" if table.replicated else ("column" if table.column_split else "row"),
-            }
-        )
+        entry = embedding_log_entry(configs[name], method, k, spectrum, use_centered, fuse)
+        entry["sharding"] = "data_parallel" if table.replicated else ("column" if table.column_split else "row")
+        log.append(entry)
     new_embedding = low_rank_field_embedding(embedding, chosen, up_weights, up_biases, fuse, device=torch.device("meta"))
     for name in ("up_weight", "up_bias"):
         state.pop(f"model.embedding.{name}", None)

@@ -65,37 +65,7 @@ from recsys_kd.models.layers import (
     LowRankCrossNet,
     LowRankMixtureCrossNet,
 )
-
-
-@dataclass
-class LowRankStep:
-    """One low-rank compression step in a model's structure, as ``recsys-kd compress`` records it, so
-    that ``build_model`` rebuilds a compressed model's modules (their weights then come from its
-    checkpoint).
-
-    Attributes:
-        what: ``"mlp"`` (chosen ``nn.Linear`` layers of the MLP -> ``Linear(n, k) [-> ReLU] -> Linear(k, m)``)
-            or ``"embeddings"`` (chosen sparse tables ``V x D`` -> ``V x k`` with an up-projection).
-        ranks: ``{Linear index in the MLP (as a string): k}`` or ``{sparse feature: k}``.
-        relu_between: ``"mlp"``: a ReLU between the two new layers.
-        fused: ``"embeddings"``: the up-projections are folded into the first MLP layer.
-        mlp_path: ``"mlp"``: the MLP's module path when the model has several (e.g. ``head.mlp``).
-    """
-
-    what: Literal["mlp", "embeddings"] = "mlp"
-    ranks: Dict[str, int] = field(default_factory=dict)
-    relu_between: bool = False
-    fused: bool = False
-    mlp_path: str = ""
-
-    def validate(self) -> None:
-        if not self.ranks:
-            raise ValueError("ranks is empty: name at least one layer or feature")
-        for key, k in self.ranks.items():
-            if k < 1:
-                raise ValueError(f"ranks.{key}: k must be >= 1, got {k}")
-        if self.what == "mlp" and not all(key.isdigit() for key in self.ranks):
-            raise ValueError(f"mlp ranks are keyed by Linear index (0, 1, ...), got {sorted(self.ranks)}")
+from recsys_kd.models.low_rank import LowRankStep, apply_low_rank_structure
 
 
 @dataclass
@@ -370,7 +340,5 @@ def build_model(
     first_order = FirstOrder(schema, config.dense_mode, embedding_device) if head.uses_first_order else None
     model = CTRModel(config.name, embedding, head, first_order)
     if config.compression:
-        from recsys_kd.compress.surgery import apply_low_rank_structure  # compress builds on this module
-
         model = apply_low_rank_structure(model, config.compression)
     return model
