@@ -116,22 +116,14 @@ class TableBatchedServing(nn.Module):
 
 def demo_models(demo: Path) -> List[Model]:
     """(label, model, schema, dataset) of the demo's teacher and distilled student, as export_artifact loads them."""
-    from recsys_kd.config import from_dict
     from recsys_kd.data.schema import Schema
-    from recsys_kd.models.zoo import ModelConfig, build_model
-    from recsys_kd.train.checkpoint import load_model_tensors
+    from recsys_kd.runs import TrainOutput
+    from recsys_kd.train.checkpoint import load_model
 
     models = []
     for label, relative in DEMO_MODELS.items():
-        train_output = demo / relative
-        record = json.loads((train_output / "train.json").read_text())
-        dataset = Path(record["dataset"])
-        schema = Schema.load(dataset)
-        model = build_model(schema, from_dict(ModelConfig, record["config"]["model"], source=str(train_output)))
-        state = {f"model.{key}": value for key, value in model.state_dict().items()}
-        load_model_tensors(train_output / "checkpoints" / "best", state)
-        model.load_state_dict({key[len("model."):]: value for key, value in state.items()})
-        models.append((label, model.eval(), schema, dataset))
+        output = TrainOutput(demo / relative)
+        models.append((label, load_model(output), Schema.load(output.dataset), output.dataset))
     return models
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from recsys_kd.cli import format_table
+from recsys_kd.runs import TrainOutput
 
 
 def _mean_std(values: List[float]) -> str:
@@ -37,7 +38,7 @@ def rows(records: List[Dict]) -> List[Dict[str, object]]:
                 "valid auc": _mean_std([s["valid_auc"] for s in stage]),
                 "test auc": _mean_std([s["test_auc"] for s in stage]),
             })
-        finals = [json.loads((Path(record["final"][method]) / "train.json").read_text()) for record in records]
+        finals = [TrainOutput(record["final"][method]).record for record in records]
         out.append({
             "method": method, "stage": "final (chosen on valid)", "params": f"{finals[0]['parameters']['total']:,}",
             "flops/example": f"{finals[0]['flops_per_example']:,}",

@@ -79,6 +79,7 @@ def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_nam
     from recsys_kd.distill.task import distill
     from recsys_kd.models.zoo import ModelConfig
     from recsys_kd.recipe import load_recipe
+    from recsys_kd.runs import TrainOutput
 
     recipe = load_recipe(config, [*overrides, f"train.seed={seed}", "train.progress=false",
                                   "infer.progress=false"])
@@ -111,7 +112,7 @@ def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_nam
     finetuned = None
     if recipe.finetune is not None:
         recipe.finetune.seed, recipe.finetune.progress = seed, False
-        recipe.finetune.init_from = str(seed_dir / "distill" / "checkpoints" / "best")
+        recipe.finetune.init_from = str(TrainOutput(seed_dir / "distill").best)
         finetuned = train_once(recipe.finetune, seed_dir / "distill" / ft_name, dataset, recipe.reader)
 
     student: ModelConfig = distill_config.model
