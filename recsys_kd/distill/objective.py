@@ -17,9 +17,9 @@ from typing import Dict, List, Literal, Optional
 
 import torch
 
-from recsys_kd.data.reader import SIDE_INPUT_FILE
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.distill.losses import KDLossConfig, hard_label_bce, logit_mse, soft_label_bce
+from recsys_kd.runs import SIDE_INPUT_FILE
 
 COLUMN_PREFIX = "teacher_"
 HINT_PREFIX = "hint_"

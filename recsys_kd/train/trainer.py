@@ -39,7 +39,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from recsys_kd.config import from_dict, to_dict
-from recsys_kd.data.reader import Batch, ParquetReader, ReaderConfig, padding_batch
+from recsys_kd.data.batch import Batch, padding_batch
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.distill.gating import TeacherGate
 from recsys_kd.distill.losses import hint_loss
@@ -255,7 +256,7 @@ def _distill_inputs(config: TrainConfig) -> Tuple[List[str], List[Path]]:
     if config.distill is None or not config.distill.columns:
         return [], []
     soft_labels = Path(config.distill.soft_labels)
-    from recsys_kd.distill.infer import verify_alignment
+    from recsys_kd.data.side_inputs import verify_alignment
 
     verify_alignment_once(soft_labels, verify_alignment)
     return config.distill.columns, [soft_labels]
