@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from recsys_kd.config import to_dict
-from recsys_kd.data.prepare import RECORD_FILE, PrepareConfig, describe_inputs, open_source, prepare
+from recsys_kd.data.prepare import PrepareConfig, describe_inputs, open_source, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import write_criteo_tsv
 from recsys_kd.io import atomic_write_json
 from recsys_kd.recipe import Recipe, SynthesizeConfig
+from recsys_kd.runs import PREPARE_RECORD
 
 # Config keys that change how a stage runs but not what it produces.
 _RUNTIME_KEYS = ("progress", "overwrite")
@@ -70,7 +71,7 @@ def synthesize(config: SynthesizeConfig, progress: bool = True) -> Dict[str, Any
 
 def prepare_if_needed(config: PrepareConfig) -> Dict[str, Any]:
     """Runs ``prepare`` unless its output holds a record of the same config over the same inputs."""
-    record_path = Path(config.output) / RECORD_FILE
+    record_path = Path(config.output) / PREPARE_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         same_config = _stable(previous.get("config", {})) == _stable(to_dict(config))

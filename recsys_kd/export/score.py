@@ -8,9 +8,10 @@ its feature order and its id rules all come from the artifact's ``schema.json``.
   otherwise the ids would mean other rows of the tables: the first difference is an error.
 - raw logs in the format the artifact's dataset was prepared from (``schema.source.format``: ``criteo``,
   ``avazu`` or ``movielens``; a file or a directory), read by the same converter as ``prepare`` (bad
-  rows go to ``quarantine.jsonl``, counted in the record) and turned into ids by the schema's id rules:
-  ``hash`` (the salted seed is in the schema) and ``identity`` need nothing else; ``vocab`` needs the
-  vocabulary files of the prepared dataset (``vocab_dir``), which the artifact does not carry.
+  rows go to ``quarantine.jsonl``, counted in the record) and turned into ids by the same applier of
+  the schema's id rules (:class:`~recsys_kd.data.id_rules.IdRules`): ``hash`` (the salted seed is in the
+  schema) and ``identity`` need nothing else; ``vocab`` needs the vocabulary files of the prepared
+  dataset (``vocab_dir``), which the artifact does not carry.
 
 Outputs under ``out_dir``::
 
@@ -49,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from recsys_kd.config import from_dict, to_dict
+from recsys_kd.data.id_rules import IdRules, vocab_features
 from recsys_kd.data.schema import ROW_ID, SCHEMA_FILE, Schema, SchemaError
 from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
@@ -141,7 +143,7 @@ def score_dataset(
         from recsys_kd.data.quarantine import Quarantine
 
         raw_source = _open_raw(schema, source)
-        rules = RawIds(schema, vocab_dir)
+        rules = _id_rules(schema, vocab_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         quarantine = Quarantine(out_dir / QUARANTINE_FILE)
         chunks = _raw_chunks(raw_source, rules, quarantine, rows_per_part)
@@ -340,74 +342,32 @@ def _open_raw(schema: Schema, source: Path):
     return open_source(PrepareConfig(format=raw_format, inputs=[str(source)], criteo=CriteoOptions(integers=integers)))
 
 
-class RawIds:
-    """The schema's id rules as functions of raw values: ``hash`` (salted seed from the schema),
-    ``identity`` (values are ids already) and ``vocab`` (the prepared dataset's vocabulary files,
-    loaded once: memory proportional to the vocabularies).
-
-    Args:
-        schema (Schema): the artifact's schema.
-        vocab_dir (Optional[Path]): the prepared dataset holding ``vocab/<feature>.parquet``.
+def _id_rules(schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> IdRules:
+    """The artifact's id rules, with the vocabularies of ``vocab_dir`` for its vocabulary features.
 
     Raises:
-        ArtifactError: a vocabulary feature and no ``vocab_dir``, or its file missing.
+        ArtifactError: a vocabulary feature and no ``vocab_dir``, or its vocabulary missing or of
+            another size than the artifact's table.
     """
-
-    def __init__(self, schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> None:
-        self.schema = schema
-        self.vocabularies: Dict[str, pa.Array] = {}
-        needs_vocab = [f.name for f in schema.sparse if f.id_rule.kind == "vocab"]
-        if needs_vocab and vocab_dir is None:
-            named = ", ".join(needs_vocab[:3]) + (f" and {len(needs_vocab) - 3} more" if len(needs_vocab) > 3 else "")
-            raise ArtifactError(
-                f"features {named} have vocabulary ids, and the artifact does not carry the vocabularies: "
-                "pass the prepared dataset's directory (vocab_dir / --vocab), which holds vocab/<feature>.parquet"
-            )
-        for name in needs_vocab:
-            assert vocab_dir is not None
-            path = Path(vocab_dir) / (schema.feature(name).id_rule.vocab_file or f"vocab/{name}.parquet")
-            if not path.exists():
-                raise ArtifactError(f"{path}: vocabulary of feature {name!r} not found")
-            vocabulary = pq.read_table(path, columns=["value"]).column("value").combine_chunks()
-            expected = schema.feature(name).num_embeddings - 2
-            if len(vocabulary) != expected:
-                raise ArtifactError(
-                    f"{path}: {len(vocabulary)} values, but the artifact's table for {name!r} has "
-                    f"{expected} vocabulary rows; is it the vocabulary of the artifact's dataset?"
-                )
-            self.vocabularies[name] = vocabulary
-
-    def convert(self, table: pa.Table) -> pa.Table:
-        """A converter's table (row_id, label, dense, raw sparse values) -> prepared-dataset columns."""
-        from recsys_kd.data.ids import hash_ids, vocab_ids
-
-        columns: Dict[str, Any] = {ROW_ID: table.column(ROW_ID), self.schema.label: table.column("label").cast(pa.float32())}
-        for name in self.schema.dense:
-            columns[name] = table.column(name).cast(pa.float32())
-        for feature in self.schema.sparse:
-            values = table.column(feature.name).combine_chunks()
-            rule = feature.id_rule
-            if rule.kind == "identity":
-                columns[feature.name] = values.cast(pa.int64())
-                continue
-            multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
-            flat = values.flatten() if multi_hot else values
-            if rule.kind == "vocab":
-                ids = vocab_ids(flat, self.vocabularies[feature.name])
-            else:
-                ids = hash_ids(flat, feature.num_embeddings, rule.seed)
-            columns[feature.name] = (
-                pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64())) if multi_hot else pa.array(ids, pa.int64())
-            )
-        return pa.table(columns)
+    needs_vocab = vocab_features(schema)
+    if needs_vocab and vocab_dir is None:
+        named = ", ".join(needs_vocab[:3]) + (f" and {len(needs_vocab) - 3} more" if len(needs_vocab) > 3 else "")
+        raise ArtifactError(
+            f"features {named} have vocabulary ids, and the artifact does not carry the vocabularies: "
+            "pass the prepared dataset's directory (vocab_dir / --vocab), which holds vocab/<feature>.parquet"
+        )
+    try:
+        return IdRules.load(schema, vocab_dir)
+    except SchemaError as error:
+        raise ArtifactError(str(error)) from None
 
 
-def _raw_chunks(raw_source, rules: RawIds, quarantine, rows_per_part: int) -> Iterator[_Chunk]:
+def _raw_chunks(raw_source, rules: IdRules, quarantine, rows_per_part: int) -> Iterator[_Chunk]:
     """The converter's chunks as id tables, cut into output parts of at most ``rows_per_part`` rows."""
     part, rows_in_part, group = 0, 0, 0
     origin = ", ".join(raw_source.info.inputs)
     for chunk in raw_source.chunks(quarantine):
-        table = rules.convert(chunk.table)
+        table = rules.apply(chunk.table)
         while table.num_rows:
             if rows_in_part >= rows_per_part:
                 part, rows_in_part, group = part + 1, 0, 0
