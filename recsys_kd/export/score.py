@@ -23,11 +23,10 @@ Outputs under ``out_dir``::
 
 Each part is written under a temporary name and renamed when complete; ``score.json`` is written last.
 
-Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC is computed from
-histograms of the probabilities' float32 bit patterns (order-preserving for p >= 0) with
-``2**AUC_BUCKET_BITS`` buckets per label, ties within a bucket counting one half; the record states the
-largest error this can cause (``auc_max_error``: half the share of positive-negative pairs sharing a
-bucket). Logloss is exact (float64 sums, FuxiCTR's clipping).
+Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC and logloss are
+streamed (:class:`~recsys_kd.train.metrics.StreamingMetrics`): the AUC from histograms of the
+probabilities, with the largest error this can cause stated in the record (``auc_max_error``); the
+logloss exact.
 
 Example::
 
@@ -55,14 +54,13 @@ from recsys_kd.data.schema import ROW_ID, SCHEMA_FILE, Schema, SchemaError
 from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
 from recsys_kd.io import atomic_write_json
-from recsys_kd.train.metrics import EPSILON
+from recsys_kd.train.metrics import StreamingMetrics
 
 RECORD_FILE = "score.json"
 QUARANTINE_FILE = "quarantine.jsonl"
 RAW_SPLIT = "raw"
 PROBABILITY = "probability"
 RAW_FORMATS = ("criteo", "avazu", "movielens")
-AUC_BUCKET_BITS = 20
 _OUTPUT_SCHEMA = pa.schema([(ROW_ID, pa.int64()), (PROBABILITY, pa.float32())])
 
 
@@ -193,7 +191,7 @@ def _score_chunks(
     out_dir: Path,
     batch_size: int,
     sparse_limits: np.ndarray,
-    metrics: "StreamingMetrics",
+    metrics: StreamingMetrics,
     bar: tqdm,
 ) -> List[Dict[str, Any]]:
     """Scores the chunks in batches of at most ``batch_size`` rows, writing each output part as its
@@ -425,50 +423,3 @@ class _PartWriter:
         self.writer.close()
         if self.temp.exists():
             self.temp.unlink()
-
-
-# ----------------------------------------------------------------------------------------- metrics
-
-
-class StreamingMetrics:
-    """AUC and logloss over a stream of (labels, probabilities) batches in constant memory.
-
-    AUC: per label, a histogram of ``float32_bits(p) >> (31 - AUC_BUCKET_BITS)`` (for p in [0, 1] the
-    bit pattern is increasing in p); buckets are walked in order, positive-negative pairs in the same
-    bucket count one half. ``auc_max_error`` is half their share: the exact AUC lies within that of the
-    reported one. Logloss: float64 sum of the clipped binary cross-entropy.
-    """
-
-    def __init__(self) -> None:
-        buckets = 1 << AUC_BUCKET_BITS
-        self.positives = np.zeros(buckets, dtype=np.int64)
-        self.negatives = np.zeros(buckets, dtype=np.int64)
-        self.loss_sum = 0.0
-        self.rows = 0
-
-    def update(self, labels: Optional[np.ndarray], probabilities: np.ndarray) -> None:
-        if labels is None:
-            return
-        p = np.clip(probabilities.astype(np.float64), EPSILON, 1 - EPSILON)
-        self.loss_sum += float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum())
-        self.rows += len(labels)
-        bucket = probabilities.astype(np.float32).view(np.int32) >> (31 - AUC_BUCKET_BITS)
-        positive = labels > 0.5
-        self.positives += np.bincount(bucket[positive], minlength=len(self.positives))
-        self.negatives += np.bincount(bucket[~positive], minlength=len(self.negatives))
-
-    def result(self) -> Optional[Dict[str, float]]:
-        """{auc, auc_max_error, logloss, rows, positives}, or None when no labels were seen."""
-        if self.rows == 0:
-            return None
-        positives, negatives = int(self.positives.sum()), int(self.negatives.sum())
-        metrics: Dict[str, Any] = {"rows": self.rows, "positives": positives, "logloss": self.loss_sum / self.rows}
-        if positives == 0 or negatives == 0:
-            metrics.update(auc=float("nan"), auc_max_error=0.0)
-            return metrics
-        pos, neg = self.positives.astype(np.float64), self.negatives.astype(np.float64)
-        below = np.cumsum(neg) - neg  # negatives in strictly lower buckets
-        pairs = positives * negatives
-        metrics["auc"] = float((pos * below).sum() + 0.5 * (pos * neg).sum()) / pairs
-        metrics["auc_max_error"] = float(0.5 * (pos * neg).sum() / pairs)
-        return metrics
