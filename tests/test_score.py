@@ -14,6 +14,7 @@ import torch
 
 from recsys_kd.cli import main
 from recsys_kd.data.criteo import CriteoOptions
+from recsys_kd.data.parts import sidecar_path
 from recsys_kd.data.prepare import IdConfig, PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import IdRule, Schema, SchemaError, SparseFeature
@@ -87,6 +88,8 @@ def test_scoring_a_split_mirrors_its_parts_and_matches_the_training_model(setup,
         assert [scored.metadata.row_group(g).num_rows for g in range(scored.num_row_groups)] == [
             source.metadata.row_group(g).num_rows for g in range(source.num_row_groups)]
         assert scored.read().column("row_id").equals(source.read(columns=["row_id"]).column("row_id"))
+        sidecar = json.loads(sidecar_path(out / relative).read_text())
+        assert sidecar["rows"] == source.metadata.num_rows and sidecar["columns"] == [PROBABILITY]
     scores = _scores(out, "test")
     expected = _training_probabilities(dataset, artifact, "test")
     got = dict(zip(scores.column("row_id").to_pylist(), scores.column(PROBABILITY).to_pylist()))
