@@ -90,7 +90,7 @@ def prepare(config: PrepareConfig) -> Dict:
     output = Path(config.output)
     with staged_directory(output, overwrite=config.overwrite) as staging:
         quarantine = Quarantine(staging / QUARANTINE_FILE)
-        counter = VocabularyCounter(_vocab_features(config, source)) if config.ids.rule == "vocab" else None
+        counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
         kept_rows = None
         if counter is not None or config.split.needs_count:
             kept_rows = _count_pass(config, source, quarantine, counter)
@@ -155,7 +155,7 @@ def _expand(inputs: List[Path]) -> List[Path]:
     return files
 
 
-def _vocab_features(config: PrepareConfig, source: RawSource) -> List[str]:
+def _vocab_features(source: RawSource) -> List[str]:
     return [name for name in source.info.sparse if name not in source.info.identity_sizes]
 
 
