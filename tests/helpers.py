@@ -43,7 +43,7 @@ def tiny_batch(schema: Schema, seed: int, batch_size: int, skewed_ids: bool = Fa
     ids and an empty first bag. ``skewed_ids`` draws popular ids more often (rank-weighted)."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from recsys_kd.data.reader import Batch
+    from recsys_kd.data.batch import Batch
 
     generator = torch.Generator().manual_seed(seed)
     values, lengths = [], []

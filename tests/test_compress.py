@@ -32,7 +32,7 @@ from recsys_kd.compress import (
     svd_linear,
     svd_linear_factors,
 )
-from recsys_kd.data.reader import Batch
+from recsys_kd.data.batch import Batch
 from recsys_kd.models import CTRModel, ModelConfig, build_model
 from recsys_kd.models.low_rank import CompressedMLP, LowRankFieldEmbedding, LowRankStep, can_fuse
 from tests.helpers import tiny_batch, tiny_schema

@@ -10,7 +10,7 @@ import torch
 
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
-from recsys_kd.distill.infer import verify_alignment
+from recsys_kd.data.side_inputs import verify_alignment
 from tests.trainrun import run_stage, train_on_synthetic, write_recipe
 
 pytestmark = pytest.mark.multiprocess

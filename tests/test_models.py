@@ -17,7 +17,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.config import ConfigError, from_dict
-from recsys_kd.data.reader import Batch
+from recsys_kd.data.batch import Batch
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.models import MODEL_NAMES, CTRModel, FieldEmbedding, ModelConfig, build_model
 from recsys_kd.models.low_rank import CompressedMLP, LowRankFieldEmbedding, LowRankStep

@@ -1,7 +1,6 @@
 """The whole pipeline on a tiny recipe: every stage runs, the artifacts alone reproduce the training
 side's test AUC, and a rerun skips every finished stage."""
 
-import json
 from pathlib import Path
 
 import pytest

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys_kd.data.reader import Batch, IdRangeError, ParquetReader, ReaderConfig, ResumableLoader
+from recsys_kd.data.batch import Batch
+from recsys_kd.data.loader import ResumableLoader
+from recsys_kd.data.reader import IdRangeError, ParquetReader, ReaderConfig
 from recsys_kd.data.schema import IdRule, Schema, SchemaError, SparseFeature, SplitInfo
 from tests.helpers import read_split
 

@@ -10,7 +10,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recsys_kd.data.reader import ParquetReader, ReaderConfig, ResumableLoader
+from recsys_kd.data.loader import ResumableLoader
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from tests.test_reader import write_dataset
 
 WORLD_SIZE = 2

@@ -1,6 +1,6 @@
 """score: a prepared split and raw Criteo logs scored with an artifact alone, against the training
-model's probabilities; outputs mirror the input parts; streaming AUC/logloss against the exact
-formulas; id rules (hash, vocabulary) reproduced from the artifact's schema; clear errors."""
+model's probabilities; outputs mirror the input parts; the record's streaming AUC/logloss against the
+exact formulas; id rules (hash, vocabulary) reproduced from the artifact's schema; clear errors."""
 
 import json
 from pathlib import Path
@@ -14,13 +14,14 @@ import torch
 
 from recsys_kd.cli import main
 from recsys_kd.data.criteo import CriteoOptions
+from recsys_kd.data.parts import sidecar_path
 from recsys_kd.data.prepare import IdConfig, PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import IdRule, Schema, SchemaError, SparseFeature
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig, write_criteo_tsv
 from recsys_kd.export import ArtifactError, export_artifact, load_artifact
-from recsys_kd.export.score import PROBABILITY, StreamingMetrics, batch_inputs, score_dataset
+from recsys_kd.export.score import PROBABILITY, batch_inputs, score_dataset
 from recsys_kd.models import ModelConfig, build_model
 from recsys_kd.train import checkpoint
 from recsys_kd.train.metrics import auc, logloss
@@ -87,6 +88,8 @@ def test_scoring_a_split_mirrors_its_parts_and_matches_the_training_model(setup,
         assert [scored.metadata.row_group(g).num_rows for g in range(scored.num_row_groups)] == [
             source.metadata.row_group(g).num_rows for g in range(source.num_row_groups)]
         assert scored.read().column("row_id").equals(source.read(columns=["row_id"]).column("row_id"))
+        sidecar = json.loads(sidecar_path(out / relative).read_text())
+        assert sidecar["rows"] == source.metadata.num_rows and sidecar["columns"] == [PROBABILITY]
     scores = _scores(out, "test")
     expected = _training_probabilities(dataset, artifact, "test")
     got = dict(zip(scores.column("row_id").to_pylist(), scores.column(PROBABILITY).to_pylist()))
@@ -183,21 +186,6 @@ def test_batch_inputs_multi_hot_and_id_errors() -> None:
     bad = table.set_column(3, "a", pa.array([1, -1, 4], pa.int64()))
     with pytest.raises(SchemaError, match="feature 'a' has id -1 at row_id 11"):
         batch_inputs(bad, schema, limits, "f.parquet")
-
-
-def test_streaming_metrics_match_the_exact_formulas() -> None:
-    generator = np.random.default_rng(0)
-    labels = (generator.random(20_000) < 0.3).astype(np.float32)
-    probabilities = (1 / (1 + np.exp(-(generator.normal(size=20_000) + labels)))).astype(np.float32)
-    probabilities[:100] = 0.5  # ties across labels count one half, exactly as the Mann-Whitney statistic
-    metrics = StreamingMetrics()
-    for start in range(0, 20_000, 3000):
-        metrics.update(labels[start:start + 3000], probabilities[start:start + 3000])
-    result = metrics.result()
-    exact = auc(labels, probabilities)
-    assert abs(result["auc"] - exact) <= result["auc_max_error"] + 1e-12 and result["auc_max_error"] < 1e-3
-    assert result["logloss"] == pytest.approx(logloss(labels, probabilities), rel=1e-9)
-    assert StreamingMetrics().result() is None
 
 
 def test_score_cli(setup, tmp_path, capsys) -> None:

@@ -34,7 +34,6 @@ Criteo-shaped schema (13 dense, 26 sparse features of 100,000 ids) with random r
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform

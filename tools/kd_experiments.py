@@ -35,7 +35,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 _IGNORED_KEYS = ("output", "progress")  # change where and how a run reports, not what it computes
 

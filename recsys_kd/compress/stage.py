@@ -45,7 +45,8 @@ from tqdm import tqdm
 from recsys_kd.compress.sharded import compress_sharded_embeddings, compress_sharded_mlp, sharded_statistics
 from recsys_kd.compress.statistics import mlp_linear_names
 from recsys_kd.config import ConfigError, to_dict
-from recsys_kd.data.reader import ParquetReader, ReaderConfig, padding_batch
+from recsys_kd.data.batch import padding_batch
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json

@@ -1,8 +1,9 @@
 """The ``prepare`` stage: raw logs (or the synthetic generator) -> a Parquet dataset + schema.json.
 
 Top-down: open the source; if vocabularies or a count-based split need it, stream it once to count
-(this pass fills the quarantine); build vocabularies; stream it again mapping values to ids and
-rows to splits, writing Parquet parts; write schema, vocabularies, quarantine and a JSON record.
+(this pass fills the quarantine); build vocabularies and with them the features' id rules; stream it
+again mapping values to ids (:class:`~recsys_kd.data.id_rules.IdRules`, as ``score`` does for raw logs)
+and rows to splits, writing Parquet parts; write schema, vocabularies, quarantine and a JSON record.
 Everything is built in a staged directory renamed into place at the end, so a crash never leaves a
 partial dataset under the final name.
 """
@@ -21,10 +22,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys_kd.config import to_dict
-from recsys_kd.data import fields
 from recsys_kd.data import split as splitting
 from recsys_kd.data.criteo import CriteoOptions
-from recsys_kd.data.ids import VocabularyCounter, hash_ids, vocab_ids
+from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
+from recsys_kd.data.ids import VocabularyCounter
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
 from recsys_kd.data.source import DAY, LABEL, RawSource, SourceChunk
@@ -32,9 +33,7 @@ from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.io import atomic_write_json, prefetch, staged_directory
 from recsys_kd.memory import pin_mmap_threshold
-
-RECORD_FILE = "prepare.json"
-QUARANTINE_FILE = "quarantine.jsonl"
+from recsys_kd.runs import PREPARE_RECORD, QUARANTINE_FILE
 
 
 @dataclass
@@ -91,17 +90,22 @@ def prepare(config: PrepareConfig) -> Dict:
     output = Path(config.output)
     with staged_directory(output, overwrite=config.overwrite) as staging:
         quarantine = Quarantine(staging / QUARANTINE_FILE)
-        counter = VocabularyCounter(_vocab_features(config, source)) if config.ids.rule == "vocab" else None
+        counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
         kept_rows = None
         if counter is not None or config.split.needs_count:
             kept_rows = _count_pass(config, source, quarantine, counter)
             quarantine.check(kept_rows + quarantine.total, config.max_bad_fraction)
         vocabularies = _write_vocabularies(staging, counter, config) if counter is not None else {}
-        writers = _write_pass(config, source, staging, quarantine if kept_rows is None else None, kept_rows, vocabularies)
+        schema = _schema(config, source, vocabularies)  # its splits are known after the write pass
+        rules = IdRules(schema, vocabularies)
+        writers = _write_pass(config, source, staging, quarantine if kept_rows is None else None, kept_rows, rules)
         quarantine.close()
         rows_seen = sum(w.rows for w in writers.values()) + quarantine.total
         quarantine.check(rows_seen, config.max_bad_fraction)
-        schema = _schema(config, source, writers, vocabularies)
+        schema = schema.replace(splits={
+            name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives)
+            for name, writer in writers.items()
+        })
         schema.save(staging)
         record = {
             "stage": "prepare",
@@ -118,7 +122,7 @@ def prepare(config: PrepareConfig) -> Dict:
             "seconds": round(time.time() - started, 3),
         }
         record["rows_per_second"] = round(sum(record["rows"].values()) / max(record["seconds"], 1e-9), 1)
-        atomic_write_json(staging / RECORD_FILE, record)
+        atomic_write_json(staging / PREPARE_RECORD, record)
     return record
 
 
@@ -151,7 +155,7 @@ def _expand(inputs: List[Path]) -> List[Path]:
     return files
 
 
-def _vocab_features(config: PrepareConfig, source: RawSource) -> List[str]:
+def _vocab_features(source: RawSource) -> List[str]:
     return [name for name in source.info.sparse if name not in source.info.identity_sizes]
 
 
@@ -179,14 +183,14 @@ def _write_vocabularies(staging: Path, counter: VocabularyCounter, config: Prepa
     for name in counter.features:
         table = counter.vocabulary(name, config.ids.min_counts.get(name, config.ids.min_count))
         table = table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64) + RESERVED_IDS))
-        path = staging / "vocab" / f"{name}.parquet"
+        path = staging / vocab_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path, compression="zstd")
         vocabularies[name] = table.column("value").combine_chunks()
     return vocabularies
 
 
-def _write_pass(config, source, staging, quarantine, kept_rows, vocabularies):
+def _write_pass(config, source, staging, quarantine, kept_rows, rules: IdRules):
     from recsys_kd.data.writer import SplitWriter
 
     ranks = splitting.permutation_ranks(kept_rows, config.split.seed) if config.split.method == "permutation" else None
@@ -197,7 +201,7 @@ def _write_pass(config, source, staging, quarantine, kept_rows, vocabularies):
         table = chunk.table
         if table.num_rows == 0:
             continue
-        converted = _to_ids(config, source, table, vocabularies)
+        converted = rules.apply(table)
         if arrow_schema is None:
             arrow_schema = converted.schema
             writers = {
@@ -229,39 +233,8 @@ def _assign(split: SplitConfig, table: pa.Table, position: int, kept_rows: Optio
     return splitting.assign_by_rank(order, kept_rows, split.fractions)
 
 
-def _to_ids(config: PrepareConfig, source: RawSource, table: pa.Table, vocabularies: Dict[str, pa.Array]) -> pa.Table:
-    info = source.info
-    columns = {ROW_ID: table.column(ROW_ID), LABEL: table.column(LABEL).cast(pa.float32())}
-    for name in info.dense:
-        columns[name] = table.column(name).cast(pa.float32())
-    converted = fields.thread_pool().map(lambda name: _sparse_ids(config, info, table, name, vocabularies), info.sparse)
-    columns.update(zip(info.sparse, converted))
-    for name in info.extra:
-        columns[name] = table.column(name).cast(pa.float32())
-    return pa.table(columns)
-
-
-def _sparse_ids(config: PrepareConfig, info, table: pa.Table, name: str, vocabularies: Dict[str, pa.Array]) -> pa.Array:
-    values = table.column(name).combine_chunks()
-    if name in info.identity_sizes:
-        return values.cast(pa.int64())
-    multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
-    flat = values.flatten() if multi_hot else values
-    if config.ids.rule == "vocab":
-        ids = vocab_ids(flat, vocabularies[name])
-    else:
-        ids = hash_ids(flat, config.ids.sizes.get(name, config.ids.num_embeddings), config.ids.seed + _feature_salt(name))
-    if multi_hot:
-        return pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64()))
-    return pa.array(ids, pa.int64())
-
-
-def _feature_salt(name: str) -> int:
-    # Different features hash the same raw value to unrelated ids; stable across processes.
-    return int.from_bytes(name.encode("utf-8")[:8].ljust(8, b"\0"), "little") & 0x7FFFFFFF
-
-
-def _schema(config: PrepareConfig, source: RawSource, writers, vocabularies) -> Schema:
+def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa.Array]) -> Schema:
+    """The dataset's schema without its splits: features with their id rules and sizes."""
     info = source.info
     sparse = []
     for name in info.sparse:
@@ -269,10 +242,10 @@ def _schema(config: PrepareConfig, source: RawSource, writers, vocabularies) -> 
             rule, size = IdRule(kind="identity"), info.identity_sizes[name]
         elif config.ids.rule == "vocab":
             min_count = config.ids.min_counts.get(name, config.ids.min_count)
-            rule = IdRule(kind="vocab", min_count=min_count, vocab_file=f"vocab/{name}.parquet")
+            rule = IdRule(kind="vocab", min_count=min_count, vocab_file=vocab_file(name))
             size = len(vocabularies[name]) + RESERVED_IDS
         else:
-            rule = IdRule(kind="hash", seed=config.ids.seed + _feature_salt(name))
+            rule = IdRule(kind="hash", seed=config.ids.seed + feature_salt(name))
             size = config.ids.sizes.get(name, config.ids.num_embeddings)
         sparse.append(SparseFeature(name=name, num_embeddings=size, id_rule=rule, multi_hot=name in info.multi_hot))
     dense_transform = "log1p(max(v, 0))" if info.name == "criteo" and info.dense else "none"
@@ -283,10 +256,6 @@ def _schema(config: PrepareConfig, source: RawSource, writers, vocabularies) -> 
         sparse=sparse,
         extra=list(info.extra),
         dense_transform=dense_transform,
-        splits={
-            name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives)
-            for name, writer in writers.items()
-        },
         source={"format": config.format, "inputs": json.dumps(info.inputs)},
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 
 class TooManyBadRows(ValueError):
@@ -43,10 +43,6 @@ class Quarantine:
         record = {"file": file, "line": int(line), "reason": reason, "text": text[: self.max_text_chars]}
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.counts[reason] += 1
-
-    def add_many(self, file: str, lines: Iterable[int], reason: str, texts: Iterable[str]) -> None:
-        for line, text in zip(lines, texts):
-            self.add(file, line, reason, text)
 
     def close(self) -> None:
         if not self._handle.closed:

@@ -27,8 +27,8 @@ from typing import Dict, List, Literal, Optional
 
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.io import atomic_write_text
+from recsys_kd.runs import SCHEMA_FILE
 
-SCHEMA_FILE = "schema.json"
 FORMAT_VERSION = 1
 MISSING_ID = 0
 OOV_ID = 1

@@ -10,33 +10,29 @@ layer, as a fixed-size list<float32>: ECKD's hint regression). Output parts are 
 temporary name, renamed when complete, and followed by a sidecar JSON (rows, row_id checksum,
 columns): a rerun after a crash skips the parts that are complete and redoes the rest (a part written
 with other columns counts as missing). ``side.json`` makes the output a side input of the reader,
-and :func:`verify_alignment` checks it against the logs before distillation.
+and :func:`~recsys_kd.data.side_inputs.verify_alignment` checks it against the logs before distillation.
 
 Sharded lookups are collective, so ranks step together: a rank with fewer batches in a round pads.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from recsys_kd.config import to_dict
-from recsys_kd.data.ids import splitmix64
-from recsys_kd.data.reader import ParquetReader, ReaderConfig, padding_batch
-from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.data.batch import padding_batch
+from recsys_kd.data.parts import PartWriter, part_complete, part_schema
+from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.distill.config import hint_column, teacher_column
 from recsys_kd.distributed import init_distributed, max_over_ranks, sum_over_ranks
 from recsys_kd.io import atomic_write_json
@@ -180,7 +176,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
     bar = tqdm(total=len(files), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
     for round_index in range(rounds):
         index = round_index * ctx.world_size + ctx.rank
-        mine = index < len(files) and not part_complete(output, split, files[index], reader.file_row_groups(index),
+        mine = index < len(files) and not part_complete(output / files[index], reader.file_row_groups(index),
                                                         [*columns, *vectors])
         groups = reader.file_row_groups(index) if mine else []
         steps = max_over_ranks(sum(-(-rows // config.batch_size) for rows in groups))
@@ -188,7 +184,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
         if mine:
             _parts_started[0] += 1
             hooks.reached("infer_part", ctx.rank, _parts_started[0])
-        writer = _PartWriter(output, split, files[index], columns, vectors) if mine else None
+        writer = PartWriter(output / files[index], part_schema(columns, vectors)) if mine else None
         padding = None
         with torch.no_grad():
             for _ in range(steps):
@@ -199,8 +195,8 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
                     continue
                 row_group, batch = item
                 logits, hints = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
-                hints = hints.float().cpu().numpy() if hints is not None else None
-                writer.add(row_group, batch.row_ids.numpy(), logits.float().cpu().numpy(), hints)
+                values = logits.float() if hints is None else torch.cat([logits.float(), hints.float()], dim=1)
+                writer.add(row_group, batch.row_ids.numpy(), values.cpu().numpy())
                 scored += batch.batch_size
         if writer is not None:
             writer.close()
@@ -211,106 +207,3 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
 
 
 _parts_started = [0]  # parts this process began scoring, announced to hooks (train.hooks "infer_part")
-
-
-class _PartWriter:
-    """Writes one output part mirroring an input part's row groups; publishes it when complete.
-
-    ``columns``: one float32 logit column per teacher; ``vectors``: hint column -> width H, each a
-    fixed-size list<float32>[H] column (in teacher order, as the ensemble concatenates them)."""
-
-    def __init__(self, output: Path, split: str, relative: str, columns: List[str], vectors: Dict[str, int]) -> None:
-        self.final = output / relative
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
-        self.columns = columns
-        self.vectors = vectors
-        self.schema = pa.schema([(ROW_ID, pa.int64())] + [(name, pa.float32()) for name in columns]
-                                + [(name, pa.list_(pa.float32(), width)) for name, width in vectors.items()])
-        self.writer = pq.ParquetWriter(self.temp, self.schema, compression="zstd")
-        self.group: Optional[int] = None
-        self.pending: List[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = []
-        self.rows = 0
-        self.row_ids: List[np.ndarray] = []
-
-    def add(self, row_group: int, row_ids: np.ndarray, logits: np.ndarray, hints: Optional[np.ndarray]) -> None:
-        """``row_ids [B]``, ``logits [B, M]``, ``hints [B, sum H]`` (None without vectors)."""
-        if self.group is not None and row_group != self.group:
-            self._flush()
-        self.group = row_group
-        self.pending.append((row_ids.copy(), logits.copy(), hints.copy() if hints is not None else None))
-
-    def _flush(self) -> None:
-        row_ids = np.concatenate([r for r, _, _ in self.pending])
-        logits = np.concatenate([l for _, l, _ in self.pending])
-        data = {ROW_ID: row_ids, **{name: logits[:, j] for j, name in enumerate(self.columns)}}
-        if self.vectors:
-            hints = np.concatenate([h for _, _, h in self.pending])
-            start = 0
-            for name, width in self.vectors.items():
-                flat = np.ascontiguousarray(hints[:, start:start + width]).reshape(-1)
-                data[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), width)
-                start += width
-        table = pa.table(data, schema=self.schema)
-        self.writer.write_table(table, row_group_size=len(row_ids))
-        self.rows += len(row_ids)
-        self.row_ids.append(row_ids)
-        self.pending = []
-
-    def close(self) -> None:
-        if self.pending:
-            self._flush()
-        self.writer.close()
-        os.replace(self.temp, self.final)
-        ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
-        atomic_write_json(_sidecar(self.final), {"rows": self.rows, "row_id_checksum": row_id_checksum(ids),
-                                                 "columns": [*self.columns, *self.vectors]})
-
-
-def _sidecar(part: Path) -> Path:
-    return part.with_name(part.name + ".json")
-
-
-def row_id_checksum(row_ids: np.ndarray) -> str:
-    """Order-independent digest of a part's row ids (count, sum and xor of their hashes)."""
-    hashed = splitmix64(row_ids.astype(np.int64).view(np.uint64))
-    total = int(row_ids.astype(np.int64).sum()) if len(row_ids) else 0
-    mixed = int(np.bitwise_xor.reduce(hashed)) if len(row_ids) else 0
-    return f"{len(row_ids)}:{total}:{mixed:016x}"
-
-
-def part_complete(output: Path, split: str, relative: str, row_groups: List[int], columns: List[str]) -> bool:
-    """Whether ``output/relative`` was published with these ``columns`` and every row of the input part."""
-    part = output / relative
-    sidecar = _sidecar(part)
-    if not (part.exists() and sidecar.exists()):
-        return False
-    written = json.loads(sidecar.read_text())
-    return written["rows"] == sum(row_groups) and written.get("columns") == columns
-
-
-def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = None) -> Dict[str, int]:
-    """Checks every part of ``side`` against the dataset's part: row counts and row_id checksums.
-    Raises SchemaError naming the first part that differs; returns rows per split."""
-    schema = Schema.load(dataset)
-    manifest_path = Path(side) / SIDE_INPUT_FILE
-    if not manifest_path.exists():
-        raise SchemaError(f"{side}: {SIDE_INPUT_FILE} missing or incomplete: infer has not finished; rerun it")
-    manifest = json.loads(manifest_path.read_text())
-    checked = {}
-    for split in splits or list(manifest["splits"]):
-        rows = 0
-        for relative in schema.split(split).files:
-            sidecar = _sidecar(Path(side) / relative)
-            if not sidecar.exists():
-                raise SchemaError(f"{side}: part {relative} is missing or incomplete; rerun infer to finish it")
-            expected = json.loads(sidecar.read_text())
-            ids = pq.read_table(Path(dataset) / relative, columns=[ROW_ID]).column(ROW_ID).to_numpy()
-            if expected["row_id_checksum"] != row_id_checksum(ids):
-                raise SchemaError(
-                    f"{side}/{relative} is not aligned with {dataset}/{relative}: {expected['rows']} rows with "
-                    f"checksum {expected['row_id_checksum']}, the logs have {len(ids)} rows ({row_id_checksum(ids)})"
-                )
-            rows += len(ids)
-        checked[split] = rows
-    return checked

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_kd.config import from_dict
-from recsys_kd.data.reader import Batch, ReaderConfig
+from recsys_kd.data.batch import Batch
+from recsys_kd.data.reader import ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
-from recsys_kd.distill.infer import verify_alignment
+from recsys_kd.data.side_inputs import verify_alignment
 from recsys_kd.distill.config import COTRAIN_TEACHER, DistillConfig, StudentConfig, hint_column, hint_widths, teacher_column
 from recsys_kd.distill.gating import TeacherGate
 from recsys_kd.distill.losses import hint_loss, kd_loss, mean_teacher, weighted_teacher

@@ -8,25 +8,27 @@ its feature order and its id rules all come from the artifact's ``schema.json``.
   otherwise the ids would mean other rows of the tables: the first difference is an error.
 - raw logs in the format the artifact's dataset was prepared from (``schema.source.format``: ``criteo``,
   ``avazu`` or ``movielens``; a file or a directory), read by the same converter as ``prepare`` (bad
-  rows go to ``quarantine.jsonl``, counted in the record) and turned into ids by the schema's id rules:
-  ``hash`` (the salted seed is in the schema) and ``identity`` need nothing else; ``vocab`` needs the
-  vocabulary files of the prepared dataset (``vocab_dir``), which the artifact does not carry.
+  rows go to ``quarantine.jsonl``, counted in the record) and turned into ids by the same applier of
+  the schema's id rules (:class:`~recsys_kd.data.id_rules.IdRules`): ``hash`` (the salted seed is in the
+  schema) and ``identity`` need nothing else; ``vocab`` needs the vocabulary files of the prepared
+  dataset (``vocab_dir``), which the artifact does not carry.
 
 Outputs under ``out_dir``::
 
     <split>/part-00000.parquet ...   row_id (int64), probability (float32); for a dataset, part i mirrors
                                      input part i (same rows, order and row groups); for raw logs
                                      (``raw/``), parts of at most ``rows_per_part`` rows in input order
+    <split>/part-00000.parquet.json  each part's sidecar: rows, row_id checksum, columns
     quarantine.jsonl                 raw logs only: the refused rows
     score.json                       the record: inputs, parts, rows, rows/s, metrics (AUC, logloss)
 
-Each part is written under a temporary name and renamed when complete; ``score.json`` is written last.
+Each part is written under a temporary name and renamed when complete
+(:class:`~recsys_kd.data.parts.PartWriter`); ``score.json`` is written last.
 
-Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC is computed from
-histograms of the probabilities' float32 bit patterns (order-preserving for p >= 0) with
-``2**AUC_BUCKET_BITS`` buckets per label, ties within a bucket counting one half; the record states the
-largest error this can cause (``auc_max_error``: half the share of positive-negative pairs sharing a
-bucket). Logloss is exact (float64 sums, FuxiCTR's clipping).
+Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC and logloss are
+streamed (:class:`~recsys_kd.train.metrics.StreamingMetrics`): the AUC from histograms of the
+probabilities, with the largest error this can cause stated in the record (``auc_max_error``); the
+logloss exact.
 
 Example::
 
@@ -36,7 +38,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,19 +50,20 @@ import torch
 from tqdm import tqdm
 
 from recsys_kd.config import from_dict, to_dict
-from recsys_kd.data.schema import ROW_ID, SCHEMA_FILE, Schema, SchemaError
+from recsys_kd.data.id_rules import IdRules, vocab_features
+from recsys_kd.data.parts import PartWriter, part_schema
+from recsys_kd.data.quarantine import Quarantine
+from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
 from recsys_kd.io import atomic_write_json
-from recsys_kd.train.metrics import EPSILON
+from recsys_kd.runs import QUARANTINE_FILE, SCHEMA_FILE, SCORE_RECORD
+from recsys_kd.train.metrics import StreamingMetrics
 
-RECORD_FILE = "score.json"
-QUARANTINE_FILE = "quarantine.jsonl"
 RAW_SPLIT = "raw"
 PROBABILITY = "probability"
 RAW_FORMATS = ("criteo", "avazu", "movielens")
-AUC_BUCKET_BITS = 20
-_OUTPUT_SCHEMA = pa.schema([(ROW_ID, pa.int64()), (PROBABILITY, pa.float32())])
+_OUTPUT_SCHEMA = part_schema([PROBABILITY])
 
 
 @dataclass
@@ -73,6 +75,19 @@ class _Chunk:
     row_group: int  # output row group within the part
     origin: str  # the input file, for error messages
     progress: int  # progress-bar units this chunk covers
+
+
+@dataclass
+class _Input:
+    """What a run scores: its chunks in output order, the progress total and unit, the record's
+    description of the input, and (raw logs) the quarantine of refused rows."""
+
+    chunks: Iterator[_Chunk]
+    split: str  # the output split
+    total: int
+    unit: str
+    described: Dict[str, Any]
+    quarantine: Optional[Quarantine] = None
 
 
 def score_dataset(
@@ -115,101 +130,103 @@ def score_dataset(
             the file and row_id).
         FileExistsError: ``out_dir`` holds a finished run and ``overwrite`` is False.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
     artifact, source, out_dir = Path(artifact), Path(source), Path(out_dir)
-    if not artifact.exists():
-        raise FileNotFoundError(f"artifact {artifact} not found")
-    if not source.exists():
-        raise FileNotFoundError(f"input {source} not found")
-    if (out_dir / RECORD_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir / RECORD_FILE} exists (a finished score run); pass overwrite to replace it")
+    _check_arguments(artifact, source, out_dir, batch_size, overwrite)
     module, metadata = load_artifact(artifact)
     schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
     # an interrupted rerun must not leave the old record claiming parts this run replaced
-    (out_dir / RECORD_FILE).unlink(missing_ok=True)
-
-    quarantine = None
+    (out_dir / SCORE_RECORD).unlink(missing_ok=True)
     if (source / SCHEMA_FILE).exists():
-        dataset_schema = Schema.load(source)
-        check_same_features(schema, dataset_schema, source)
-        chunks = _dataset_chunks(source, dataset_schema, split)
-        total, unit, output_split = dataset_schema.split(split).rows, "row", split
-        described = {"kind": "dataset", "path": str(source), "split": split}
+        scored = _dataset_input(schema, source, split)
     else:
-        from recsys_kd.data.quarantine import Quarantine
-
-        raw_source = _open_raw(schema, source)
-        rules = RawIds(schema, vocab_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        quarantine = Quarantine(out_dir / QUARANTINE_FILE)
-        chunks = _raw_chunks(raw_source, rules, quarantine, rows_per_part)
-        total, unit, output_split = raw_source.progress_total(), "B", RAW_SPLIT
-        described = {"kind": "raw", "path": str(source), "format": raw_source.info.name,
-                     "files": raw_source.info.inputs, "vocab_dir": str(vocab_dir) if vocab_dir else None}
-
+        scored = _raw_input(schema, source, out_dir, vocab_dir, rows_per_part)
     metrics = StreamingMetrics()
-    sparse_limits = np.array([f.num_embeddings for f in schema.sparse], dtype=np.int64)
-    bar = tqdm(total=total, desc=f"score {output_split}", unit=unit, unit_scale=True, disable=not progress,
-               mininterval=1.0)
-    try:
-        parts = _score_chunks(module, schema, chunks, out_dir, batch_size, sparse_limits, metrics, bar)
-    finally:
-        bar.close()
-        if quarantine is not None:
-            quarantine.close()
+    parts = _score(module, schema, scored, out_dir, batch_size, metrics, progress)
     rows = sum(part["rows"] for part in parts)
-    if quarantine is not None:
-        quarantine.check(rows + quarantine.total, max_bad_fraction)
-    seconds = time.perf_counter() - started
+    if scored.quarantine is not None:
+        scored.quarantine.check(rows + scored.quarantine.total, max_bad_fraction)
     record = {
         "stage": "score",
         "artifact": str(artifact),
         "model": metadata["model"]["model"],
         "storage_dtype": metadata["model"]["storage_dtype"],
-        "input": described,
+        "input": scored.described,
         "output": str(out_dir),
-        "split": output_split,
+        "split": scored.split,
         "parts": parts,
         "rows": rows,
-        "quarantined": quarantine.summary() if quarantine is not None else {},
+        "quarantined": scored.quarantine.summary() if scored.quarantine is not None else {},
         "metrics": metrics.result(),
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(rows / max(seconds, 1e-9), 1),
     }
-    atomic_write_json(out_dir / RECORD_FILE, record)
+    seconds = time.perf_counter() - started
+    record.update(seconds=round(seconds, 3), rows_per_second=round(rows / max(seconds, 1e-9), 1))
+    atomic_write_json(out_dir / SCORE_RECORD, record)
     return record
 
 
-def _score_chunks(
+def _check_arguments(artifact: Path, source: Path, out_dir: Path, batch_size: int, overwrite: bool) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not artifact.exists():
+        raise FileNotFoundError(f"artifact {artifact} not found")
+    if not source.exists():
+        raise FileNotFoundError(f"input {source} not found")
+    if (out_dir / SCORE_RECORD).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir / SCORE_RECORD} exists (a finished score run); pass overwrite to replace it")
+
+
+def _dataset_input(schema: Schema, dataset: Path, split: str) -> _Input:
+    """A prepared dataset's split, checked against the artifact's features."""
+    dataset_schema = Schema.load(dataset)
+    check_same_features(schema, dataset_schema, dataset)
+    return _Input(_dataset_chunks(dataset, dataset_schema, split), split, dataset_schema.split(split).rows, "row",
+                  {"kind": "dataset", "path": str(dataset), "split": split})
+
+
+def _raw_input(schema: Schema, source: Path, out_dir: Path, vocab_dir: Optional[Union[str, Path]],
+               rows_per_part: int) -> _Input:
+    """Raw logs, read by the converter of the artifact's dataset format and given ids by its id rules."""
+    raw_source = _open_raw(schema, source)
+    rules = _id_rules(schema, vocab_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quarantine = Quarantine(out_dir / QUARANTINE_FILE)
+    described = {"kind": "raw", "path": str(source), "format": raw_source.info.name, "files": raw_source.info.inputs,
+                 "vocab_dir": str(vocab_dir) if vocab_dir else None}
+    return _Input(_raw_chunks(raw_source, rules, quarantine, rows_per_part), RAW_SPLIT, raw_source.progress_total(),
+                  "B", described, quarantine)
+
+
+def _score(
     module: torch.jit.ScriptModule,
     schema: Schema,
-    chunks: Iterator[_Chunk],
+    scored: _Input,
     out_dir: Path,
     batch_size: int,
-    sparse_limits: np.ndarray,
-    metrics: "StreamingMetrics",
-    bar: tqdm,
+    metrics: StreamingMetrics,
+    progress: bool,
 ) -> List[Dict[str, Any]]:
-    """Scores the chunks in batches of at most ``batch_size`` rows, writing each output part as its
-    chunks come; returns the published parts ({path, rows}). A failure leaves no partial part."""
+    """Scores the input's chunks in batches of at most ``batch_size`` rows, writing each output part as
+    its chunks come; returns the published parts ({path, rows}). A failure leaves no partial part."""
+    sparse_limits = np.array([f.num_embeddings for f in schema.sparse], dtype=np.int64)
+    bar = tqdm(total=scored.total, desc=f"score {scored.split}", unit=scored.unit, unit_scale=True,
+               disable=not progress, mininterval=1.0)
     parts: List[Dict[str, Any]] = []
-    writer: Optional[_PartWriter] = None
+    writer: Optional[PartWriter] = None
     try:
-        for chunk in chunks:
+        for chunk in scored.chunks:
             if writer is None or writer.final != out_dir / chunk.part:
                 if writer is not None:
                     parts.append(writer.close())
-                writer = _PartWriter(out_dir / chunk.part)
+                writer = PartWriter(out_dir / chunk.part, _OUTPUT_SCHEMA)
             for start in range(0, chunk.table.num_rows, batch_size):
                 row_ids, labels, inputs = batch_inputs(chunk.table.slice(start, batch_size), schema, sparse_limits,
                                                        chunk.origin)
                 with torch.no_grad():
                     probabilities = module(*inputs).numpy()
-                writer.add(chunk.row_group, row_ids, probabilities)
+                writer.add(chunk.row_group, row_ids, probabilities.reshape(-1, 1))
                 metrics.update(labels, probabilities)
             bar.update(chunk.progress)
         if writer is not None:
@@ -218,6 +235,9 @@ def _score_chunks(
     finally:
         if writer is not None:
             writer.abort()
+        bar.close()
+        if scored.quarantine is not None:
+            scored.quarantine.close()
     return parts
 
 
@@ -340,74 +360,32 @@ def _open_raw(schema: Schema, source: Path):
     return open_source(PrepareConfig(format=raw_format, inputs=[str(source)], criteo=CriteoOptions(integers=integers)))
 
 
-class RawIds:
-    """The schema's id rules as functions of raw values: ``hash`` (salted seed from the schema),
-    ``identity`` (values are ids already) and ``vocab`` (the prepared dataset's vocabulary files,
-    loaded once: memory proportional to the vocabularies).
-
-    Args:
-        schema (Schema): the artifact's schema.
-        vocab_dir (Optional[Path]): the prepared dataset holding ``vocab/<feature>.parquet``.
+def _id_rules(schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> IdRules:
+    """The artifact's id rules, with the vocabularies of ``vocab_dir`` for its vocabulary features.
 
     Raises:
-        ArtifactError: a vocabulary feature and no ``vocab_dir``, or its file missing.
+        ArtifactError: a vocabulary feature and no ``vocab_dir``, or its vocabulary missing or of
+            another size than the artifact's table.
     """
-
-    def __init__(self, schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> None:
-        self.schema = schema
-        self.vocabularies: Dict[str, pa.Array] = {}
-        needs_vocab = [f.name for f in schema.sparse if f.id_rule.kind == "vocab"]
-        if needs_vocab and vocab_dir is None:
-            named = ", ".join(needs_vocab[:3]) + (f" and {len(needs_vocab) - 3} more" if len(needs_vocab) > 3 else "")
-            raise ArtifactError(
-                f"features {named} have vocabulary ids, and the artifact does not carry the vocabularies: "
-                "pass the prepared dataset's directory (vocab_dir / --vocab), which holds vocab/<feature>.parquet"
-            )
-        for name in needs_vocab:
-            assert vocab_dir is not None
-            path = Path(vocab_dir) / (schema.feature(name).id_rule.vocab_file or f"vocab/{name}.parquet")
-            if not path.exists():
-                raise ArtifactError(f"{path}: vocabulary of feature {name!r} not found")
-            vocabulary = pq.read_table(path, columns=["value"]).column("value").combine_chunks()
-            expected = schema.feature(name).num_embeddings - 2
-            if len(vocabulary) != expected:
-                raise ArtifactError(
-                    f"{path}: {len(vocabulary)} values, but the artifact's table for {name!r} has "
-                    f"{expected} vocabulary rows; is it the vocabulary of the artifact's dataset?"
-                )
-            self.vocabularies[name] = vocabulary
-
-    def convert(self, table: pa.Table) -> pa.Table:
-        """A converter's table (row_id, label, dense, raw sparse values) -> prepared-dataset columns."""
-        from recsys_kd.data.ids import hash_ids, vocab_ids
-
-        columns: Dict[str, Any] = {ROW_ID: table.column(ROW_ID), self.schema.label: table.column("label").cast(pa.float32())}
-        for name in self.schema.dense:
-            columns[name] = table.column(name).cast(pa.float32())
-        for feature in self.schema.sparse:
-            values = table.column(feature.name).combine_chunks()
-            rule = feature.id_rule
-            if rule.kind == "identity":
-                columns[feature.name] = values.cast(pa.int64())
-                continue
-            multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
-            flat = values.flatten() if multi_hot else values
-            if rule.kind == "vocab":
-                ids = vocab_ids(flat, self.vocabularies[feature.name])
-            else:
-                ids = hash_ids(flat, feature.num_embeddings, rule.seed)
-            columns[feature.name] = (
-                pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64())) if multi_hot else pa.array(ids, pa.int64())
-            )
-        return pa.table(columns)
+    needs_vocab = vocab_features(schema)
+    if needs_vocab and vocab_dir is None:
+        named = ", ".join(needs_vocab[:3]) + (f" and {len(needs_vocab) - 3} more" if len(needs_vocab) > 3 else "")
+        raise ArtifactError(
+            f"features {named} have vocabulary ids, and the artifact does not carry the vocabularies: "
+            "pass the prepared dataset's directory (vocab_dir / --vocab), which holds vocab/<feature>.parquet"
+        )
+    try:
+        return IdRules.load(schema, vocab_dir)
+    except SchemaError as error:
+        raise ArtifactError(str(error)) from None
 
 
-def _raw_chunks(raw_source, rules: RawIds, quarantine, rows_per_part: int) -> Iterator[_Chunk]:
+def _raw_chunks(raw_source, rules: IdRules, quarantine: Quarantine, rows_per_part: int) -> Iterator[_Chunk]:
     """The converter's chunks as id tables, cut into output parts of at most ``rows_per_part`` rows."""
     part, rows_in_part, group = 0, 0, 0
     origin = ", ".join(raw_source.info.inputs)
     for chunk in raw_source.chunks(quarantine):
-        table = rules.convert(chunk.table)
+        table = rules.apply(chunk.table)
         while table.num_rows:
             if rows_in_part >= rows_per_part:
                 part, rows_in_part, group = part + 1, 0, 0
@@ -416,99 +394,3 @@ def _raw_chunks(raw_source, rules: RawIds, quarantine, rows_per_part: int) -> It
             yield _Chunk(piece, f"{RAW_SPLIT}/part-{part:05d}.parquet", group, origin, chunk.progress if not table.num_rows else 0)
             rows_in_part += take
             group += 1
-
-
-# ----------------------------------------------------------------------------------------- outputs
-
-
-class _PartWriter:
-    """One output part: row groups as they come (a new row group when the caller's changes), written
-    under a temporary name and renamed into place by :meth:`close`."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        self.writer = pq.ParquetWriter(self.temp, _OUTPUT_SCHEMA, compression="zstd")
-        self.group: Optional[int] = None
-        self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
-        self.rows = 0
-
-    def add(self, row_group: int, row_ids: np.ndarray, probabilities: np.ndarray) -> None:
-        if self.group is not None and row_group != self.group:
-            self._flush()
-        self.group = row_group
-        self.pending.append((row_ids, probabilities.astype(np.float32, copy=False)))
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        row_ids = np.concatenate([r for r, _ in self.pending])
-        probabilities = np.concatenate([p for _, p in self.pending])
-        self.writer.write_table(pa.table({ROW_ID: row_ids, PROBABILITY: probabilities}, schema=_OUTPUT_SCHEMA),
-                                row_group_size=len(row_ids))
-        self.rows += len(row_ids)
-        self.pending = []
-
-    def close(self) -> Dict[str, Any]:
-        """Publishes the part; returns {path, rows}."""
-        try:
-            self._flush()
-            self.writer.close()
-            os.replace(self.temp, self.final)
-        finally:
-            self.abort()
-        return {"path": str(self.final), "rows": self.rows}
-
-    def abort(self) -> None:
-        """Drops the unfinished part (nothing appears under the final name)."""
-        self.writer.close()
-        if self.temp.exists():
-            self.temp.unlink()
-
-
-# ----------------------------------------------------------------------------------------- metrics
-
-
-class StreamingMetrics:
-    """AUC and logloss over a stream of (labels, probabilities) batches in constant memory.
-
-    AUC: per label, a histogram of ``float32_bits(p) >> (31 - AUC_BUCKET_BITS)`` (for p in [0, 1] the
-    bit pattern is increasing in p); buckets are walked in order, positive-negative pairs in the same
-    bucket count one half. ``auc_max_error`` is half their share: the exact AUC lies within that of the
-    reported one. Logloss: float64 sum of the clipped binary cross-entropy.
-    """
-
-    def __init__(self) -> None:
-        buckets = 1 << AUC_BUCKET_BITS
-        self.positives = np.zeros(buckets, dtype=np.int64)
-        self.negatives = np.zeros(buckets, dtype=np.int64)
-        self.loss_sum = 0.0
-        self.rows = 0
-
-    def update(self, labels: Optional[np.ndarray], probabilities: np.ndarray) -> None:
-        if labels is None:
-            return
-        p = np.clip(probabilities.astype(np.float64), EPSILON, 1 - EPSILON)
-        self.loss_sum += float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum())
-        self.rows += len(labels)
-        bucket = probabilities.astype(np.float32).view(np.int32) >> (31 - AUC_BUCKET_BITS)
-        positive = labels > 0.5
-        self.positives += np.bincount(bucket[positive], minlength=len(self.positives))
-        self.negatives += np.bincount(bucket[~positive], minlength=len(self.negatives))
-
-    def result(self) -> Optional[Dict[str, float]]:
-        """{auc, auc_max_error, logloss, rows, positives}, or None when no labels were seen."""
-        if self.rows == 0:
-            return None
-        positives, negatives = int(self.positives.sum()), int(self.negatives.sum())
-        metrics: Dict[str, Any] = {"rows": self.rows, "positives": positives, "logloss": self.loss_sum / self.rows}
-        if positives == 0 or negatives == 0:
-            metrics.update(auc=float("nan"), auc_max_error=0.0)
-            return metrics
-        pos, neg = self.positives.astype(np.float64), self.negatives.astype(np.float64)
-        below = np.cumsum(neg) - neg  # negatives in strictly lower buckets
-        pairs = positives * negatives
-        metrics["auc"] = float((pos * below).sum() + 0.5 * (pos * neg).sum()) / pairs
-        metrics["auc_max_error"] = float(0.5 * (pos * neg).sum() / pairs)
-        return metrics

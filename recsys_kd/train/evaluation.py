@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recsys_kd.data.reader import ParquetReader, padding_batch
+from recsys_kd.data.batch import padding_batch
+from recsys_kd.data.reader import ParquetReader
 from recsys_kd.distributed import DistributedContext, max_over_ranks
 from recsys_kd.train.metrics import classification_metrics, gather_predictions
 

@@ -13,13 +13,13 @@ its inputs, and its section of the run record. ``Objective()`` itself is the lab
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_kd.data.reader import Batch
+from recsys_kd.data.batch import Batch
 from recsys_kd.data.schema import Schema
 from recsys_kd.models.zoo import CTRModel
 
@@ -39,8 +39,8 @@ class TaskOutputs(NamedTuple):
     """
 
     logits: torch.Tensor
-    losses: Dict[str, torch.Tensor] = {}
-    predictors: Dict[str, torch.Tensor] = {}
+    losses: Dict[str, torch.Tensor]
+    predictors: Dict[str, torch.Tensor]
 
 
 def embedding_l2(fields: torch.Tensor, weight: float) -> torch.Tensor:
@@ -77,7 +77,7 @@ class LabelTask(nn.Module):
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         if self.l2_embedding:
             loss = loss + embedding_l2(fields, self.l2_embedding)
-        return loss, TaskOutputs(logits)
+        return loss, TaskOutputs(logits, losses={}, predictors={})
 
 
 Evaluate = Callable[[str], Dict[str, Any]]

@@ -1,0 +1,155 @@
+"""Output parts that mirror an input part, row group for row group: what ``infer`` (teacher logits and
+hint vectors) and ``score`` (probabilities) write per part of a split.
+
+A part holds ``row_id`` (int64) and the caller's columns: float32 scalars and fixed-size list<float32>
+vectors. :class:`PartWriter` starts a new row group whenever the caller's input row group changes, so
+the output's row groups are the input's; it writes under a temporary name (``.<name>.<pid>.tmp``),
+renames the part into place when complete, and then writes its sidecar ``<part>.json``::
+
+    {"rows": 4096, "row_id_checksum": "4096:8386560:5f1c...", "columns": ["teacher_dcn", "hint_dcn"]}
+
+A part without its sidecar is unfinished (:func:`part_complete`); the checksum lets a reader check
+that a part holds the same rows as the part it mirrors without comparing them one by one.
+
+Example::
+
+    writer = PartWriter(out / "test/part-00000.parquet", part_schema(["probability"]))
+    writer.add(row_group, row_ids, probabilities.reshape(-1, 1))
+    writer.close()   # {"path": ..., "rows": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys_kd.data.ids import splitmix64
+from recsys_kd.data.schema import ROW_ID
+from recsys_kd.io import atomic_write_json
+
+
+def part_schema(columns: Sequence[str] = (), vectors: Optional[Mapping[str, int]] = None) -> pa.Schema:
+    """``row_id`` int64, then one float32 column per name in ``columns``, then one
+    fixed-size list<float32>[H] column per (name, H) in ``vectors``."""
+    return pa.schema([(ROW_ID, pa.int64())] + [(name, pa.float32()) for name in columns]
+                     + [(name, pa.list_(pa.float32(), width)) for name, width in (vectors or {}).items()])
+
+
+def sidecar_path(part: Path) -> Path:
+    """The JSON written beside a published part: ``part-00000.parquet`` -> ``part-00000.parquet.json``."""
+    part = Path(part)
+    return part.with_name(part.name + ".json")
+
+
+def row_id_checksum(row_ids: np.ndarray) -> str:
+    """Order-independent digest of a part's row ids (count, sum and xor of their hashes)."""
+    hashed = splitmix64(row_ids.astype(np.int64).view(np.uint64))
+    total = int(row_ids.astype(np.int64).sum()) if len(row_ids) else 0
+    mixed = int(np.bitwise_xor.reduce(hashed)) if len(row_ids) else 0
+    return f"{len(row_ids)}:{total}:{mixed:016x}"
+
+
+def part_complete(part: Path, row_groups: Sequence[int], columns: Sequence[str]) -> bool:
+    """Whether ``part`` was published with these ``columns`` and every row of the input part whose row
+    groups have ``row_groups`` rows."""
+    sidecar = sidecar_path(part)
+    if not (Path(part).exists() and sidecar.exists()):
+        return False
+    written = json.loads(sidecar.read_text())
+    return written["rows"] == sum(row_groups) and written.get("columns") == list(columns)
+
+
+class PartWriter:
+    """One output part, written row group by row group and published atomically.
+
+    Args:
+        final: the part's path; its directory is created.
+        schema: ``row_id`` (int64) first, then float32 and fixed-size list<float32> columns
+            (:func:`part_schema` makes one).
+        compression: Parquet codec.
+
+    Raises:
+        ValueError: a schema of another shape.
+    """
+
+    def __init__(self, final: Path, schema: pa.Schema, compression: str = "zstd") -> None:
+        self.final = Path(final)
+        self.schema = schema
+        self.widths = _widths(schema)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
+        self.writer = pq.ParquetWriter(self.temp, schema, compression=compression)
+        self.group: Optional[int] = None
+        self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.rows = 0
+        self.row_ids: List[np.ndarray] = []
+
+    def add(self, row_group: int, row_ids: np.ndarray, values: np.ndarray) -> None:
+        """Appends rows of the input's ``row_group``: ``row_ids [B]`` and ``values [B, C]``, the
+        schema's columns after ``row_id`` side by side (a scalar column takes one value, a vector
+        column of width H the next H). Both are copied."""
+        if values.ndim != 2 or values.shape != (len(row_ids), sum(self.widths)):
+            raise ValueError(f"{self.final}: values have shape {values.shape}, expected ({len(row_ids)}, {sum(self.widths)})")
+        if self.group is not None and row_group != self.group:
+            self._flush()
+        self.group = row_group
+        self.pending.append((np.array(row_ids, dtype=np.int64), np.array(values, dtype=np.float32)))
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        row_ids = np.concatenate([r for r, _ in self.pending])
+        values = np.concatenate([v for _, v in self.pending])
+        data: Dict[str, Any] = {ROW_ID: row_ids}
+        start = 0
+        for field, width in zip(list(self.schema)[1:], self.widths):
+            if pa.types.is_fixed_size_list(field.type):
+                flat = np.ascontiguousarray(values[:, start:start + width]).reshape(-1)
+                data[field.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), width)
+            else:
+                data[field.name] = values[:, start]
+            start += width
+        self.writer.write_table(pa.table(data, schema=self.schema), row_group_size=len(row_ids))
+        self.rows += len(row_ids)
+        self.row_ids.append(row_ids)
+        self.pending = []
+
+    def close(self) -> Dict[str, Any]:
+        """Publishes the part, then its sidecar; returns {path, rows}. On failure nothing is published."""
+        try:
+            self._flush()
+            self.writer.close()
+            os.replace(self.temp, self.final)
+        finally:
+            self.abort()
+        ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
+        atomic_write_json(sidecar_path(self.final), {"rows": self.rows, "row_id_checksum": row_id_checksum(ids),
+                                                     "columns": self.schema.names[1:]})
+        return {"path": str(self.final), "rows": self.rows}
+
+    def abort(self) -> None:
+        """Drops the unfinished part (nothing appears under the final name)."""
+        self.writer.close()
+        if self.temp.exists():
+            self.temp.unlink()
+
+
+def _widths(schema: pa.Schema) -> List[int]:
+    """Values per row of each column after ``row_id``; raises ValueError for a schema of another shape."""
+    if not schema.names or schema.names[0] != ROW_ID or schema.field(0).type != pa.int64():
+        raise ValueError(f"a part's first column must be {ROW_ID} int64, got {schema}")
+    widths = []
+    for field in list(schema)[1:]:
+        if field.type == pa.float32():
+            widths.append(1)
+        elif pa.types.is_fixed_size_list(field.type) and field.type.value_type == pa.float32():
+            widths.append(field.type.list_size)
+        else:
+            raise ValueError(f"part column {field.name!r} is {field.type}; float32 or fixed_size_list<float32> expected")
+    return widths

@@ -1,0 +1,116 @@
+"""Side inputs: directories of per-row columns aligned with a prepared dataset (``infer``'s soft labels).
+
+A side input mirrors the dataset: for every dataset part ``<split>/part-NNNNN.parquet`` it holds a part
+of the same name with the same rows, order and row groups, columns ``row_id`` and its own (float32
+scalars, fixed-size list<float32> vectors), each published with a sidecar (:mod:`recsys_kd.data.parts`).
+Its manifest ``side.json`` names them::
+
+    {"dataset": "runs/demo/data", "columns": ["teacher_dcn"], "vectors": {"hint_dcn": 64},
+     "splits": {"train": {"files": ["train/part-00000.parquet"], "rows": 1000}, ...}}
+
+Alignment is checked, never assumed: :func:`verify_alignment` compares every part's row count and
+row_id checksum with the dataset's before a run starts, and the reader compares row_ids row group by
+row group as it joins the columns (:func:`join_side_columns`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys_kd.data.parts import row_id_checksum, sidecar_path
+from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.runs import SIDE_INPUT_FILE
+
+
+def read_manifest(side: Union[str, Path]) -> Dict[str, Any]:
+    """A side input's ``side.json``; SchemaError when it is missing (written last, so an unfinished
+    infer run has none)."""
+    path = Path(side) / SIDE_INPUT_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SchemaError(f"{path} missing or incomplete: {side} is not a finished side input (infer output); "
+                          "rerun infer to finish it") from None
+
+
+def side_columns(
+    side_inputs: Sequence[Union[str, Path]], schema: Schema, split: str, files: List[str]
+) -> Tuple[Dict[str, Path], Dict[str, int]]:
+    """(column -> side-input directory, vector column -> width H) of the side inputs of a dataset with
+    ``schema``, whose split ``split`` has parts ``files``. Raises SchemaError when a side input does not
+    mirror those parts, or its columns clash with the dataset's or another side input's."""
+    columns: Dict[str, Path] = {}
+    widths: Dict[str, int] = {}
+    for side in side_inputs:
+        side = Path(side)
+        manifest_path = side / SIDE_INPUT_FILE
+        manifest = read_manifest(side)
+        parts = manifest["splits"].get(split, {}).get("files")
+        if parts != files:
+            raise SchemaError(f"{manifest_path}: split {split!r} parts {parts} do not mirror the dataset's {files}")
+        vectors = manifest.get("vectors", {})
+        for name in [*manifest["columns"], *vectors]:
+            if name in schema.columns() or name in columns:
+                raise SchemaError(f"{manifest_path}: column {name!r} already exists in the dataset or another side input")
+            columns[name] = side
+        for name, width in vectors.items():
+            if not isinstance(width, int) or width < 1:
+                raise SchemaError(f"{manifest_path}: vector column {name!r} has width {width!r}, expected an int >= 1")
+            widths[name] = width
+    return columns, widths
+
+
+def join_side_columns(
+    table: pa.Table, columns: Dict[str, Path], wanted: Sequence[str], split: str, path: Path, row_group: int
+) -> pa.Table:
+    """``table`` (row group ``row_group`` of the dataset part ``path``) with the ``wanted`` columns that
+    live in side inputs (``columns``: column -> side-input directory) appended. Their row_ids must equal
+    the dataset's, row for row: SchemaError otherwise."""
+    by_side: Dict[Path, List[str]] = {}
+    for name in wanted:
+        if name in columns:
+            by_side.setdefault(columns[name], []).append(name)
+    for side_dir, names in by_side.items():
+        side_path = side_dir / split / path.name
+        with pq.ParquetFile(side_path) as parquet:
+            side = parquet.read_row_group(row_group, columns=[ROW_ID, *names])
+        if side.num_rows != table.num_rows or not np.array_equal(
+            side.column(ROW_ID).to_numpy(), table.column(ROW_ID).to_numpy()
+        ):
+            raise SchemaError(
+                f"{side_path} row group {row_group} is not aligned with {path}: "
+                f"{side.num_rows} rows vs {table.num_rows}, or different row_ids"
+            )
+        for name in names:
+            table = table.append_column(name, side.column(name))
+    return table
+
+
+def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = None) -> Dict[str, int]:
+    """Checks every part of ``side`` against the dataset's part: row counts and row_id checksums.
+    Raises SchemaError naming the first part that differs; returns rows per split."""
+    schema = Schema.load(dataset)
+    manifest = read_manifest(side)
+    checked = {}
+    for split in splits or list(manifest["splits"]):
+        rows = 0
+        for relative in schema.split(split).files:
+            sidecar = sidecar_path(Path(side) / relative)
+            if not sidecar.exists():
+                raise SchemaError(f"{side}: part {relative} is missing or incomplete; rerun infer to finish it")
+            expected = json.loads(sidecar.read_text())
+            ids = pq.read_table(Path(dataset) / relative, columns=[ROW_ID]).column(ROW_ID).to_numpy()
+            if expected["row_id_checksum"] != row_id_checksum(ids):
+                raise SchemaError(
+                    f"{side}/{relative} is not aligned with {dataset}/{relative}: {expected['rows']} rows with "
+                    f"checksum {expected['row_id_checksum']}, the logs have {len(ids)} rows ({row_id_checksum(ids)})"
+                )
+            rows += len(ids)
+        checked[split] = rows
+    return checked

@@ -1,0 +1,62 @@
+"""PartWriter: row groups follow the caller's, scalar and fixed-size list columns, atomic publication
+with a sidecar (rows, row_id checksum, columns), abort leaves nothing; part_complete reads the sidecar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_kd.data.parts import PartWriter, part_complete, part_schema, row_id_checksum, sidecar_path
+
+
+def test_a_part_mirrors_row_groups_and_is_published_with_its_sidecar(tmp_path: Path) -> None:
+    final = tmp_path / "train" / "part-00000.parquet"
+    writer = PartWriter(final, part_schema(["teacher_a", "teacher_b"], {"hint_a": 3}))
+    generator = np.random.default_rng(0)
+    values = generator.normal(size=(10, 5)).astype(np.float32)
+    row_ids = np.arange(100, 110)
+    for row_group, rows in ((0, slice(0, 3)), (0, slice(3, 4)), (1, slice(4, 9)), (2, slice(9, 10))):
+        writer.add(row_group, row_ids[rows], values[rows])
+    assert not final.exists() and not sidecar_path(final).exists()  # nothing published before close
+    assert writer.close() == {"path": str(final), "rows": 10}
+
+    parquet = pq.ParquetFile(final)
+    assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)] == [4, 5, 1]
+    table = parquet.read()
+    assert table.schema.field("hint_a").type == pa.list_(pa.float32(), 3)
+    assert table.column("row_id").to_pylist() == row_ids.tolist()
+    np.testing.assert_array_equal(table.column("teacher_a").to_numpy(), values[:, 0])
+    np.testing.assert_array_equal(table.column("teacher_b").to_numpy(), values[:, 1])
+    np.testing.assert_array_equal(np.stack(table.column("hint_a").to_numpy(zero_copy_only=False)), values[:, 2:])
+    assert json.loads(sidecar_path(final).read_text()) == {
+        "rows": 10, "row_id_checksum": row_id_checksum(row_ids), "columns": ["teacher_a", "teacher_b", "hint_a"]}
+    assert part_complete(final, [4, 5, 1], ["teacher_a", "teacher_b", "hint_a"])
+    assert not part_complete(final, [4, 5, 2], ["teacher_a", "teacher_b", "hint_a"])  # another input part
+    assert not part_complete(final, [4, 5, 1], ["teacher_a"])  # written with other columns
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_abort_and_bad_inputs_leave_nothing(tmp_path: Path) -> None:
+    final = tmp_path / "part-00000.parquet"
+    writer = PartWriter(final, part_schema(["probability"]))
+    writer.add(0, np.arange(4), np.zeros((4, 1), np.float32))
+    with pytest.raises(ValueError, match=r"values have shape \(4, 2\), expected \(4, 1\)"):
+        writer.add(0, np.arange(4), np.zeros((4, 2), np.float32))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == [] and not part_complete(final, [4], ["probability"])
+    with pytest.raises(ValueError, match="first column must be row_id"):
+        PartWriter(final, pa.schema([("probability", pa.float32())]))
+    with pytest.raises(ValueError, match="'label' is int8"):
+        PartWriter(final, pa.schema([("row_id", pa.int64()), ("label", pa.int8())]))
+
+
+def test_row_id_checksum_ignores_order_and_sees_any_change() -> None:
+    ids = np.array([5, 1, 9, 3])
+    assert row_id_checksum(ids) == row_id_checksum(ids[::-1]) == row_id_checksum(ids.astype(np.int32))
+    assert row_id_checksum(ids) != row_id_checksum(np.array([5, 1, 9, 4]))
+    assert row_id_checksum(np.zeros(0, np.int64)) == "0:0:0000000000000000"
