@@ -34,8 +34,8 @@ Example::
             ...
             checkpoint["reader"] = loader.state_dict()
 
-This module is a little over 500 lines on purpose: dealing rows, resuming and reading share the
-reader's state (units, windows, buffers, positions) and read best in one place.
+Longer than 500 lines because dealing rows, resuming and reading share the reader's state (units,
+windows, buffers, positions) and read best in one place.
 """
 
 from __future__ import annotations
