@@ -92,5 +92,5 @@ def test_label_task_is_bce_plus_l2_on_the_looked_up_rows():
     torch.testing.assert_close(outputs.logits.detach(), logits)
     squares = sum(float(value) ** 2 for example in fields.tolist() for field in example for value in field)
     direct = float(F.binary_cross_entropy_with_logits(logits, batch.labels)) + 0.01 * squares / 16
-    assert float(loss) == pytest.approx(direct, rel=1e-5)
+    assert loss.item() == pytest.approx(direct, rel=1e-5)
     assert embedding_l2(torch.zeros(0, 3, 4), 1.0) == 0
