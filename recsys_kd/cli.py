@@ -238,7 +238,7 @@ def _score(args) -> int:
 
 
 def _add_serve(commands) -> None:
-    from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
+    from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DENSE_ABS, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
 
     help = "serve a TorchScript artifact over HTTP JSON (POST /predict, GET /health) on localhost"
     command = commands.add_parser("serve", help=help, description=help)
@@ -248,6 +248,8 @@ def _add_serve(commands) -> None:
     command.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     command.add_argument("--max-instances", type=int, default=DEFAULT_MAX_INSTANCES, help="instances per request")
     command.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+    command.add_argument("--max-dense-abs", type=float, default=DEFAULT_MAX_DENSE_ABS,
+                         help="bound on |dense value| when the dense transform has no range of its own")
     command.set_defaults(handler=_serve)
 
 
@@ -256,11 +258,13 @@ def _serve(args) -> int:
 
     if min(args.max_body_bytes, args.max_instances, args.threads) < 1:
         raise ConfigError("--max-body-bytes, --max-instances and --threads must be >= 1")
+    if not args.max_dense_abs > 0:
+        raise ConfigError("--max-dense-abs must be > 0")
     if not args.artifact.exists():
         raise FileNotFoundError(f"artifact {args.artifact} not found")
     try:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-              max_instances=args.max_instances, threads=args.threads)
+              max_instances=args.max_instances, threads=args.threads, max_dense_abs=args.max_dense_abs)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     return 0

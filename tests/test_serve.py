@@ -1,6 +1,7 @@
 """serve: the HTTP JSON endpoint on an ephemeral port, good requests against the artifact's own output,
-every refused request (4xx with a JSON message naming instance and field), /health, the multi-hot
-contract, and a graceful SIGTERM shutdown of `recsys-kd serve`."""
+every refused request (4xx with a JSON message naming instance and field), dense bounds and non-finite
+model outputs (never a bare NaN), /health, the multi-hot contract, and a graceful SIGTERM shutdown of
+`recsys-kd serve`."""
 
 import http.client
 import json
@@ -10,8 +11,9 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 import pytest
@@ -64,9 +66,16 @@ def _request(server, method: str, path: str, body: Optional[bytes] = None,
         connection.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
         response = connection.getresponse()
         assert response.getheader("Content-Type") == "application/json"
-        return response.status, json.loads(response.read())
+        return response.status, _strict_json(response.read())
     finally:
         connection.close()
+
+
+def _strict_json(data: bytes) -> Any:
+    """JSON as a strict parser reads it: a bare NaN or Infinity is an error."""
+    def reject(constant: str) -> Any:
+        raise AssertionError(f"{constant} in an answer: not valid JSON: {data[:200]!r}")
+    return json.loads(data, parse_constant=reject)
 
 
 def _predict(server, payload: Any) -> Tuple[int, Dict[str, Any]]:
@@ -267,3 +276,63 @@ def test_serve_cli_stops_gracefully_on_sigterm(artifact) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_dense_values_outside_the_bound_are_refused_and_answers_are_valid_json(server, artifact) -> None:
+    good = artifact["instances"][0]
+    dense = artifact["schema"].dense[0]
+    # the fixture's schema has no dense transform (synthetic): the bound is |x| <= 1e9
+    for value in (1e15, -1e15, 1e300, -1e300, 1e9 + 1):
+        status, body = _predict(server, {"instances": [good, {**good, dense: value}]})
+        assert status == 400 and body["instance"] == 1 and body["field"] == dense, (value, body)
+        assert "outside [-1e+09, 1e+09]" in body["error"] and "--max-dense-abs" in body["error"], body
+    assert _predict(server, {"instances": [{**good, dense: -1e9}]})[0] == 200  # the bound itself is in
+    instance = json.dumps({**good, dense: 0.5})
+    for literal, message in (("1e400", "not a finite float32"), ("-1e400", "not a finite float32"),
+                             ("-Infinity", "-Infinity is not valid JSON"), ("NaN", "NaN is not valid JSON"),
+                             ('"-inf"', "must be a number"), ('"nan"', "must be a number"), ('"1e15"', "must be a number")):
+        body = f'{{"instances": [{instance.replace("0.5", literal, 1)}]}}'.encode()
+        status, answer = _request(server, "POST", "/predict", body)
+        assert status == 400 and message in answer["error"], (literal, answer)
+    status, body = _predict(server, {"instances": [{**good, dense: 10 ** 400}]})
+    assert status == 400 and "digits" in body["error"] and len(body["error"]) < 200, body  # not 400 digits quoted
+    status, body = _request(server, "GET", "/health")
+    assert body["features"]["dense_range"] == [-1e9, 1e9]
+
+
+@contextmanager
+def _serving(artifact: Dict[str, Any], **options: Any) -> Iterator[Any]:
+    server = make_server(artifact["path"], port=0, quiet=True, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_non_finite_model_output_is_an_error_naming_the_instance(artifact) -> None:
+    good = artifact["instances"][0]
+    dense = artifact["schema"].dense[0]
+    with _serving(artifact, max_dense_abs=3.4e38) as server:  # lets through values that overflow the model
+        status, body = _predict(server, {"instances": [good, {**good, dense: 1e30}, good]})
+        assert status == 422 and body["instance"] == 1 and "field" not in body, body
+        assert body["error"].startswith("instance 1: the model's probability is nan"), body
+        status, body = _predict(server, {"instances": [good, {**good, dense: 1e15}]})  # overflows to a finite 0
+        assert status == 200 and all(0.0 <= p <= 1.0 for p in body["probabilities"]), body
+
+
+def test_a_dense_transform_with_a_range_bounds_the_values() -> None:
+    schema = tiny_schema(with_hour=False)
+    serving = ServingModel.from_model(visible_model(schema, "deepfm"), num_dense_inputs=2)
+    contract = _input_contract(schema.replace(dense_transform="log1p(max(v, 0))"), serving, 0, 1)
+    predictor = Predictor(script_serving(serving), {"model": {"model": "deepfm", "input": contract}})
+    instance = {"d0": 0.0, "d1": 43.6, "user": 3, "tags": [1], "item": 12}
+    assert len(predictor.predict({"instances": [instance]})) == 1
+    for value in (-0.5, 44.5, 1e15):  # log1p(max(v, 0)) of an int64 count is in [0, 43.67]
+        with pytest.raises(RequestError, match=r"outside \[0, 44\], the range of the dense transform") as error:
+            predictor.predict({"instances": [instance, {**instance, "d1": value}]})
+        assert (error.value.status, error.value.instance, error.value.field) == (400, 1, "d1")
+

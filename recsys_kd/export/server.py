@@ -11,20 +11,24 @@ Loads only the artifact (:func:`~recsys_kd.export.artifact.load_artifact`, torch
 - one object per example, at most ``max_instances``; every feature of the artifact's schema by name
   (``GET /health`` lists them), nothing else;
 - a dense feature (``schema.dense``) is a finite JSON number, already transformed as the dataset was
-  (``dense_transform``, e.g. ``log1p(max(v, 0))`` for Criteo integers); when the model ignores dense
-  features (``dense_used: false``) they may be left out;
+  (``dense_transform``, e.g. ``log1p(max(v, 0))`` for Criteo integers), inside ``dense_range``: the
+  transform's own range when it has one (``DENSE_RANGES``: ``[0, 44]`` for ``log1p(max(v, 0))`` of an
+  int64 count), else ``[-max_dense_abs, max_dense_abs]`` (default 1e9; a value far outside the
+  training data overflows the model's float32 arithmetic); when the model ignores dense features
+  (``dense_used: false``) they may be left out;
 - a sparse feature is its **id** as in the prepared dataset (an integer in ``[0, num_embeddings)``;
   0 = missing, 1 = out of vocabulary), or for a multi-hot feature a list of such ids (may be empty).
   Raw values are not accepted: map them with the dataset's id rule (``recsys-kd score`` does it for
   raw log files).
 
-Answer ``200 {"model": name, "probabilities": [p_0, ...]}`` in instance order.
+Answer ``200 {"model": name, "probabilities": [p_0, ...]}`` in instance order; every answer is valid
+JSON (no ``NaN``): an instance whose probability still comes out non-finite gets ``422`` naming it.
 
 Errors are JSON ``{"error": message, "instance": i, "field": name}`` (the last two when they apply),
 never a crash: 400 malformed JSON, a wrong structure, a missing / unknown field, a wrong type, a
-non-finite number, an id out of range; 404 unknown path; 405 wrong method; 411 no Content-Length;
-413 body over ``max_body_bytes`` or more than ``max_instances`` instances (the body is not read);
-415 a non-JSON content type.
+non-finite number, a dense value outside ``dense_range``, an id out of range; 404 unknown path; 405
+wrong method; 411 no Content-Length; 413 body over ``max_body_bytes`` or more than ``max_instances``
+instances (the body is not read); 415 a non-JSON content type; 422 a non-finite model output.
 
 ``GET /health`` answers ``200`` with the model's metadata: name, parameters, FLOPs per example,
 storage dtype, the compression log (AFM/SVD steps, when any), source checkpoint, test metrics, the
@@ -60,6 +64,9 @@ from recsys_kd.export.artifact import load_artifact
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_INSTANCES = 4096
+DEFAULT_MAX_DENSE_ABS = 1e9
+# a dense value's range after a dataset's dense transform, by the transform's name in the schema
+DENSE_RANGES: Dict[str, Tuple[float, float]] = {"log1p(max(v, 0))": (0.0, 44.0)}  # log1p(2**63) = 43.67
 REQUEST_TIMEOUT_S = 30.0
 
 
@@ -90,6 +97,8 @@ class Predictor:
         module (torch.jit.ScriptModule): the loaded artifact.
         metadata (Dict[str, Any]): its ``{"schema": ..., "model": ...}`` (from ``load_artifact``).
         max_instances (int): the most instances one request may hold.
+        max_dense_abs (float): the bound on |dense value| when the dense transform has no range of its
+            own (``DENSE_RANGES``).
 
     Example::
 
@@ -97,13 +106,18 @@ class Predictor:
         predictor.predict({"instances": [{"C1": 5, ...}]})  # [0.031...]
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: Dict[str, Any], max_instances: int = DEFAULT_MAX_INSTANCES) -> None:
+    def __init__(self, module: torch.jit.ScriptModule, metadata: Dict[str, Any], max_instances: int = DEFAULT_MAX_INSTANCES,
+                 max_dense_abs: float = DEFAULT_MAX_DENSE_ABS) -> None:
         self.module = module
         self.metadata = metadata
         self.max_instances = max_instances
         contract = metadata["model"]["input"]
         self.dense: List[str] = list(contract["dense"]["columns"])
         self.dense_used: bool = bool(contract["dense"]["used"])
+        self.dense_transform = contract["dense"].get("transform") or "none"
+        self.dense_range = DENSE_RANGES.get(self.dense_transform, (-max_dense_abs, max_dense_abs))
+        self.dense_range_source = (f"the range of the dense transform {self.dense_transform}"
+                                   if self.dense_transform in DENSE_RANGES else "the server's bound (--max-dense-abs)")
         self.sparse: List[Tuple[str, int, bool]] = [
             (f["name"], int(f["num_embeddings"]), bool(f["multi_hot"])) for f in contract["sparse_features"]
         ]
@@ -114,7 +128,14 @@ class Predictor:
         """Probabilities [B] of a parsed request body; raises :class:`RequestError` for a bad one."""
         dense, ids, offsets = self.tensors(payload)
         with torch.no_grad():
-            return self.module(dense, ids, offsets).tolist()
+            probabilities = self.module(dense, ids, offsets)
+        finite = torch.isfinite(probabilities)
+        if not bool(finite.all()):  # inputs in range can still overflow a model's float32 arithmetic
+            index = int((~finite).nonzero()[0, 0])
+            raise RequestError(422, f"instance {index}: the model's probability is {probabilities[index].item()}, "
+                               "not a number: its dense values overflow the model; send values like the training "
+                               "data's", instance=index)
+        return probabilities.tolist()
 
     def tensors(self, payload: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``dense [B, n_dense]``, ``ids [N]``, ``offsets [B * F + 1]`` (example-major) of a request body."""
@@ -165,9 +186,13 @@ class Predictor:
             number = float(value)
         except OverflowError:
             number = math.inf
+        low, high = self.dense_range
+        if math.isfinite(number) and not low <= number <= high:
+            raise RequestError(400, f"instance {index}: dense feature {name!r} is {_short(value)}, outside "
+                               f"[{low:g}, {high:g}], {self.dense_range_source}", instance=index, field=name)
         if not math.isfinite(number) or abs(number) > 3.4e38:
-            raise RequestError(400, f"instance {index}: dense feature {name!r} is {value!r}, not a finite float32",
-                               instance=index, field=name)
+            raise RequestError(400, f"instance {index}: dense feature {name!r} is {_short(value)}, not a finite "
+                               "float32", instance=index, field=name)
         return number
 
     @staticmethod
@@ -206,9 +231,9 @@ class Predictor:
             "parameters": model["parameters"],
             "flops_per_example": model["flops_per_example"],
             "storage_dtype": model["storage_dtype"],
-            "compression": model.get("compression", []),
+            "compression": _finite(model.get("compression", [])),
             "source": model["source"],
-            "metrics": model.get("metrics"),
+            "metrics": _finite(model.get("metrics")),
             "created": model.get("created"),
             "libraries": model.get("libraries"),
             "field_order": contract["field_order"],
@@ -216,6 +241,7 @@ class Predictor:
                 "dense": self.dense,
                 "dense_used": self.dense_used,
                 "dense_transform": contract["dense"].get("transform"),
+                "dense_range": list(self.dense_range),
                 "sparse": contract["sparse_features"],
                 "reserved_ids": contract["reserved_ids"],
             },
@@ -236,6 +262,23 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return "an object"
+
+
+def _short(value: Any) -> str:
+    """A number as a message quotes it (a 400-digit integer cut short)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+
+
+def _finite(value: Any) -> Any:
+    """A JSON value with its non-finite floats (a NaN metric) as null, so that it stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _reject_constant(name: str) -> float:
@@ -322,7 +365,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"malformed JSON: {error}") from None
 
     def _send(self, status: int, body: Dict[str, Any], allow: Optional[str] = None) -> None:
-        data = (json.dumps(body) + "\n").encode("utf-8")
+        try:
+            text = json.dumps(body, allow_nan=False)  # bare NaN / Infinity is not JSON
+        except ValueError as error:
+            status, text = 500, json.dumps({"error": f"internal error: the answer is not valid JSON: {error}"})
+        data = (text + "\n").encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -350,6 +397,7 @@ def make_server(
     max_instances: int = DEFAULT_MAX_INSTANCES,
     threads: int = 1,
     quiet: bool = False,
+    max_dense_abs: float = DEFAULT_MAX_DENSE_ABS,
 ) -> ModelServer:
     """
     Loads the artifact and binds the server (not yet serving: call ``serve_forever``).
@@ -362,12 +410,16 @@ def make_server(
         max_instances: more instances in one request get 413.
         threads: torch intra-op threads (process-wide); requests run concurrently on their own threads.
         quiet: no access log on stderr.
+        max_dense_abs: the bound on |dense value| when the dense transform has no range of its own.
     """
     if max_body_bytes < 1 or max_instances < 1 or threads < 1:
         raise ValueError("max_body_bytes, max_instances and threads must be >= 1")
+    if not max_dense_abs > 0:
+        raise ValueError("max_dense_abs must be > 0")
     torch.set_num_threads(threads)
     module, metadata = load_artifact(artifact)
-    return ModelServer((host, port), Predictor(module, metadata, max_instances), max_body_bytes, quiet=quiet)
+    return ModelServer((host, port), Predictor(module, metadata, max_instances, max_dense_abs), max_body_bytes,
+                       quiet=quiet)
 
 
 def serve(artifact: Union[str, Path], **options: Any) -> None:
