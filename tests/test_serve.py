@@ -1,16 +1,19 @@
 """serve: the HTTP JSON endpoint on an ephemeral port, good requests against the artifact's own output,
 every refused request (4xx with a JSON message naming instance and field), dense bounds and non-finite
-model outputs (never a bare NaN), /health, the multi-hot contract, and a graceful SIGTERM shutdown of
-`recsys-kd serve`."""
+model outputs (never a bare NaN), /health, the multi-hot contract, the server under load (a slowloris
+client cut off at the whole-request deadline, 16 concurrent clients without a connect stall, 503 when
+the worker pool and its queue are full), and a graceful SIGTERM shutdown of `recsys-kd serve`."""
 
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -336,3 +339,112 @@ def test_a_dense_transform_with_a_range_bounds_the_values() -> None:
             predictor.predict({"instances": [instance, {**instance, "d1": value}]})
         assert (error.value.status, error.value.instance, error.value.field) == (400, 1, "d1")
 
+
+def _post_head(length: int) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def _trickle(port: int, pieces: List[bytes], every_s: float, give_up_s: float) -> Tuple[float, bytes]:
+    """Sends pieces one at a time, ``every_s`` apart, until the server answers or closes; returns the
+    seconds from connect to that moment and what it sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=give_up_s) as connection:
+        start = time.monotonic()
+        for piece in pieces * 1000:
+            try:
+                connection.sendall(piece)
+            except OSError:  # the server closed the connection
+                break
+            readable, _, _ = select.select([connection], [], [], every_s)
+            if readable or time.monotonic() - start > give_up_s:
+                break
+        ended = time.monotonic() - start
+        try:
+            answer = connection.makefile("rb").read()
+        except OSError:
+            answer = b""
+    return ended, answer
+
+
+def test_a_slowloris_client_is_cut_off_at_the_request_deadline(artifact) -> None:
+    instances = artifact["instances"][:1]
+    with _serving(artifact, workers=2, request_timeout=1.5) as server:
+        results: Dict[str, Tuple[float, bytes]] = {}
+        headers = [b"POST /predict HTTP/1.1\r\n", *[f"X-Slow-{i}: y\r\n".encode() for i in range(90)]]
+        slow = threading.Thread(target=lambda: results.setdefault(
+            "headers", _trickle(server.server_port, headers, every_s=0.25, give_up_s=6)))
+        body = json.dumps({"instances": instances}).encode()
+        slow_body = threading.Thread(target=lambda: results.setdefault(
+            "body", _trickle(server.server_port, [_post_head(len(body))] + [b" "] * 1000, every_s=0.25, give_up_s=6)))
+        slow.start()
+        slow_body.start()
+        time.sleep(0.3)
+        started = time.monotonic()  # both workers hold a slow client: a normal one waits in the queue
+        status, answer = _predict(server, {"instances": instances})
+        assert status == 200 and len(answer["probabilities"]) == 1
+        assert time.monotonic() - started < 3.0
+        slow.join(timeout=10)
+        slow_body.join(timeout=10)
+        for what in ("headers", "body"):
+            ended, answer = results[what]
+            assert 1.3 < ended < 1.5 + 1.0, (what, ended)  # the whole-request deadline, not a per-read one
+            assert answer.startswith(b"HTTP/1.0 408") and b"within 1.5 s" in answer, (what, answer[:300])
+            _strict_json(answer.split(b"\r\n\r\n", 1)[1])
+        # a normal client right after is answered at once
+        assert _predict(server, {"instances": instances})[0] == 200
+
+
+def test_sixteen_concurrent_clients_get_answers_without_a_connect_stall(artifact) -> None:
+    instances = artifact["instances"]
+    with _serving(artifact) as server:
+        barrier = threading.Barrier(16)
+        results: List[Tuple[float, int]] = []
+
+        def client(index: int) -> None:
+            body = json.dumps({"instances": instances[index % 10:index % 10 + 5]}).encode()
+            barrier.wait()
+            for _ in range(3):
+                started = time.monotonic()
+                connection = socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+                connected = time.monotonic() - started
+                with connection:
+                    connection.sendall(_post_head(len(body)) + body)
+                    answer = connection.makefile("rb").read()
+                results.append((connected, int(answer.split(b" ", 2)[1])))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert len(results) == 48 and all(status == 200 for _, status in results), results
+    assert max(connected for connected, _ in results) < 0.5, sorted(results)[-3:]
+
+
+def test_a_full_pool_and_queue_answer_503_at_once(artifact) -> None:
+    instances = artifact["instances"][:2]
+    with _serving(artifact, workers=1, queue_size=1, request_timeout=1.5) as server:
+        assert server.workers == 1 and server.request_queue_size == 128  # the default backlog
+        blocker = threading.Thread(target=_trickle, args=(server.server_port, [b"P", b"O"], 0.25, 6))
+        blocker.start()  # holds the only worker until the deadline
+        time.sleep(0.3)
+        queued: Dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: queued.setdefault("answer", _predict(server, {"instances": instances})))
+        waiter.start()  # waits in the queue of 1
+        time.sleep(0.3)
+        for _ in range(3):
+            started = time.monotonic()
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+            connection.request("POST", "/predict", body=json.dumps({"instances": instances}).encode(),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 503 and response.getheader("Retry-After") == "1"
+            assert "server busy: all 1 workers and the queue of 1 connections are taken" in _strict_json(response.read())["error"]
+            connection.close()
+            assert time.monotonic() - started < 0.5
+        waiter.join(timeout=10)
+        blocker.join(timeout=10)
+        status, body = queued["answer"]  # answered once the blocker's deadline freed the worker
+        assert status == 200 and len(body["probabilities"]) == 2
+        status, body = _request(server, "GET", "/health")
+        assert (body["workers"], body["queue_size"], body["backlog"], body["request_timeout_s"]) == (1, 1, 128, 1.5)

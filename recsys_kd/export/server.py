@@ -1,7 +1,10 @@
 """The ``serve`` stage: an HTTP JSON endpoint over a serving artifact, on the standard library alone.
 
 Loads only the artifact (:func:`~recsys_kd.export.artifact.load_artifact`, torch only) and answers on
-``host:port`` (default ``127.0.0.1:8080``) with a ``ThreadingHTTPServer``:
+``host:port`` (default ``127.0.0.1:8080``) with a :class:`~recsys_kd.export.http_pool.PooledHTTPServer`:
+a fixed pool of ``workers`` threads fed by a queue of at most ``queue_size`` connections (``503`` at
+once beyond it), a listen backlog of ``backlog``, and a whole-request deadline of ``request_timeout``
+seconds (``408`` past it).
 
 ``POST /predict`` with ``Content-Type: application/json`` (or none) and a body of at most
 ``max_body_bytes``::
@@ -27,15 +30,16 @@ JSON (no ``NaN``): an instance whose probability still comes out non-finite gets
 Errors are JSON ``{"error": message, "instance": i, "field": name}`` (the last two when they apply),
 never a crash: 400 malformed JSON, a wrong structure, a missing / unknown field, a wrong type, a
 non-finite number, a dense value outside ``dense_range``, an id out of range; 404 unknown path; 405
-wrong method; 411 no Content-Length; 413 body over ``max_body_bytes`` or more than ``max_instances``
-instances (the body is not read); 415 a non-JSON content type; 422 a non-finite model output.
+wrong method; 408 the request did not arrive within ``request_timeout``; 411 no Content-Length; 413 body
+over ``max_body_bytes`` or more than ``max_instances`` instances (the body is not read); 415 a non-JSON
+content type; 422 a non-finite model output; 503 every worker busy and the queue full (``Retry-After``).
 
 ``GET /health`` answers ``200`` with the model's metadata: name, parameters, FLOPs per example,
 storage dtype, the compression log (AFM/SVD steps, when any), source checkpoint, test metrics, the
 feature order and per-feature contract, and the server's limits.
 
 Shutdown is graceful: SIGINT / SIGTERM stop accepting connections, requests in flight are answered,
-then the process exits.
+connections still queued get ``503``, then the process exits.
 
 Example::
 
@@ -53,13 +57,14 @@ import signal
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from recsys_kd.export.artifact import load_artifact
+from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS,
+                                        DeadlineRequestHandler, PooledHTTPServer)
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -67,7 +72,6 @@ DEFAULT_MAX_INSTANCES = 4096
 DEFAULT_MAX_DENSE_ABS = 1e9
 # a dense value's range after a dataset's dense transform, by the transform's name in the schema
 DENSE_RANGES: Dict[str, Tuple[float, float]] = {"log1p(max(v, 0))": (0.0, 44.0)}  # log1p(2**63) = 43.67
-REQUEST_TIMEOUT_S = 30.0
 
 
 class RequestError(Exception):
@@ -285,32 +289,30 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-class ModelServer(ThreadingHTTPServer):
-    """A threading HTTP server holding a :class:`Predictor`. Request threads are joined on
-    ``server_close`` (graceful: requests in flight are answered)."""
+class ModelServer(PooledHTTPServer):
+    """A pooled HTTP server holding a :class:`Predictor`; ``options`` are :class:`PooledHTTPServer`'s
+    (workers, queue_size, backlog, request_timeout). ``server_close`` is graceful: requests in flight
+    are answered, then the workers are joined."""
 
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(self, address: Tuple[str, int], predictor: Predictor, max_body_bytes: int, quiet: bool = False) -> None:
+    def __init__(self, address: Tuple[str, int], predictor: Predictor, max_body_bytes: int, quiet: bool = False,
+                 **options: Any) -> None:
         self.predictor = predictor
         self.max_body_bytes = max_body_bytes
-        self.quiet = quiet
         self.started = time.time()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, quiet=quiet, **options)
+
+    def limits(self) -> Dict[str, Any]:
+        return {"max_body_bytes": self.max_body_bytes, "workers": self.workers, "queue_size": self.queue_size,
+                "backlog": self.request_queue_size, "request_timeout_s": self.request_timeout}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DeadlineRequestHandler):
     server: ModelServer
-    # HTTP/1.0: one request per connection, so no idle keep-alive connection holds a thread that a
-    # graceful shutdown (which joins request threads) would wait for
-    protocol_version = "HTTP/1.0"
-    timeout = REQUEST_TIMEOUT_S  # a client that stalls mid-body frees its thread
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.split("?", 1)[0] == "/health":
             self._send(200, {**self.server.predictor.health(), "uptime_s": round(time.time() - self.server.started, 1),
-                             "max_body_bytes": self.server.max_body_bytes})
+                             **self.server.limits()})
         elif self.path.split("?", 1)[0] == "/predict":
             self._send(405, {"error": "use POST for /predict"}, allow="POST")
         else:
@@ -354,7 +356,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"Content-Length {length} is negative")
         if length > self.server.max_body_bytes:  # refused unread
             raise RequestError(413, f"body of {length} bytes exceeds the limit of {self.server.max_body_bytes} bytes")
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError as error:
+            raise RequestError(408, f"{error} (line, headers and body)") from None
         if len(body) != length:
             raise RequestError(400, f"body ended after {len(body)} of {length} bytes")
         try:
@@ -397,6 +402,10 @@ def make_server(
     max_instances: int = DEFAULT_MAX_INSTANCES,
     threads: int = 1,
     quiet: bool = False,
+    workers: int = DEFAULT_WORKERS,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    backlog: int = DEFAULT_BACKLOG,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_dense_abs: float = DEFAULT_MAX_DENSE_ABS,
 ) -> ModelServer:
     """
@@ -408,18 +417,23 @@ def make_server(
         port: TCP port; 0 picks a free one (``server.server_port``).
         max_body_bytes: larger bodies get 413 before they are read.
         max_instances: more instances in one request get 413.
-        threads: torch intra-op threads (process-wide); requests run concurrently on their own threads.
+        threads: torch intra-op threads (process-wide); up to ``workers`` requests run at once.
         quiet: no access log on stderr.
+        workers: handler threads (a fixed pool).
+        queue_size: accepted connections waiting for a worker; beyond them a connection gets 503 at once.
+        backlog: the listen backlog.
+        request_timeout: seconds for a whole request (line, headers, body) to arrive; 408 past it.
         max_dense_abs: the bound on |dense value| when the dense transform has no range of its own.
     """
-    if max_body_bytes < 1 or max_instances < 1 or threads < 1:
-        raise ValueError("max_body_bytes, max_instances and threads must be >= 1")
-    if not max_dense_abs > 0:
-        raise ValueError("max_dense_abs must be > 0")
+    if min(max_body_bytes, max_instances, threads, workers, queue_size, backlog) < 1:
+        raise ValueError("max_body_bytes, max_instances, threads, workers, queue_size and backlog must be >= 1")
+    if not (request_timeout > 0 and max_dense_abs > 0):
+        raise ValueError("request_timeout and max_dense_abs must be > 0")
     torch.set_num_threads(threads)
     module, metadata = load_artifact(artifact)
     return ModelServer((host, port), Predictor(module, metadata, max_instances, max_dense_abs), max_body_bytes,
-                       quiet=quiet)
+                       quiet=quiet, workers=workers, queue_size=queue_size, backlog=backlog,
+                       request_timeout=request_timeout)
 
 
 def serve(artifact: Union[str, Path], **options: Any) -> None:
@@ -437,11 +451,12 @@ def serve(artifact: Union[str, Path], **options: Any) -> None:
     host, port = server.server_address[:2]
     health = server.predictor.health()
     print(f"serving {health['model']} ({artifact}) on http://{host}:{port}: POST /predict, GET /health; "
+          f"{server.workers} workers, queue {server.queue_size}, request deadline {server.request_timeout:g} s; "
           "Ctrl-C or SIGTERM stops", flush=True)
     try:
         server.serve_forever()
     finally:
-        server.server_close()  # joins the request threads: in-flight requests are answered
+        server.server_close()  # joins the workers: in-flight requests are answered
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("server stopped", flush=True)
