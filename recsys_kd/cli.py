@@ -238,7 +238,8 @@ def _score(args) -> int:
 
 
 def _add_serve(commands) -> None:
-    from recsys_kd.export.http_pool import DEFAULT_BACKLOG, DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS
+    from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_SIZE,
+                                            DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS)
     from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DENSE_ABS, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
 
     help = "serve a TorchScript artifact over HTTP JSON (POST /predict, GET /health) on localhost"
@@ -251,10 +252,12 @@ def _add_serve(commands) -> None:
     command.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
     command.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="handler threads (a fixed pool)")
     command.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
-                         help="connections waiting for a worker; beyond them 503 at once")
+                         help="complete requests waiting for a worker; beyond them 503 at once")
     command.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help="the listen backlog")
+    command.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                         help="connections still sending their request; beyond them 503 at once")
     command.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-                         help="seconds for a whole request (line, headers, body) to arrive; 408 past it")
+                         help="seconds from the accept for a whole request (line, headers, body); 408 past it")
     command.add_argument("--max-dense-abs", type=float, default=DEFAULT_MAX_DENSE_ABS,
                          help="bound on |dense value| when the dense transform has no range of its own")
     command.set_defaults(handler=_serve)
@@ -263,9 +266,10 @@ def _add_serve(commands) -> None:
 def _serve(args) -> int:
     from recsys_kd.export.server import serve
 
-    if min(args.max_body_bytes, args.max_instances, args.threads, args.workers, args.queue_size, args.backlog) < 1:
-        raise ConfigError("--max-body-bytes, --max-instances, --threads, --workers, --queue-size and --backlog "
-                          "must be >= 1")
+    if min(args.max_body_bytes, args.max_instances, args.threads, args.workers, args.queue_size, args.backlog,
+           args.max_connections) < 1:
+        raise ConfigError("--max-body-bytes, --max-instances, --threads, --workers, --queue-size, --backlog and "
+                          "--max-connections must be >= 1")
     if not (args.request_timeout > 0 and args.max_dense_abs > 0):
         raise ConfigError("--request-timeout and --max-dense-abs must be > 0")
     if not args.artifact.exists():
@@ -273,7 +277,8 @@ def _serve(args) -> int:
     try:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
               max_instances=args.max_instances, threads=args.threads, workers=args.workers,
-              queue_size=args.queue_size, backlog=args.backlog, request_timeout=args.request_timeout,
+              queue_size=args.queue_size, backlog=args.backlog, max_connections=args.max_connections,
+              request_timeout=args.request_timeout,
               max_dense_abs=args.max_dense_abs)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error

@@ -255,18 +255,24 @@ def test_serve_cli_user_errors_exit_2(server, artifact, capsys) -> None:
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", str(artifact["path"]), "--max-instances", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    assert main(["serve", str(artifact["path"]), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(["serve", str(artifact["path"]), "--request-timeout", "0"]) == 2
+    assert "--request-timeout and --max-dense-abs must be > 0" in capsys.readouterr().err
     assert main(["serve", "missing.pt"]) == 2 and "missing.pt not found" in capsys.readouterr().err
 
 
 def test_serve_cli_stops_gracefully_on_sigterm(artifact) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "recsys_kd.cli", "serve", str(artifact["path"]), "--port", "0"],
+        [sys.executable, "-m", "recsys_kd.cli", "serve", str(artifact["path"]), "--port", "0", "--workers", "2",
+         "--queue-size", "4", "--backlog", "16", "--max-connections", "8", "--request-timeout", "5"],
         cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         line = process.stdout.readline()
         assert "serving deepfm" in line, (line, process.stderr.read() if process.poll() is not None else "")
+        assert "2 workers, queue 4, 8 connections, request deadline 5 s" in line, line
         port = int(line.split("http://127.0.0.1:")[1].split(":")[0])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         connection.request("GET", "/health")
@@ -366,31 +372,32 @@ def _trickle(port: int, pieces: List[bytes], every_s: float, give_up_s: float) -
     return ended, answer
 
 
-def test_a_slowloris_client_is_cut_off_at_the_request_deadline(artifact) -> None:
+def test_slowloris_clients_are_cut_off_at_the_request_deadline_and_hold_no_worker(artifact) -> None:
     instances = artifact["instances"][:1]
-    with _serving(artifact, workers=2, request_timeout=1.5) as server:
+    with _serving(artifact, workers=1, request_timeout=1.5) as server:
         results: Dict[str, Tuple[float, bytes]] = {}
         headers = [b"POST /predict HTTP/1.1\r\n", *[f"X-Slow-{i}: y\r\n".encode() for i in range(90)]]
-        slow = threading.Thread(target=lambda: results.setdefault(
-            "headers", _trickle(server.server_port, headers, every_s=0.25, give_up_s=6)))
         body = json.dumps({"instances": instances}).encode()
-        slow_body = threading.Thread(target=lambda: results.setdefault(
-            "body", _trickle(server.server_port, [_post_head(len(body))] + [b" "] * 1000, every_s=0.25, give_up_s=6)))
-        slow.start()
-        slow_body.start()
-        time.sleep(0.3)
-        started = time.monotonic()  # both workers hold a slow client: a normal one waits in the queue
-        status, answer = _predict(server, {"instances": instances})
-        assert status == 200 and len(answer["probabilities"]) == 1
-        assert time.monotonic() - started < 3.0
-        slow.join(timeout=10)
-        slow_body.join(timeout=10)
-        for what in ("headers", "body"):
+        slow = {f"headers {i}": [headers, 0.25] for i in range(4)}
+        slow["body"] = [[_post_head(len(body))] + [b" "] * 100, 0.25]
+        slow["silent"] = [[b""], 0.25]  # connects and sends nothing
+        threads = [threading.Thread(target=lambda what=what, pieces=pieces, every=every: results.setdefault(
+            what, _trickle(server.server_port, pieces, every_s=every, give_up_s=6))) for what, (pieces, every) in slow.items()]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        for _ in range(3):  # six slow clients, one worker: normal clients are still answered at once
+            started = time.monotonic()
+            status, answer = _predict(server, {"instances": instances})
+            assert status == 200 and len(answer["probabilities"]) == 1
+            assert time.monotonic() - started < 0.5
+        for thread in threads:
+            thread.join(timeout=10)
+        for what in slow:
             ended, answer = results[what]
             assert 1.3 < ended < 1.5 + 1.0, (what, ended)  # the whole-request deadline, not a per-read one
             assert answer.startswith(b"HTTP/1.0 408") and b"within 1.5 s" in answer, (what, answer[:300])
             _strict_json(answer.split(b"\r\n\r\n", 1)[1])
-        # a normal client right after is answered at once
         assert _predict(server, {"instances": instances})[0] == 200
 
 
@@ -421,17 +428,24 @@ def test_sixteen_concurrent_clients_get_answers_without_a_connect_stall(artifact
     assert max(connected for connected, _ in results) < 0.5, sorted(results)[-3:]
 
 
-def test_a_full_pool_and_queue_answer_503_at_once(artifact) -> None:
+def test_a_full_pool_queue_or_read_ahead_answers_503_at_once(artifact) -> None:
     instances = artifact["instances"][:2]
-    with _serving(artifact, workers=1, queue_size=1, request_timeout=1.5) as server:
+    with _serving(artifact, workers=1, queue_size=1, max_connections=2, request_timeout=1.5) as server:
         assert server.workers == 1 and server.request_queue_size == 128  # the default backlog
-        blocker = threading.Thread(target=_trickle, args=(server.server_port, [b"P", b"O"], 0.25, 6))
-        blocker.start()  # holds the only worker until the deadline
-        time.sleep(0.3)
-        queued: Dict[str, Any] = {}
-        waiter = threading.Thread(target=lambda: queued.setdefault("answer", _predict(server, {"instances": instances})))
-        waiter.start()  # waits in the queue of 1
-        time.sleep(0.3)
+        release = threading.Event()
+        predict = server.predictor.predict
+
+        def blocked(payload: Any) -> List[float]:
+            release.wait(10)
+            return predict(payload)
+
+        server.predictor.predict = blocked  # the only worker is held by the first request
+        answers: List[Tuple[int, Dict[str, Any]]] = []
+        held = [threading.Thread(target=lambda: answers.append(_predict(server, {"instances": instances})))
+                for _ in range(2)]
+        for thread in held:  # one in the worker, one in the queue of 1
+            thread.start()
+            time.sleep(0.3)
         for _ in range(3):
             started = time.monotonic()
             connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
@@ -439,12 +453,51 @@ def test_a_full_pool_and_queue_answer_503_at_once(artifact) -> None:
                                headers={"Content-Type": "application/json"})
             response = connection.getresponse()
             assert response.status == 503 and response.getheader("Retry-After") == "1"
-            assert "server busy: all 1 workers and the queue of 1 connections are taken" in _strict_json(response.read())["error"]
+            message = _strict_json(response.read())["error"]
+            assert "server busy: all 1 workers and the queue of 1 requests are taken" in message
             connection.close()
             assert time.monotonic() - started < 0.5
-        waiter.join(timeout=10)
-        blocker.join(timeout=10)
-        status, body = queued["answer"]  # answered once the blocker's deadline freed the worker
-        assert status == 200 and len(body["probabilities"]) == 2
+        release.set()
+        for thread in held:
+            thread.join(timeout=10)
+        assert [status for status, _ in answers] == [200, 200] and len(answers[0][1]["probabilities"]) == 2
+        # two connections still sending fill the read-ahead stage: a third is refused at once
+        slow = [threading.Thread(target=_trickle, args=(server.server_port, [b"P"], 0.25, 6)) for _ in range(2)]
+        for thread in slow:
+            thread.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, body = _predict(server, {"instances": instances})
+        assert status == 503 and "2 connections are already sending" in body["error"], body
+        assert time.monotonic() - started < 0.5
+        for thread in slow:
+            thread.join(timeout=10)
         status, body = _request(server, "GET", "/health")
-        assert (body["workers"], body["queue_size"], body["backlog"], body["request_timeout_s"]) == (1, 1, 128, 1.5)
+        assert (body["workers"], body["queue_size"], body["backlog"], body["max_connections"],
+                body["request_timeout_s"]) == (1, 1, 128, 2, 1.5)
+
+
+def test_a_request_too_big_to_read_ahead_is_read_by_its_worker_under_the_same_deadline(artifact, monkeypatch) -> None:
+    from recsys_kd.export import http_pool
+
+    post = b"POST / HTTP/1.0\r\n"
+    assert http_pool.request_end(b"GET / HTTP/1.0\r\nHost: x\r\n", 100) is None  # head not over yet
+    for head, body_bytes in ((b"GET / HTTP/1.0\r\n\r\n", 0), (b"GET / HTTP/1.0\n\n", 0),
+                             (post + b"content-length: 7\r\n\r\n", 7),
+                             (post + b"Content-Length: 700\r\n\r\n", 0),  # over the limit: refused unread
+                             (post + b"Content-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n", 0)):
+        assert http_pool.request_end(head + b"x" * 10, 100) == len(head) + body_bytes, head
+    monkeypatch.setattr(http_pool, "READ_AHEAD_BYTES", 64)  # every request goes to a worker as it stands
+    instances = artifact["instances"][:3]
+    body = json.dumps({"instances": instances}).encode()
+    with _serving(artifact, workers=2, request_timeout=1.5) as server:
+        assert _predict(server, {"instances": instances})[0] == 200
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as connection:
+            connection.sendall(_post_head(len(body)) + body[:100])
+            time.sleep(0.3)  # the worker waits for the rest
+            connection.sendall(body[100:])
+            answer = connection.makefile("rb").read()
+        assert answer.startswith(b"HTTP/1.0 200") and len(_strict_json(answer.split(b"\r\n\r\n", 1)[1])["probabilities"]) == 3
+        ended, answer = _trickle(server.server_port, [_post_head(len(body))] + [b" "] * 100, every_s=0.25, give_up_s=6)
+        assert 1.3 < ended < 2.5 and answer.startswith(b"HTTP/1.0 408"), (ended, answer[:300])
+        assert b"within 1.5 s" in answer and _strict_json(answer.split(b"\r\n\r\n", 1)[1])["error"]

@@ -2,9 +2,10 @@
 
 Loads only the artifact (:func:`~recsys_kd.export.artifact.load_artifact`, torch only) and answers on
 ``host:port`` (default ``127.0.0.1:8080``) with a :class:`~recsys_kd.export.http_pool.PooledHTTPServer`:
-a fixed pool of ``workers`` threads fed by a queue of at most ``queue_size`` connections (``503`` at
-once beyond it), a listen backlog of ``backlog``, and a whole-request deadline of ``request_timeout``
-seconds (``408`` past it).
+a listen backlog of ``backlog``; one read-ahead thread that buffers up to ``max_connections`` requests
+as they arrive, each within ``request_timeout`` seconds of its accept (``408`` past it), so that a slow
+client holds no worker; a fixed pool of ``workers`` threads that answer complete requests from a queue
+of at most ``queue_size`` (``503`` at once beyond either bound).
 
 ``POST /predict`` with ``Content-Type: application/json`` (or none) and a body of at most
 ``max_body_bytes``::
@@ -32,14 +33,15 @@ never a crash: 400 malformed JSON, a wrong structure, a missing / unknown field,
 non-finite number, a dense value outside ``dense_range``, an id out of range; 404 unknown path; 405
 wrong method; 408 the request did not arrive within ``request_timeout``; 411 no Content-Length; 413 body
 over ``max_body_bytes`` or more than ``max_instances`` instances (the body is not read); 415 a non-JSON
-content type; 422 a non-finite model output; 503 every worker busy and the queue full (``Retry-After``).
+content type; 422 a non-finite model output; 503 every worker busy and the queue full, or
+``max_connections`` still sending their requests (``Retry-After: 1``).
 
 ``GET /health`` answers ``200`` with the model's metadata: name, parameters, FLOPs per example,
 storage dtype, the compression log (AFM/SVD steps, when any), source checkpoint, test metrics, the
 feature order and per-feature contract, and the server's limits.
 
-Shutdown is graceful: SIGINT / SIGTERM stop accepting connections, requests in flight are answered,
-connections still queued get ``503``, then the process exits.
+Shutdown is graceful: SIGINT / SIGTERM stop accepting connections, complete requests (queued or in
+flight) are answered, connections still sending their request get ``503``, then the process exits.
 
 Example::
 
@@ -63,11 +65,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from recsys_kd.export.artifact import load_artifact
-from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS,
+from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+                                        DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS,
                                         DeadlineRequestHandler, PooledHTTPServer)
 
 DEFAULT_PORT = 8080
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_INSTANCES = 4096
 DEFAULT_MAX_DENSE_ABS = 1e9
 # a dense value's range after a dataset's dense transform, by the transform's name in the schema
@@ -291,19 +293,19 @@ def _reject_constant(name: str) -> float:
 
 class ModelServer(PooledHTTPServer):
     """A pooled HTTP server holding a :class:`Predictor`; ``options`` are :class:`PooledHTTPServer`'s
-    (workers, queue_size, backlog, request_timeout). ``server_close`` is graceful: requests in flight
-    are answered, then the workers are joined."""
+    (workers, queue_size, backlog, max_connections, request_timeout). ``server_close`` is graceful:
+    complete requests are answered, then the threads are joined."""
 
     def __init__(self, address: Tuple[str, int], predictor: Predictor, max_body_bytes: int, quiet: bool = False,
                  **options: Any) -> None:
         self.predictor = predictor
-        self.max_body_bytes = max_body_bytes
         self.started = time.time()
-        super().__init__(address, _Handler, quiet=quiet, **options)
+        super().__init__(address, _Handler, max_body_bytes=max_body_bytes, quiet=quiet, **options)
 
     def limits(self) -> Dict[str, Any]:
         return {"max_body_bytes": self.max_body_bytes, "workers": self.workers, "queue_size": self.queue_size,
-                "backlog": self.request_queue_size, "request_timeout_s": self.request_timeout}
+                "backlog": self.request_queue_size, "max_connections": self.max_connections,
+                "request_timeout_s": self.request_timeout}
 
 
 class _Handler(DeadlineRequestHandler):
@@ -405,6 +407,7 @@ def make_server(
     workers: int = DEFAULT_WORKERS,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     backlog: int = DEFAULT_BACKLOG,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_dense_abs: float = DEFAULT_MAX_DENSE_ABS,
 ) -> ModelServer:
@@ -420,20 +423,24 @@ def make_server(
         threads: torch intra-op threads (process-wide); up to ``workers`` requests run at once.
         quiet: no access log on stderr.
         workers: handler threads (a fixed pool).
-        queue_size: accepted connections waiting for a worker; beyond them a connection gets 503 at once.
+        queue_size: complete requests waiting for a worker; beyond them a request gets 503 at once.
         backlog: the listen backlog.
-        request_timeout: seconds for a whole request (line, headers, body) to arrive; 408 past it.
+        max_connections: connections still sending their request (read ahead without a worker); beyond
+            them a connection gets 503 at once.
+        request_timeout: seconds from the accept for a whole request (line, headers, body) to arrive;
+            408 past it.
         max_dense_abs: the bound on |dense value| when the dense transform has no range of its own.
     """
-    if min(max_body_bytes, max_instances, threads, workers, queue_size, backlog) < 1:
-        raise ValueError("max_body_bytes, max_instances, threads, workers, queue_size and backlog must be >= 1")
+    if min(max_body_bytes, max_instances, threads, workers, queue_size, backlog, max_connections) < 1:
+        raise ValueError("max_body_bytes, max_instances, threads, workers, queue_size, backlog and max_connections "
+                         "must be >= 1")
     if not (request_timeout > 0 and max_dense_abs > 0):
         raise ValueError("request_timeout and max_dense_abs must be > 0")
     torch.set_num_threads(threads)
     module, metadata = load_artifact(artifact)
     return ModelServer((host, port), Predictor(module, metadata, max_instances, max_dense_abs), max_body_bytes,
                        quiet=quiet, workers=workers, queue_size=queue_size, backlog=backlog,
-                       request_timeout=request_timeout)
+                       max_connections=max_connections, request_timeout=request_timeout)
 
 
 def serve(artifact: Union[str, Path], **options: Any) -> None:
@@ -451,7 +458,8 @@ def serve(artifact: Union[str, Path], **options: Any) -> None:
     host, port = server.server_address[:2]
     health = server.predictor.health()
     print(f"serving {health['model']} ({artifact}) on http://{host}:{port}: POST /predict, GET /health; "
-          f"{server.workers} workers, queue {server.queue_size}, request deadline {server.request_timeout:g} s; "
+          f"{server.workers} workers, queue {server.queue_size}, {server.max_connections} connections, request "
+          f"deadline {server.request_timeout:g} s; "
           "Ctrl-C or SIGTERM stops", flush=True)
     try:
         server.serve_forever()
