@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
@@ -145,29 +146,36 @@ class _ReadAhead:
 
     def _run(self) -> None:
         while not self.stopping:
-            while self.inbox:
-                item = self.inbox.popleft()
-                self.pending[item.connection.fileno()] = item
-                self.selector.register(item.connection, selectors.EVENT_READ, item)
-            now = time.monotonic()
-            wait = min([item.deadline for item in self.pending.values()], default=now + 0.5) - now
-            for key, _ in self.selector.select(max(0.0, min(wait, 0.5))):
-                if key.data is None:
-                    _drain(self.wake_read)
-                else:
-                    self._read(key.data)
-            now = time.monotonic()
-            for item in [item for item in self.pending.values() if item.deadline <= now]:
-                self._leave(item)
-                self.server.log(f"{item.address[0]}: request timed out after {self.server.request_timeout:g} s "
-                                f"({len(item.data)} bytes received)")
-                self.server.refuse(item.connection, self.server.late_answer)
+            try:
+                self._turn()
+            except Exception:  # a bug here must not leave every later connection unanswered
+                traceback.print_exc()
         closing = refusal(503, "Service Unavailable", "server shutting down; retry later")
         for item in [*self.pending.values(), *self.inbox]:
             self.server.refuse(item.connection, closing, linger=False)
         self.selector.close()
         self.wake_read.close()
         self.wake_write.close()
+
+    def _turn(self) -> None:
+        """Takes in new connections, reads what arrived, and refuses the requests past their deadline."""
+        while self.inbox:
+            item = self.inbox.popleft()
+            self.pending[item.connection.fileno()] = item
+            self.selector.register(item.connection, selectors.EVENT_READ, item)
+        now = time.monotonic()
+        wait = min([item.deadline for item in self.pending.values()], default=now + 0.5) - now
+        for key, _ in self.selector.select(max(0.0, min(wait, 0.5))):
+            if key.data is None:
+                _drain(self.wake_read)
+            else:
+                self._read(key.data)
+        now = time.monotonic()
+        for item in [item for item in self.pending.values() if item.deadline <= now]:
+            self._leave(item)
+            self.server.log(f"{item.address[0]}: request timed out after {self.server.request_timeout:g} s "
+                            f"({len(item.data)} bytes received)")
+            self.server.refuse(item.connection, self.server.late_answer)
 
     def _read(self, item: _Pending) -> None:
         try:
