@@ -213,6 +213,8 @@ def _add_score(commands) -> None:
     command.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     command.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
     command.add_argument("--no-progress", dest="progress", action="store_false")
+    command.add_argument("--no-verify", dest="verify", action="store_false",
+                         help="skip the checksum check of the input's parts (read them as they are)")
     command.set_defaults(handler=_score)
 
 
@@ -226,7 +228,7 @@ def _score(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,
-                           vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress)
+                           vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress, verify=args.verify)
     metrics = record["metrics"] or {}
     print(format_table([{
         "model": record["model"], "split": record["split"], "rows": record["rows"],

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys_kd.data.integrity import file_checksum
 from recsys_kd.data.parts import PartWriter, part_complete, part_schema, row_id_checksum, sidecar_path
 
 
@@ -34,7 +35,8 @@ def test_a_part_mirrors_row_groups_and_is_published_with_its_sidecar(tmp_path: P
     np.testing.assert_array_equal(table.column("teacher_b").to_numpy(), values[:, 1])
     np.testing.assert_array_equal(np.stack(table.column("hint_a").to_numpy(zero_copy_only=False)), values[:, 2:])
     assert json.loads(sidecar_path(final).read_text()) == {
-        "rows": 10, "row_id_checksum": row_id_checksum(row_ids), "columns": ["teacher_a", "teacher_b", "hint_a"]}
+        "rows": 10, "row_id_checksum": row_id_checksum(row_ids), "columns": ["teacher_a", "teacher_b", "hint_a"],
+        "checksum": file_checksum(final)}
     assert part_complete(final, [4, 5, 1], ["teacher_a", "teacher_b", "hint_a"])
     assert not part_complete(final, [4, 5, 2], ["teacher_a", "teacher_b", "hint_a"])  # another input part
     assert not part_complete(final, [4, 5, 1], ["teacher_a"])  # written with other columns

@@ -6,10 +6,13 @@ vectors. :class:`PartWriter` starts a new row group whenever the caller's input 
 the output's row groups are the input's; it writes under a temporary name (``.<name>.<pid>.tmp``),
 renames the part into place when complete, and then writes its sidecar ``<part>.json``::
 
-    {"rows": 4096, "row_id_checksum": "4096:8386560:5f1c...", "columns": ["teacher_dcn", "hint_dcn"]}
+    {"rows": 4096, "row_id_checksum": "4096:8386560:5f1c...", "columns": ["teacher_dcn", "hint_dcn"],
+     "checksum": "crc32:1a2b3c4d"}
 
-A part without its sidecar is unfinished (:func:`part_complete`); the checksum lets a reader check
-that a part holds the same rows as the part it mirrors without comparing them one by one.
+A part without its sidecar is unfinished (:func:`part_complete`); the row_id checksum lets a reader
+check that a part holds the same rows as the part it mirrors without comparing them one by one, and
+``checksum``, the part file's own (:mod:`recsys_kd.data.integrity`), that its bytes are those written.
+:func:`part_complete` verifies it, so a damaged part counts as unfinished and is redone.
 
 Example::
 
@@ -30,7 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_kd.data.ids import splitmix64
-from recsys_kd.data.schema import ROW_ID
+from recsys_kd.data.integrity import ChecksumError, file_checksum, verify_file, warn, warn_unverifiable
+from recsys_kd.data.schema import ROW_ID, SchemaError
 from recsys_kd.io import atomic_write_json
 
 
@@ -55,14 +59,46 @@ def row_id_checksum(row_ids: np.ndarray) -> str:
     return f"{len(row_ids)}:{total}:{mixed:016x}"
 
 
-def part_complete(part: Path, row_groups: Sequence[int], columns: Sequence[str]) -> bool:
+def part_complete(part: Path, row_groups: Sequence[int], columns: Sequence[str], verify: bool = True) -> bool:
     """Whether ``part`` was published with these ``columns`` and every row of the input part whose row
-    groups have ``row_groups`` rows."""
+    groups have ``row_groups`` rows, and (``verify``) still has the checksum of its sidecar: a damaged
+    part is not complete (a warning says so)."""
     sidecar = sidecar_path(part)
     if not (Path(part).exists() and sidecar.exists()):
         return False
     written = json.loads(sidecar.read_text())
-    return written["rows"] == sum(row_groups) and written.get("columns") == list(columns)
+    if written["rows"] != sum(row_groups) or written.get("columns") != list(columns):
+        return False
+    if verify and "checksum" in written:
+        try:
+            verify_file(part, written["checksum"], "redoing it")
+        except ChecksumError as error:
+            warn(str(error))
+            return False
+    return True
+
+
+def verify_part(part: Path, recover: str, verify: bool = True) -> Dict[str, Any]:
+    """Checks a published ``part`` against the checksum in its sidecar (unless not ``verify``) and returns
+    the sidecar; ``recover`` ends an error's message.
+
+    Raises:
+        SchemaError: no sidecar (the part is unfinished), or the part's bytes differ from its checksum
+            (:class:`~recsys_kd.data.integrity.ChecksumError`). A sidecar without a checksum (written by an
+            older version) draws a warning instead.
+    """
+    sidecar = sidecar_path(part)
+    try:
+        written = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise SchemaError(f"{part} is missing or incomplete (no {sidecar.name}); {recover}") from None
+    if not verify:
+        pass
+    elif "checksum" in written:
+        verify_file(part, written["checksum"], recover)
+    else:
+        warn_unverifiable(Path(part).parent, "its parts (their sidecars have none)", "infer")
+    return written
 
 
 class PartWriter:
@@ -121,16 +157,19 @@ class PartWriter:
         self.pending = []
 
     def close(self) -> Dict[str, Any]:
-        """Publishes the part, then its sidecar; returns {path, rows}. On failure nothing is published."""
+        """Publishes the part, then its sidecar (with the part's checksum, taken before publishing);
+        returns {path, rows}. On failure nothing is published."""
         try:
             self._flush()
             self.writer.close()
+            checksum = file_checksum(self.temp)
+            sidecar_path(self.final).unlink(missing_ok=True)  # a part replacing an earlier one: its sidecar
             os.replace(self.temp, self.final)
         finally:
             self.abort()
         ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
         atomic_write_json(sidecar_path(self.final), {"rows": self.rows, "row_id_checksum": row_id_checksum(ids),
-                                                     "columns": self.schema.names[1:]})
+                                                     "columns": self.schema.names[1:], "checksum": checksum})
         return {"path": str(self.final), "rows": self.rows}
 
     def abort(self) -> None:

@@ -103,7 +103,8 @@ def prepare(config: PrepareConfig) -> Dict:
         rows_seen = sum(w.rows for w in writers.values()) + quarantine.total
         quarantine.check(rows_seen, config.max_bad_fraction)
         schema = schema.replace(splits={
-            name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives)
+            name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives,
+                            checksums=writer.checksums)
             for name, writer in writers.items()
         })
         schema.save(staging)

@@ -20,6 +20,10 @@ Sparse ids are checked against ``num_embeddings`` per row group as it is read (m
 the offending row is looked up only on failure), so a bad id stops the reader before any batch
 holding it reaches an embedding lookup.
 
+Each part is checked against the checksum ``schema.json`` (a side input's part: its sidecar) recorded
+when it was written, before it is opened, once per process (:mod:`recsys_kd.data.integrity`); the whole
+split is checked when the reader is made. ``ReaderConfig.verify=False`` skips this.
+
 Side-input columns (:mod:`recsys_kd.data.side_inputs`) are joined row group by row group, their
 row_ids checked against the dataset's. Several workers per rank run through
 :class:`recsys_kd.data.loader.ResumableLoader`, which also tracks what they have handed out.
@@ -51,6 +55,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recsys_kd.data.batch import Batch, RowBlock, concat_lists
+from recsys_kd.data.integrity import verify_dataset_part
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.data.side_inputs import join_side_columns, side_columns
 from recsys_kd.memory import pin_mmap_threshold
@@ -74,7 +79,8 @@ class ReaderConfig:
     ``shuffle_window_row_groups`` row groups are read together and their rows mixed; larger windows
     shuffle better and cost proportionally more memory. ``extras`` names float32 columns from
     ``schema.extra`` or a side input (e.g. teacher logits) to load into :attr:`Batch.extras`; a side
-    input's fixed-size list<float32> columns (e.g. teacher hint vectors) load as [B, H].
+    input's fixed-size list<float32> columns (e.g. teacher hint vectors) load as [B, H]. ``verify``
+    checks every part against its recorded checksum (reading each file once more per process).
     """
 
     batch_size: int = 4096
@@ -83,6 +89,7 @@ class ReaderConfig:
     seed: int = 0
     drop_last: bool = False
     validate_ids: bool = True
+    verify: bool = True
     extras: List[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -153,9 +160,9 @@ class ParquetReader(IterableDataset):
         self.dataset_dir = Path(dataset_dir)
         self.schema = Schema.load(self.dataset_dir)
         self.split = split
-        info = self.schema.split(split)
+        self._info = info = self.schema.split(split)
         self.files = [self.dataset_dir / name for name in info.files]
-        self._side, side_widths = side_columns(side_inputs, self.schema, split, info.files)
+        self._side, side_widths = side_columns(side_inputs, self.schema, split, info.files, self.config.verify)
         # the wanted vector columns and their widths H, in extras order; the rest are scalars
         self.vector_widths: Dict[str, int] = {
             name: side_widths[name] for name in self.config.extras if name in side_widths
@@ -319,6 +326,7 @@ class ParquetReader(IterableDataset):
     def _enumerate_units(self) -> List[_Unit]:
         units = []
         for index, path in enumerate(self.files):
+            self._verify(index)
             try:
                 parquet = pq.ParquetFile(path)
             except (OSError, pa.ArrowInvalid) as error:
@@ -331,6 +339,10 @@ class ParquetReader(IterableDataset):
                     if rows:
                         units.append(_Unit(index, group, rows))
         return units
+
+    def _verify(self, file_index: int) -> None:
+        if self.config.verify:  # a stat when this process checked the file already
+            verify_dataset_part(self.dataset_dir, self.split, self._info, self._info.files[file_index])
 
     def _check_columns(self, path: Path, arrow_schema: pa.Schema) -> None:
         multi = set(self._multi)
@@ -430,9 +442,11 @@ class ParquetReader(IterableDataset):
         for u in units:
             unit = self._units[u]
             path = self.files[unit.file]
+            self._verify(unit.file)
             with pq.ParquetFile(path) as parquet:
                 table = parquet.read_row_group(unit.row_group, columns=self._columns)
-            table = join_side_columns(table, self._side, self.config.extras, self.split, path, unit.row_group)
+            table = join_side_columns(table, self._side, self.config.extras, self.split, path, unit.row_group,
+                                      self.config.verify)
             rows = slice(start, start + unit.rows)
             self._fill(block, rows, table, path)
             for (values, offsets), name in zip(list_parts, self._multi):

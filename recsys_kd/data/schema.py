@@ -2,7 +2,8 @@
 
 Layout of a prepared dataset directory::
 
-    schema.json             this schema (features, id rules, splits with their parts and row counts)
+    schema.json             this schema (features, id rules, splits with their parts, row counts and
+                            each part's checksum)
     train/part-00000.parquet, ...   one directory per split; row groups of bounded size
     valid/..., test/...
     vocab/<feature>.parquet vocabularies (value, id, count) for features with a vocabulary id rule
@@ -62,9 +63,14 @@ class SparseFeature:
 
 @dataclass(frozen=True)
 class SplitInfo:
+    """A split's parts (paths relative to the dataset), row and positive counts, and each part's
+    checksum when it was written (``{relative file: "crc32:<hex>"}``, :mod:`recsys_kd.data.integrity`);
+    empty in datasets prepared before checksums were recorded, which cannot be verified."""
+
     files: List[str]
     rows: int
     positives: int = 0
+    checksums: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

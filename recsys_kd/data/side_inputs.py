@@ -10,7 +10,9 @@ Its manifest ``side.json`` names them::
 
 Alignment is checked, never assumed: :func:`verify_alignment` compares every part's row count and
 row_id checksum with the dataset's before a run starts, and the reader compares row_ids row group by
-row group as it joins the columns (:func:`join_side_columns`).
+row group as it joins the columns (:func:`join_side_columns`). Integrity too: with ``verify``, every
+part is checked against the file checksum in its sidecar (:func:`~recsys_kd.data.parts.verify_part`,
+once per process and file) before it is read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_kd.data.parts import row_id_checksum, sidecar_path
+from recsys_kd.data.integrity import RERUN_INFER, verify_dataset_part
+from recsys_kd.data.parts import row_id_checksum, verify_part
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.runs import SIDE_INPUT_FILE
 
@@ -40,11 +43,12 @@ def read_manifest(side: Union[str, Path]) -> Dict[str, Any]:
 
 
 def side_columns(
-    side_inputs: Sequence[Union[str, Path]], schema: Schema, split: str, files: List[str]
+    side_inputs: Sequence[Union[str, Path]], schema: Schema, split: str, files: List[str], verify: bool = True
 ) -> Tuple[Dict[str, Path], Dict[str, int]]:
     """(column -> side-input directory, vector column -> width H) of the side inputs of a dataset with
     ``schema``, whose split ``split`` has parts ``files``. Raises SchemaError when a side input does not
-    mirror those parts, or its columns clash with the dataset's or another side input's."""
+    mirror those parts, its columns clash with the dataset's or another side input's, or (``verify``)
+    one of its parts of ``split`` differs from the checksum in its sidecar."""
     columns: Dict[str, Path] = {}
     widths: Dict[str, int] = {}
     for side in side_inputs:
@@ -54,6 +58,8 @@ def side_columns(
         parts = manifest["splits"].get(split, {}).get("files")
         if parts != files:
             raise SchemaError(f"{manifest_path}: split {split!r} parts {parts} do not mirror the dataset's {files}")
+        for relative in files if verify else ():
+            verify_part(side / relative, RERUN_INFER)
         vectors = manifest.get("vectors", {})
         for name in [*manifest["columns"], *vectors]:
             if name in schema.columns() or name in columns:
@@ -67,17 +73,21 @@ def side_columns(
 
 
 def join_side_columns(
-    table: pa.Table, columns: Dict[str, Path], wanted: Sequence[str], split: str, path: Path, row_group: int
+    table: pa.Table, columns: Dict[str, Path], wanted: Sequence[str], split: str, path: Path, row_group: int,
+    verify: bool = True,
 ) -> pa.Table:
     """``table`` (row group ``row_group`` of the dataset part ``path``) with the ``wanted`` columns that
     live in side inputs (``columns``: column -> side-input directory) appended. Their row_ids must equal
-    the dataset's, row for row: SchemaError otherwise."""
+    the dataset's, row for row, and (``verify``) their parts their sidecars' checksums: SchemaError
+    otherwise."""
     by_side: Dict[Path, List[str]] = {}
     for name in wanted:
         if name in columns:
             by_side.setdefault(columns[name], []).append(name)
     for side_dir, names in by_side.items():
         side_path = side_dir / split / path.name
+        if verify:
+            verify_part(side_path, RERUN_INFER)
         with pq.ParquetFile(side_path) as parquet:
             side = parquet.read_row_group(row_group, columns=[ROW_ID, *names])
         if side.num_rows != table.num_rows or not np.array_equal(
@@ -92,19 +102,20 @@ def join_side_columns(
     return table
 
 
-def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = None) -> Dict[str, int]:
-    """Checks every part of ``side`` against the dataset's part: row counts and row_id checksums.
-    Raises SchemaError naming the first part that differs; returns rows per split."""
+def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = None, verify: bool = True
+                     ) -> Dict[str, int]:
+    """Checks every part of ``side`` against the dataset's part: row counts and row_id checksums, and
+    (``verify``) both parts' file checksums. Raises SchemaError naming the first part that differs;
+    returns rows per split."""
     schema = Schema.load(dataset)
     manifest = read_manifest(side)
     checked = {}
     for split in splits or list(manifest["splits"]):
         rows = 0
         for relative in schema.split(split).files:
-            sidecar = sidecar_path(Path(side) / relative)
-            if not sidecar.exists():
-                raise SchemaError(f"{side}: part {relative} is missing or incomplete; rerun infer to finish it")
-            expected = json.loads(sidecar.read_text())
+            if verify:
+                verify_dataset_part(dataset, split, schema.split(split), relative)
+            expected = verify_part(Path(side) / relative, RERUN_INFER, verify)
             ids = pq.read_table(Path(dataset) / relative, columns=[ROW_ID]).column(ROW_ID).to_numpy()
             if expected["row_id_checksum"] != row_id_checksum(ids):
                 raise SchemaError(

@@ -1,26 +1,29 @@
-"""Writes one split of a dataset as Parquet parts with bounded row groups."""
+"""Writes one split of a dataset as Parquet parts with bounded row groups, and each part's checksum."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recsys_kd.data.integrity import file_checksum
+
 
 class SplitWriter:
     """Appends tables to ``<directory>/<split>/part-NNNNN.parquet``; a row group is written every
     ``row_group_rows`` rows and a new part started every ``rows_per_part`` rows, so memory stays
-    bounded by one row group. The directory is expected to be a staged (temporary) one.
+    bounded by one row group. The directory is expected to be a staged (temporary) one. When a part is
+    closed its checksum is taken (:func:`~recsys_kd.data.integrity.file_checksum`) for ``schema.json``.
 
     Example::
 
         writer = SplitWriter(staging, "train", arrow_schema, row_group_rows=65536)
         writer.write(table)
         writer.close()
-        writer.files, writer.rows
+        writer.files, writer.rows, writer.checksums   # checksums: {relative file: "crc32:<hex>"}
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class SplitWriter:
         self.rows_per_part = max(rows_per_part, row_group_rows)
         self.compression = compression
         self.files: List[str] = []
+        self.checksums: Dict[str, str] = {}
         self.rows = 0
         self.positives = 0
         self._pending: List[pa.Table] = []
@@ -57,9 +61,7 @@ class SplitWriter:
     def close(self) -> None:
         while self._pending_rows:
             self._flush(min(self._pending_rows, self.row_group_rows))
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._close_part()
 
     def _flush(self, rows: int) -> None:
         merged = pa.concat_tables(self._pending)
@@ -73,9 +75,15 @@ class SplitWriter:
         self.rows += rows
         self.positives += int(pc.sum(group.column("label")).as_py() or 0)
 
-    def _open_part(self) -> None:
+    def _close_part(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+            relative = self.files[-1]
+            self.checksums[relative] = file_checksum(self.directory / relative)
+
+    def _open_part(self) -> None:
+        self._close_part()
         relative = f"{self.split}/part-{len(self.files):05d}.parquet"
         path = self.directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)

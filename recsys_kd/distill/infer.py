@@ -8,9 +8,11 @@ the input part: same rows, same order, same row groups, columns ``row_id``, ``te
 (logits) and, with ``hints``, ``hint_<name>`` (the teacher's hidden vector, the input of its output
 layer, as a fixed-size list<float32>: ECKD's hint regression). Output parts are written under a
 temporary name, renamed when complete, and followed by a sidecar JSON (rows, row_id checksum,
-columns): a rerun after a crash skips the parts that are complete and redoes the rest (a part written
-with other columns counts as missing). ``side.json`` makes the output a side input of the reader,
-and :func:`~recsys_kd.data.side_inputs.verify_alignment` checks it against the logs before distillation.
+columns, the part's checksum): a rerun after a crash skips the parts that are complete and redoes the
+rest (a part written with other columns counts as missing, and so does a damaged one: its checksum is
+verified before it is skipped, and a warning names it). ``side.json`` makes the output a side input of
+the reader, and :func:`~recsys_kd.data.side_inputs.verify_alignment` checks it against the logs before
+distillation.
 
 Sharded lookups are collective, so ranks step together: a rank with fewer batches in a round pads.
 """

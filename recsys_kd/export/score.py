@@ -3,8 +3,8 @@
 Only the artifact is loaded (:func:`~recsys_kd.export.artifact.load_artifact`, torch only): the model,
 its feature order and its id rules all come from the artifact's ``schema.json``. Inputs:
 
-- a prepared dataset directory (``schema.json`` + Parquet parts): every part of ``split`` is read row
-  group by row group. Its features must be the artifact's (names, order, ``num_embeddings``, id rules),
+- a prepared dataset directory (``schema.json`` + Parquet parts): every part of ``split`` is checked
+  against the checksum ``schema.json`` records for it (``verify``), then read row group by row group. Its features must be the artifact's (names, order, ``num_embeddings``, id rules),
   otherwise the ids would mean other rows of the tables: the first difference is an error.
 - raw logs in the format the artifact's dataset was prepared from (``schema.source.format``: ``criteo``,
   ``avazu`` or ``movielens``; a file or a directory), read by the same converter as ``prepare`` (bad
@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.id_rules import IdRules, vocab_features
+from recsys_kd.data.integrity import verify_dataset_part
 from recsys_kd.data.parts import PartWriter, part_schema
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
@@ -101,6 +102,7 @@ def score_dataset(
     rows_per_part: int = 4_194_304,
     overwrite: bool = False,
     progress: bool = True,
+    verify: bool = True,
 ) -> Dict[str, Any]:
     """
     Scores every row of a dataset split (or of raw logs) with an artifact; see the module docstring.
@@ -119,6 +121,7 @@ def score_dataset(
         rows_per_part: raw logs: rows per output part.
         overwrite: replace an earlier run's output in ``out_dir``.
         progress: show a progress bar.
+        verify: check a dataset's parts against the checksums in its ``schema.json`` before scoring.
 
     Returns:
         Dict[str, Any]: the record written to ``out_dir/score.json``.
@@ -127,7 +130,7 @@ def score_dataset(
         ArtifactError: not an artifact, or raw logs that cannot be turned into ids (no format, no
             vocabulary).
         SchemaError: the dataset's features differ from the artifact's, or an id is out of range (names
-            the file and row_id).
+            the file and row_id), or a part is damaged (its checksum differs).
         FileExistsError: ``out_dir`` holds a finished run and ``overwrite`` is False.
     """
     started = time.perf_counter()
@@ -138,7 +141,7 @@ def score_dataset(
     # an interrupted rerun must not leave the old record claiming parts this run replaced
     (out_dir / SCORE_RECORD).unlink(missing_ok=True)
     if (source / SCHEMA_FILE).exists():
-        scored = _dataset_input(schema, source, split)
+        scored = _dataset_input(schema, source, split, verify)
     else:
         scored = _raw_input(schema, source, out_dir, vocab_dir, rows_per_part)
     metrics = StreamingMetrics()
@@ -178,10 +181,13 @@ def _check_arguments(artifact: Path, source: Path, out_dir: Path, batch_size: in
         raise FileExistsError(f"{out_dir / SCORE_RECORD} exists (a finished score run); pass overwrite to replace it")
 
 
-def _dataset_input(schema: Schema, dataset: Path, split: str) -> _Input:
-    """A prepared dataset's split, checked against the artifact's features."""
+def _dataset_input(schema: Schema, dataset: Path, split: str, verify: bool = True) -> _Input:
+    """A prepared dataset's split, checked against the artifact's features (and its parts against their
+    checksums, with ``verify``)."""
     dataset_schema = Schema.load(dataset)
     check_same_features(schema, dataset_schema, dataset)
+    for relative in dataset_schema.split(split).files if verify else ():
+        verify_dataset_part(dataset, split, dataset_schema.split(split), relative)
     return _Input(_dataset_chunks(dataset, dataset_schema, split), split, dataset_schema.split(split).rows, "row",
                   {"kind": "dataset", "path": str(dataset), "split": split})
 
