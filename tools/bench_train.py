@@ -61,8 +61,8 @@ def measure(model_name: str, dataset: Path, steps: int, warmup: int, batch: int)
     dmp, optimizer, _ = distribute(LabelTask(model), config, ctx)
 
     def step(batch) -> None:
-        loss, _ = dmp(batch)
         optimizer.zero_grad()
+        loss, _ = dmp(batch)
         loss.backward()
         optimizer.step()
 

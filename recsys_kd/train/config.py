@@ -9,6 +9,7 @@ from typing import Literal
 from recsys_kd.config import from_dict
 from recsys_kd.models.zoo import ModelConfig
 from recsys_kd.runs import TrainOutput
+from recsys_kd.train.schedule import ScheduleConfig
 from recsys_kd.train.sharding import ShardingConfig
 
 
@@ -32,8 +33,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """A training run. ``monitor`` is the validation metric that picks the best model and stops early
-    (``distill_loss`` exists when the run distils); ``init_from`` a checkpoint to start from (``all``
-    its tensors, or only the ``embeddings``); ``freeze_embeddings`` keeps the tables fixed."""
+    (``distill_loss`` exists when the run distils) after ``patience`` evaluations without improvement;
+    evaluations happen at every epoch end and every ``eval_every_steps`` steps, or every
+    ``eval_every_epochs`` (a fraction of an epoch) or ``eval_every_samples`` rows. ``schedule``: the
+    learning-rate schedule (:mod:`recsys_kd.train.schedule`). ``init_from`` a checkpoint to start
+    from (``all`` its tensors, or only the ``embeddings``): with ``all`` the starting point is evaluated
+    first and stays the best model unless training beats it, so a fine-tuning never hands on a worse
+    model than it was given. ``freeze_embeddings`` keeps the tables fixed."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -42,9 +48,12 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int = 0
     eval_every_steps: int = 0
+    eval_every_epochs: float = 0.0
+    eval_every_samples: int = 0
     eval_batch_size: int = 8192
     monitor: Literal["auc", "logloss", "distill_loss"] = "auc"
     patience: int = 2
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
     seed: int = 2022
@@ -62,6 +71,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.patience < 0 or self.max_steps < 0:
             raise ValueError("patience and max_steps must be >= 0")
+        cadences = [key for key in ("eval_every_steps", "eval_every_epochs", "eval_every_samples") if getattr(self, key)]
+        if len(cadences) > 1:
+            raise ValueError(f"set one evaluation cadence, got {', '.join(cadences)}")
+        if self.eval_every_steps < 0 or self.eval_every_samples < 0 or not 0.0 <= self.eval_every_epochs <= 1.0:
+            raise ValueError("eval_every_steps and eval_every_samples must be >= 0, eval_every_epochs in [0, 1]")
 
     @classmethod
     def of(cls, output: TrainOutput) -> "TrainConfig":

@@ -45,6 +45,7 @@ from recsys_kd.train import checkpoint, hooks
 from recsys_kd.train.config import TrainConfig
 from recsys_kd.train.evaluation import evaluate
 from recsys_kd.train.optimizers import attach_table_optimizer, combined_optimizer
+from recsys_kd.train.schedule import LearningRates, lr_scale, steps_between_evaluations
 from recsys_kd.train.sharding import describe_plan, shard
 from recsys_kd.train.task import Objective
 
@@ -59,6 +60,8 @@ class Progress:
     best: Optional[float] = None
     best_step: int = 0
     bad_evals: int = 0
+    plateau_evals: int = 0
+    lr_reductions: int = 0
     stopped: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -76,6 +79,7 @@ class _Run:
     output: TrainOutput
     eval_config: ReaderConfig
     log: "MetricsLog"
+    rates: LearningRates
 
     def reader(self, split: str) -> ParquetReader:
         return ParquetReader(self.dataset, split, self.eval_config, self.ctx.rank, self.ctx.world_size,
@@ -103,8 +107,10 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
                                  ctx.rank, ctx.world_size, side_inputs=objective.side_inputs())
     eval_config = ReaderConfig(batch_size=config.eval_batch_size, validate_ids=reader_config.validate_ids, extras=columns)
     run = _Run(config, objective, ctx, dmp, optimizer, dataset, output, eval_config,
-               MetricsLog(output.metrics_log, ctx.is_main))
+               MetricsLog(output.metrics_log, ctx.is_main), LearningRates(optimizer, config.schedule.min_lr))
     progress = _resume(run, train_reader) or Progress()
+    if not progress.history and config.init_from and config.init_from_part == "all":
+        _evaluate_and_track(run, progress)  # the starting point: what training must beat to replace it
     torch.manual_seed(config.seed + 7919 * ctx.rank + progress.global_step)
     started = time.time()
     samples = _train_loop(run, train_reader, progress)
@@ -128,6 +134,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
         "steps": progress.global_step,
         "best_step": progress.best_step,
         "best_valid": progress.best,
+        "lr_reductions": progress.lr_reductions,
         "history": progress.history,
         "test": test,
         **extra,
@@ -162,12 +169,16 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
     while progress.epoch < config.epochs and not progress.stopped:
         reader.set_epoch(progress.epoch)
         steps = max_over_ranks(reader.num_batches())
+        total = config.max_steps or config.epochs * steps
+        every = steps_between_evaluations(config.eval_every_steps, config.eval_every_epochs, config.eval_every_samples,
+                                          steps, reader.config.batch_size * ctx.world_size)
         batches = iter(reader)
         bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"train {config.model.name} epoch {progress.epoch}",
                    unit="step", disable=not (config.progress and ctx.is_main), mininterval=1.0)
         window_started, window_samples = time.time(), 0
         while progress.step_in_epoch < steps:
             hooks.reached("train_step", ctx.rank, progress.global_step)
+            run.rates.apply(lr_scale(config.schedule, progress.global_step, total, progress.lr_reductions))
             batch = next(batches, None)
             weight = 1.0 if batch is not None else 0.0
             if batch is None:
@@ -186,7 +197,7 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
                 window_started, window_samples = time.time(), 0
             at_max = config.max_steps and progress.global_step >= config.max_steps
             epoch_end = progress.step_in_epoch == steps
-            if (config.eval_every_steps and progress.global_step % config.eval_every_steps == 0) or epoch_end or at_max:
+            if (every and progress.global_step % every == 0) or epoch_end or at_max:
                 _evaluate_and_track(run, progress)
             if epoch_end:
                 progress.epoch += 1
@@ -203,8 +214,11 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
 
 
 def _step(run: _Run, batch, weight: float) -> float:
-    loss, _ = run.dmp(batch)
+    # zero_grad first: it also hands the fused tables' kernel its learning rate, which the forward
+    # pass captures for the backward's in-place update (set after the forward, a changed rate would
+    # reach the tables one step late, and the first step after a resume would use the configured one)
     run.optimizer.zero_grad()
+    loss, _ = run.dmp(batch)
     (loss * weight).backward()
     run.optimizer.step()
     return float(loss.detach())
@@ -215,19 +229,37 @@ def _evaluate_and_track(run: _Run, progress: Progress) -> None:
     metrics = evaluate(run.dmp, run.reader("valid"), run.ctx)
     value = metrics[config.monitor]
     better = progress.best is None or (value > progress.best if config.monitor == "auc" else value < progress.best)
-    entry = {"step": progress.global_step, "epoch": progress.epoch, "valid": metrics, "improved": better}
+    entry = {"step": progress.global_step, "epoch": progress.epoch, "valid": metrics, "improved": better,
+             "lr": run.rates.current[-1], "lr_reductions": progress.lr_reductions}
     progress.history.append(entry)
     run.log.write(entry)
     if run.ctx.is_main and config.progress:
         tqdm.write(f"valid step {progress.global_step}: auc {metrics['auc']:.5f} logloss {metrics['logloss']:.5f}"
                    f"{' (best)' if better else ''}")
     if better:
-        progress.best, progress.best_step, progress.bad_evals = value, progress.global_step, 0
+        progress.best, progress.best_step, progress.bad_evals, progress.plateau_evals = value, progress.global_step, 0, 0
         checkpoint.save(run.output.checkpoints, checkpoint.BEST, {"model": run.dmp.state_dict()}, {"step": progress.global_step})
-    else:
-        progress.bad_evals += 1
-        if progress.bad_evals >= max(config.patience, 1):
-            progress.stopped = True
+        return
+    progress.bad_evals += 1
+    if progress.bad_evals >= max(config.patience, 1):
+        progress.stopped = True
+    elif config.schedule.kind == "plateau":
+        progress.plateau_evals += 1
+        if progress.plateau_evals >= config.schedule.patience:
+            _reduce_on_plateau(run, progress)
+
+
+def _reduce_on_plateau(run: _Run, progress: Progress) -> None:
+    """One more plateau reduction of every learning rate (applied from the next step), continuing from
+    the best model when the schedule says so."""
+    progress.lr_reductions, progress.plateau_evals = progress.lr_reductions + 1, 0
+    if run.config.schedule.reload_best and is_checkpoint(run.output.best):
+        state = {"model": run.dmp.state_dict()}
+        checkpoint.load_state(run.output.best, state)
+        run.dmp.load_state_dict(state["model"])
+    if run.ctx.is_main and run.config.progress:
+        tqdm.write(f"learning rates x{run.config.schedule.factor:g} (reduction {progress.lr_reductions})"
+                   f"{', from the best model' if run.config.schedule.reload_best else ''}")
 
 
 def _final_test(run: _Run) -> Dict[str, Any]:
