@@ -119,7 +119,7 @@ class DistillationObjective(Objective):
     def side_inputs(self) -> List[Path]:
         return [Path(self.config.soft_labels)] if self.config.columns else []
 
-    def check_inputs(self) -> None:
+    def check_inputs(self, verify: bool = True) -> None:
         """Checks the soft labels against the logs (rank 0 reads, every rank raises the same error)."""
         if not self.config.columns:
             return
@@ -129,7 +129,7 @@ class DistillationObjective(Objective):
                 soft_labels = Path(self.config.soft_labels)
                 manifest = soft_labels / SIDE_INPUT_FILE
                 side = json.loads(manifest.read_text()) if manifest.exists() else {}
-                verify_alignment(Path(side.get("dataset", "")), soft_labels)
+                verify_alignment(Path(side.get("dataset", "")), soft_labels, verify=verify)
             except Exception as failure:  # re-raised on every rank below
                 error = str(failure)
         box = [error]

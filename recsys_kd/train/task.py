@@ -104,8 +104,9 @@ class Objective:
         """Directories of per-row columns aligned with the logs, joined by the reader."""
         return []
 
-    def check_inputs(self) -> None:
-        """Collective, before training: raises the same error on every rank when inputs are unusable."""
+    def check_inputs(self, verify: bool = True) -> None:
+        """Collective, before training: raises the same error on every rank when inputs are unusable
+        (``verify``: checking file checksums too, as ``reader.verify`` says)."""
 
     def task(self, model: CTRModel, schema: Schema, config: "TrainConfig") -> nn.Module:
         """The task module around ``model``: ``forward(batch) -> (loss, TaskOutputs)``."""

@@ -97,7 +97,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     ctx = init_distributed(config.backend)
     output = TrainOutput(config.output)
     schema = Schema.load(dataset)
-    objective.check_inputs()
+    objective.check_inputs(verify=reader_config.verify)
     torch.manual_seed(config.seed)
     model = build_model(schema, config.model)
     parameters, flops = model.num_parameters(), model.flops_per_example()
