@@ -28,6 +28,7 @@ from recsys_kd.data.integrity import ChecksumError, IntegrityWarning, file_check
 from recsys_kd.data.parts import PartWriter, part_complete, part_schema, sidecar_path
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.data.schema import Schema
 from recsys_kd.data.side_inputs import verify_alignment
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.recipe import load_recipe
