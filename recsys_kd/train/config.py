@@ -33,7 +33,9 @@ class OptimConfig:
 class TrainConfig:
     """A training run. ``monitor`` is the validation metric that picks the best model and stops early
     (``distill_loss`` exists when the run distils); ``init_from`` a checkpoint to start from (``all``
-    its tensors, or only the ``embeddings``); ``freeze_embeddings`` keeps the tables fixed."""
+    its tensors, or only the ``embeddings``); ``freeze_embeddings`` keeps the tables fixed;
+    ``verify_checkpoints: false`` loads checkpoints (resume, best model, ``init_from``) without
+    checking their files against ``checksums.json``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -55,6 +57,7 @@ class TrainConfig:
     init_from: str = ""
     init_from_part: Literal["all", "embeddings"] = "all"
     freeze_embeddings: bool = False
+    verify_checkpoints: bool = True
 
     def validate(self) -> None:
         for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):
