@@ -213,6 +213,8 @@ def _add_score(commands) -> None:
     command.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     command.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
     command.add_argument("--no-progress", dest="progress", action="store_false")
+    command.add_argument("--no-verify", dest="verify", action="store_false",
+                         help="skip checking the artifact against the checksum in its export record")
     command.set_defaults(handler=_score)
 
 
@@ -226,7 +228,7 @@ def _score(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,
-                           vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress)
+                           vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress, verify=args.verify)
     metrics = record["metrics"] or {}
     print(format_table([{
         "model": record["model"], "split": record["split"], "rows": record["rows"],
@@ -248,6 +250,8 @@ def _add_serve(commands) -> None:
     command.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     command.add_argument("--max-instances", type=int, default=DEFAULT_MAX_INSTANCES, help="instances per request")
     command.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+    command.add_argument("--no-verify", dest="verify", action="store_false",
+                         help="skip checking the artifact against the checksum in its export record")
     command.set_defaults(handler=_serve)
 
 
@@ -260,7 +264,7 @@ def _serve(args) -> int:
         raise FileNotFoundError(f"artifact {args.artifact} not found")
     try:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-              max_instances=args.max_instances, threads=args.threads)
+              max_instances=args.max_instances, threads=args.threads, verify=args.verify)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     return 0

@@ -350,6 +350,7 @@ def make_server(
     max_instances: int = DEFAULT_MAX_INSTANCES,
     threads: int = 1,
     quiet: bool = False,
+    verify: bool = True,
 ) -> ModelServer:
     """
     Loads the artifact and binds the server (not yet serving: call ``serve_forever``).
@@ -362,11 +363,12 @@ def make_server(
         max_instances: more instances in one request get 413.
         threads: torch intra-op threads (process-wide); requests run concurrently on their own threads.
         quiet: no access log on stderr.
+        verify: check the artifact against the checksum in its export record first.
     """
     if max_body_bytes < 1 or max_instances < 1 or threads < 1:
         raise ValueError("max_body_bytes, max_instances and threads must be >= 1")
     torch.set_num_threads(threads)
-    module, metadata = load_artifact(artifact)
+    module, metadata = load_artifact(artifact, verify=verify)
     return ModelServer((host, port), Predictor(module, metadata, max_instances), max_body_bytes, quiet=quiet)
 
 
