@@ -214,7 +214,8 @@ def _add_score(commands) -> None:
     command.add_argument("--overwrite", action="store_true", help="replace a finished run in OUTPUT")
     command.add_argument("--no-progress", dest="progress", action="store_false")
     command.add_argument("--no-verify", dest="verify", action="store_false",
-                         help="skip the checksum check of the input's parts (read them as they are)")
+                         help="skip the checksum checks: the artifact against its export record, the input's "
+                              "parts against their manifest (read them as they are)")
     command.set_defaults(handler=_score)
 
 
@@ -262,6 +263,8 @@ def _add_serve(commands) -> None:
                          help="seconds from the accept for a whole request (line, headers, body); 408 past it")
     command.add_argument("--max-dense-abs", type=float, default=DEFAULT_MAX_DENSE_ABS,
                          help="bound on |dense value| when the dense transform has no range of its own")
+    command.add_argument("--no-verify", dest="verify", action="store_false",
+                         help="skip checking the artifact against the checksum in its export record")
     command.set_defaults(handler=_serve)
 
 
@@ -280,8 +283,7 @@ def _serve(args) -> int:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
               max_instances=args.max_instances, threads=args.threads, workers=args.workers,
               queue_size=args.queue_size, backlog=args.backlog, max_connections=args.max_connections,
-              request_timeout=args.request_timeout,
-              max_dense_abs=args.max_dense_abs)
+              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     return 0

@@ -8,9 +8,12 @@ Under torchrun / torchx ``dist.ddp`` the environment names rank, world size and 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, List
+
 import torch
 import torch.distributed as dist
 
@@ -64,6 +67,23 @@ def sum_over_ranks(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor)
     return int(tensor.item())
+
+
+def all_gather_json(value: Any) -> List[Any]:
+    """Every rank's JSON-able ``value``, in rank order, on every rank (collective: every rank calls
+    it). Sent as UTF-8 JSON in tensors, never pickled; ``[value]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [json.loads(json.dumps(value))]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    encoded = torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([encoded.numel()], dtype=torch.int64, device=device))
+    largest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(largest, dtype=torch.uint8, device=device)
+    padded[: encoded.numel()] = encoded.to(device)
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [json.loads(g[: int(n.item())].cpu().numpy().tobytes().decode("utf-8")) for g, n in zip(gathered, sizes)]
 
 
 def _free_port() -> int:

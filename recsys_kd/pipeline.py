@@ -27,7 +27,7 @@ from recsys_kd.recipe import Recipe, SynthesizeConfig
 from recsys_kd.runs import COMPRESS_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput, export_record
 
 # Config keys that change how a stage runs but not what it produces.
-_RUNTIME_KEYS = ("progress", "overwrite")
+_RUNTIME_KEYS = ("progress", "overwrite", "verify_checkpoints")
 
 
 def run_pipeline(recipe: Recipe) -> Dict[str, Any]:

@@ -61,8 +61,8 @@ def test_raw_rows_scored_through_an_artifact_get_the_ids_prepare_gave_them(
 
     recorders: List[_RecordingModule] = []
 
-    def load_recording(path):
-        module, metadata = artifact_module.load_artifact(path)
+    def load_recording(path, **options):
+        module, metadata = artifact_module.load_artifact(path, **options)
         recorders.append(_RecordingModule(module))
         return recorders[-1], metadata
 

@@ -15,11 +15,13 @@ against the training model on the first ``parity_rows`` held-out rows (the test 
 it renamed to its final name. For float32 storage the largest probability difference must be below
 ``parity_tolerance`` (1e-5) or :class:`ParityError` is raised and nothing is left under the final
 name; for fp16 / int8 storage the record reports that difference and the AUC change instead. The
-record (parity, sizes, paths, timings) is written beside the artifact as ``<name>.export.json``
-(:func:`recsys_kd.runs.export_record`).
+record (parity, sizes, paths, timings, and the artifact's CRC-32 and size under ``checksum``) is
+written beside the artifact as ``<name>.export.json`` (:func:`recsys_kd.runs.export_record`).
 
 :func:`load_artifact` needs torch only (this module imports torchrec lazily, in the steps of
-:func:`export_artifact`).
+:func:`export_artifact`). It checks the file against the record's checksum when the record is beside
+it (``verify=False`` skips that), and ``torch.jit.load`` resolves no Python global: a pickled payload
+inside the archive is refused, and the code inside is TorchScript, run by the TorchScript interpreter.
 
 Example::
 
@@ -45,7 +47,7 @@ from recsys_kd.config import to_dict
 from recsys_kd.data.schema import MISSING_ID, OOV_ID, Schema
 from recsys_kd.export.serving import INPUT_ORDER, ServingModel, example_major_inputs, script_serving
 from recsys_kd.export.tables import STORAGE_DTYPES
-from recsys_kd.io import atomic_file, atomic_write_json
+from recsys_kd.io import atomic_file, atomic_write_json, file_crc32
 from recsys_kd.runs import OutputError, TrainOutput, export_record
 from recsys_kd.train.metrics import auc
 
@@ -66,15 +68,21 @@ class ParityError(RuntimeError):
 
 
 class ArtifactError(ValueError):
-    """A file is not a serving artifact (missing metadata) or its inputs are unusable."""
+    """A file is not a serving artifact (missing metadata, damaged) or its inputs are unusable."""
 
 
-def load_artifact(path: Union[str, Path]) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+class ArtifactWarning(UserWarning):
+    """An artifact is loaded without verification: no export record beside it, or one without a checksum."""
+
+
+def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
     """
     Loads a serving artifact with torch alone.
 
     Args:
         path: the artifact file.
+        verify: first check the file against the checksum in its export record
+            (:func:`verify_artifact`).
 
     Returns:
         Tuple[torch.jit.ScriptModule, Dict[str, Any]]: the module (``forward(dense, ids, offsets)`` ->
@@ -82,17 +90,56 @@ def load_artifact(path: Union[str, Path]) -> Tuple[torch.jit.ScriptModule, Dict[
         extra files, parsed).
 
     Raises:
-        ArtifactError: the file carries no serving metadata.
+        ArtifactError: the file differs from its record's checksum, is not a TorchScript archive
+            (a pickled Python global inside is refused), or carries no serving metadata.
     """
+    if verify:
+        verify_artifact(path)
     extra = {name: "" for name in EXTRA_FILES}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # every torch.jit call warns in torch 2.13
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except RuntimeError as error:
+            reason = " ".join(str(error).split())[:300]
+            raise ArtifactError(f"{path}: not a loadable TorchScript artifact ({reason})") from None
     missing = [name for name in EXTRA_FILES if not extra[name]]
     if missing:
         raise ArtifactError(f"{path}: not a recsys_kd serving artifact (no {', '.join(missing)} inside)")
     metadata = {name.removesuffix(".json"): json.loads(extra[name]) for name in EXTRA_FILES}
     return module, metadata
+
+
+def verify_artifact(path: Union[str, Path]) -> bool:
+    """
+    Checks an artifact against the CRC-32 and size its export record (``<path>.export.json``) holds.
+
+    Returns True when verified, False (with an :class:`ArtifactWarning`) when there is no record beside
+    it or the record has no checksum (an export from before checksums were recorded).
+
+    Raises:
+        ArtifactError: the file differs from the record (names the file), or the record is unreadable.
+    """
+    path, record_path = Path(path), export_record(path)
+    if not record_path.exists():
+        warnings.warn(f"{path}: no {record_path.name} beside it: loaded without verification", ArtifactWarning, stacklevel=3)
+        return False
+    try:
+        expected = json.loads(record_path.read_text()).get("checksum")
+    except (ValueError, AttributeError) as error:
+        raise ArtifactError(f"{record_path}: not a readable export record ({error}); cannot verify {path}") from None
+    if expected is None:
+        warnings.warn(f"{path}: {record_path.name} records no checksum (exported before checksums were recorded): "
+                      "loaded without verification", ArtifactWarning, stacklevel=3)
+        return False
+    if not isinstance(expected, dict):
+        raise ArtifactError(f"{record_path}: its checksum entry is damaged; cannot verify {path}")
+    size = path.stat().st_size
+    actual = file_crc32(path) if size == expected.get("bytes") else f"{size} bytes"
+    if actual != expected.get("crc32"):
+        raise ArtifactError(f"{path}: damaged or modified since export ({actual}, {record_path.name} records crc32 "
+                            f"{expected.get('crc32')} of {expected.get('bytes')} bytes); --no-verify loads it anyway")
+    return True
 
 
 def export_artifact(
@@ -103,6 +150,7 @@ def export_artifact(
     dtype: str = "float32",
     dataset: Optional[Union[str, Path]] = None,
     parity_tolerance: float = PARITY_TOLERANCE,
+    verify: bool = True,
 ) -> Dict[str, Any]:
     """
     Exports a trained model as a TorchScript serving artifact and verifies it.
@@ -117,6 +165,7 @@ def export_artifact(
         dtype: storage of the fused embedding table: ``"float32"``, ``"fp16"`` or ``"int8"``.
         dataset: the prepared dataset; defaults to the one named in the output's record.
         parity_tolerance: the largest probability difference allowed for float32 storage.
+        verify: check the checkpoint's files against its ``checksums.json`` before loading it.
 
     Returns:
         Dict[str, Any]: the record, also written to ``<out_path>.export.json``: paths, size, parity
@@ -126,6 +175,7 @@ def export_artifact(
         ParityError: float32 artifact differs from the training model by ``parity_tolerance`` or more
             (no artifact is left under ``out_path``).
         ArtifactError: missing record or checkpoint, or a dataset with no rows to check.
+        CheckpointIntegrityError: a checkpoint file is missing or damaged (``verify``).
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
@@ -138,7 +188,7 @@ def export_artifact(
     schema = Schema.load(source.dataset)
 
     with _timed(timings, "load_checkpoint_s"):
-        model = _load_training_model(source)
+        model = _load_training_model(source, verify)
     with _timed(timings, "script_freeze_s"):
         serving = ServingModel.from_model(model, num_dense_inputs=len(schema.dense), storage=dtype).eval()
         scripted = script_serving(serving, roundtrip=False)  # saved, then loaded back for the parity check
@@ -154,10 +204,11 @@ def export_artifact(
             loaded = _load_back(temp, extra_files, out_path)
             parity = _check_parity(model, loaded, rows, dtype, parity_tolerance, out_path)
         latency = _latency(loaded, rows.dense[:1], *_first_example(rows.ids, rows.offsets, len(schema.sparse)))
-        size = os.path.getsize(temp)
+        checksum = {"crc32": file_crc32(temp), "bytes": os.path.getsize(temp)}
+        export_record(out_path).unlink(missing_ok=True)  # never a stale record beside the new artifact
 
     timings["total_s"] = time.perf_counter() - started
-    record = _export_record(source, out_path, dtype, size, parity, latency, libraries, timings)
+    record = _export_record(source, out_path, dtype, checksum, parity, latency, libraries, timings)
     atomic_write_json(export_record(out_path), record)
     return record
 
@@ -199,11 +250,11 @@ def _open_source(train_output: Union[str, Path], checkpoint: str, dataset: Optio
         raise ArtifactError(str(error)) from None
 
 
-def _load_training_model(source: _Source) -> CTRModel:
+def _load_training_model(source: _Source, verify: bool) -> CTRModel:
     """The plain training model, filled from the (possibly sharded) checkpoint, in eval mode."""
     from recsys_kd.train.checkpoint import load_model
 
-    return load_model(source.output, str(source.checkpoint), source.dataset)
+    return load_model(source.output, str(source.checkpoint), source.dataset, verify)
 
 
 def _serving_metadata(
@@ -266,7 +317,7 @@ def _save(scripted: torch.jit.ScriptModule, path: Path, extra_files: Dict[str, s
 
 def _load_back(path: Path, extra_files: Dict[str, str], out_path: Path) -> torch.jit.ScriptModule:
     """The saved artifact as :func:`load_artifact` gives it, its input contract checked against the one written."""
-    loaded, loaded_metadata = load_artifact(path)
+    loaded, loaded_metadata = load_artifact(path, verify=False)  # just written; its record comes last
     if loaded_metadata["model"]["input"] != json.loads(extra_files[MODEL_FILE])["input"]:
         raise ParityError(f"{out_path}: the metadata read back differs from the metadata written")
     return loaded
@@ -304,7 +355,7 @@ def _export_record(
     source: _Source,
     out_path: Path,
     dtype: str,
-    size: int,
+    checksum: Dict[str, Any],
     parity: Dict[str, Any],
     latency: Optional[float],
     libraries: Dict[str, Optional[str]],
@@ -319,7 +370,8 @@ def _export_record(
         "dataset": str(source.dataset),
         "model": source.model_config.name,
         "dtype": dtype,
-        "size_bytes": size,
+        "size_bytes": checksum["bytes"],
+        "checksum": checksum,
         "parity": parity,
         "latency_batch1_ms": latency,
         "torch_threads": torch.get_num_threads(),

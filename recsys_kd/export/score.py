@@ -121,7 +121,8 @@ def score_dataset(
         rows_per_part: raw logs: rows per output part.
         overwrite: replace an earlier run's output in ``out_dir``.
         progress: show a progress bar.
-        verify: check a dataset's parts against the checksums in its ``schema.json`` before scoring.
+        verify: check the artifact against the checksum in its export record, and a dataset's parts
+            against the checksums in its ``schema.json``, before scoring.
 
     Returns:
         Dict[str, Any]: the record written to ``out_dir/score.json``.
@@ -136,7 +137,7 @@ def score_dataset(
     started = time.perf_counter()
     artifact, source, out_dir = Path(artifact), Path(source), Path(out_dir)
     _check_arguments(artifact, source, out_dir, batch_size, overwrite)
-    module, metadata = load_artifact(artifact)
+    module, metadata = load_artifact(artifact, verify=verify)
     schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
     # an interrupted rerun must not leave the old record claiming parts this run replaced
     (out_dir / SCORE_RECORD).unlink(missing_ok=True)

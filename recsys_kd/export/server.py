@@ -410,6 +410,7 @@ def make_server(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_dense_abs: float = DEFAULT_MAX_DENSE_ABS,
+    verify: bool = True,
 ) -> ModelServer:
     """
     Loads the artifact and binds the server (not yet serving: call ``serve_forever``).
@@ -430,6 +431,7 @@ def make_server(
         request_timeout: seconds from the accept for a whole request (line, headers, body) to arrive;
             408 past it.
         max_dense_abs: the bound on |dense value| when the dense transform has no range of its own.
+        verify: check the artifact against the checksum in its export record first.
     """
     if min(max_body_bytes, max_instances, threads, workers, queue_size, backlog, max_connections) < 1:
         raise ValueError("max_body_bytes, max_instances, threads, workers, queue_size, backlog and max_connections "
@@ -437,7 +439,7 @@ def make_server(
     if not (request_timeout > 0 and max_dense_abs > 0):
         raise ValueError("request_timeout and max_dense_abs must be > 0")
     torch.set_num_threads(threads)
-    module, metadata = load_artifact(artifact)
+    module, metadata = load_artifact(artifact, verify=verify)
     return ModelServer((host, port), Predictor(module, metadata, max_instances, max_dense_abs), max_body_bytes,
                        quiet=quiet, workers=workers, queue_size=queue_size, backlog=backlog,
                        max_connections=max_connections, request_timeout=request_timeout)

@@ -2,14 +2,23 @@
 
 Layout under ``<output>/checkpoints/``::
 
-    step_000001200/          one complete checkpoint: DCP shards + .metadata, rank_0.json .. rank_{N-1}.json
+    step_000001200/          one complete checkpoint: DCP shards + .metadata, rank_0.json .. rank_{N-1}.json,
+                             checksums.json (the CRC-32 and size of every other file)
     best/                    the best model so far (model tensors only, same format)
     latest                   the name of the newest complete step_* directory
 
 A checkpoint is written under a temporary name and renamed by rank 0 only after every rank has
 finished, so a crash (of any rank, at any moment) never leaves a partial checkpoint under a final
-name; ``latest`` is replaced atomically after the rename. Loading uses DCP, never unpickling.
-:func:`load_model` rebuilds the plain model of a stage output from any of its checkpoints.
+name; ``latest`` is replaced atomically after the rename. :func:`load_model` rebuilds the plain model
+of a stage output from any of its checkpoints.
+
+Reading a checkpoint never runs code from it: DCP's ``.metadata`` is a pickle, read here by an
+unpickler that resolves only the types DCP metadata holds (:data:`METADATA_GLOBALS`), and non-tensor
+values go through torch's weights-only unpickler; every ``dcp.load`` of the package goes through
+:func:`_dcp_load`. Every load first checks the files against ``checksums.json`` (``verify=False``
+skips it; a checkpoint written before checksums loads with a :class:`CheckpointWarning`); a damaged
+file is a :class:`CheckpointIntegrityError`, and resuming (:func:`load_latest`) then falls back to
+the previous intact ``step_*`` checkpoint.
 """
 
 from __future__ import annotations
@@ -17,30 +26,52 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pathlib
+import pickle
 import shutil
+import sys
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from recsys_kd.io import atomic_write_json, atomic_write_text
+from recsys_kd.distributed import all_gather_json
+from recsys_kd.io import atomic_write_json, atomic_write_text, file_crc32
 from recsys_kd.runs import BEST, LATEST, TrainOutput, is_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from recsys_kd.models.zoo import CTRModel, ModelConfig
 
 
+METADATA = ".metadata"
+MANIFEST = "checksums.json"
+MANIFEST_FORMAT = 1
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or was written by another number of ranks."""
+    """A checkpoint is missing, incomplete, unsafe to read, or was written by another number of ranks."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint file is missing, or differs from the checksum recorded when it was written."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint is loaded without verification (it was written before checksums were recorded)."""
 
 
 def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str, Any], keep: int = 0) -> Path:
     """Collective: every rank calls it with its DCP state and its own JSON-able ``rank_state``.
 
-    ``keep`` > 0 prunes older ``step_*`` checkpoints beyond the newest ``keep``; ``name`` ``best``
-    replaces the previous best model.
+    Every rank checksums the files it wrote; rank 0 gathers them into ``checksums.json`` before the
+    checkpoint is renamed into place. ``keep`` > 0 prunes older ``step_*`` checkpoints beyond the
+    newest ``keep``; ``name`` ``best`` replaces the previous best model.
     """
     directory = Path(directory)
     rank = dist.get_rank()
@@ -54,8 +85,16 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
     dist.barrier()
     dcp.save(state, checkpoint_id=str(staging))
     atomic_write_json(staging / f"rank_{rank}.json", {"world_size": dist.get_world_size(), **rank_state})
-    dist.barrier()
+    # DCP names this rank's files __<rank>_*; rank 0 (the coordinator) wrote .metadata before dcp.save returned
+    own = [f"rank_{rank}.json", *sorted(p.name for p in staging.glob(f"__{rank}_*"))] + ([METADATA] if rank == 0 else [])
+    gathered = all_gather_json(_checksums(staging, own))  # also the barrier: every rank's files exist
     if rank == 0:
+        files: Dict[str, Dict[str, Any]] = {}
+        for part in gathered:
+            files.update(part)
+        others = [p.name for p in staging.iterdir() if p.is_file() and p.name not in files]
+        files.update(_checksums(staging, others))
+        atomic_write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "algorithm": "crc32", "files": files})
         if final.exists():
             retired = directory / f".{name}.old"
             shutil.rmtree(retired, ignore_errors=True)
@@ -74,29 +113,61 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
     return final
 
 
-def load(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
-    """Collective: loads DCP tensors into ``state`` in place; returns this rank's JSON state."""
+def load(path: Path, state: Dict[str, Any], verify: bool = True) -> Dict[str, Any]:
+    """Collective: loads DCP tensors into ``state`` in place; returns this rank's JSON state.
+
+    Raises:
+        CheckpointIntegrityError: a file is missing or damaged (``verify``), on every rank.
+        CheckpointError: written by another number of ranks, or unsafe to read.
+    """
     path = Path(path)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    rank_file = path / f"rank_{rank}.json"
-    if not rank_file.exists():
-        raise CheckpointError(f"{path}: no state for rank {rank}; was it written by another number of ranks?")
-    rank_state = json.loads(rank_file.read_text())
-    if rank_state["world_size"] != world_size:
-        raise CheckpointError(
-            f"{path} was written by {rank_state['world_size']} ranks, this run has {world_size}; "
-            "resuming on another number of ranks is not supported yet"
-        )
-    dcp.load(state, checkpoint_id=str(path))
+    rank_state, problem = None, None
+    try:
+        rank_state = _rank_state(path, rank, world_size)
+    except CheckpointError as error:
+        problem = error
+    _raise_on_every_rank(problem)
+    verify_collective(path, verify)
+    _dcp_load(state, path)
     return rank_state
 
 
-def load_state(path: Path, state: Dict[str, Any]) -> None:
+def load_latest(output: TrainOutput, state: Dict[str, Any], verify: bool = True) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """
+    Collective, to resume: loads the newest intact step checkpoint into ``state`` (see :func:`load`).
+
+    Starts from the one ``latest`` names; when a file of it is damaged (:class:`CheckpointIntegrityError`)
+    it warns on stderr and tries the previous complete ``step_*`` one, and so on. Returns (its path,
+    this rank's JSON state), or None when there is no step checkpoint yet.
+
+    Raises:
+        CheckpointError: no step checkpoint is intact, or one is refused for another reason.
+    """
+    newest = output.latest()
+    if newest is None:
+        return None
+    older = sorted((p for p in output.checkpoints.glob("step_*") if p.name < newest.name and is_checkpoint(p)), reverse=True)
+    candidates, damaged = [newest, *older], []
+    for index, path in enumerate(candidates):
+        try:
+            return path, load(path, state, verify)
+        except CheckpointIntegrityError as error:
+            damaged.append(path.name)
+            if dist.get_rank() == 0:
+                then = f"; resuming from the previous checkpoint, {candidates[index + 1].name}" if index + 1 < len(candidates) else ""
+                print(f"warning: {error}{then}", file=sys.stderr, flush=True)
+    raise CheckpointError(f"{output.checkpoints}: no intact step checkpoint to resume from ({', '.join(damaged)} damaged); "
+                          "set train.verify_checkpoints=false to load one anyway, or start a new output")
+
+
+def load_state(path: Path, state: Dict[str, Any], verify: bool = True) -> None:
     """Collective: loads DCP tensors into ``state`` in place, resharded to this process group's plan."""
-    dcp.load(state, checkpoint_id=str(path))
+    verify_collective(Path(path), verify)
+    _dcp_load(state, Path(path))
 
 
-def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all") -> List[str]:
+def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all", verify: bool = True) -> List[str]:
     """
     Collective, after sharding: fills the task module ``dmp`` from the checkpoint at ``path``, each rank
     reading only the shards it holds (DCP reshards to this plan and number of ranks), so no rank ever
@@ -107,7 +178,8 @@ def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all") -> List[
     path = Path(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"init_from {path}: not a checkpoint (no .metadata)")
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    verify_collective(path, verify)
+    stored = read_metadata(path).state_dict_metadata
     state = dmp.state_dict()
     prefix = "model.embedding." if part == "embeddings" else "model."
     wanted = {
@@ -123,22 +195,25 @@ def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all") -> List[
             f"init_from {path}: {len(missing)} model tensors are missing or shaped differently there, "
             f"e.g. {missing[:3]}; use init_from_part: embeddings to load only the tables"
         )
-    dcp.load({"model": wanted}, checkpoint_id=str(path))
+    _dcp_load({"model": wanted}, path)
     dmp.load_state_dict({**state, **wanted})
     return sorted(wanted)
 
 
-def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor], verify: bool = True) -> Dict[str, torch.Tensor]:
     """Single process, no process group: fills a plain (unsharded) model state_dict from any
-    checkpoint, whatever its sharding. Returns ``state_dict``."""
+    checkpoint, whatever its sharding, after checking its files (``verify``). Returns ``state_dict``."""
     path = Path(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
-    dcp.load({"model": state_dict}, checkpoint_id=str(path), no_dist=True)
+    if verify:
+        verify_files(path)
+    _dcp_load({"model": state_dict}, path, no_dist=True)
     return state_dict
 
 
-def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Union[str, Path]] = None) -> "CTRModel":
+def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Union[str, Path]] = None,
+               verify: bool = True) -> "CTRModel":
     """
     The plain (unsharded) model of a train / distill / compress-step output, in eval mode.
 
@@ -152,10 +227,12 @@ def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Un
         checkpoint (str): ``"best"``, ``"latest"``, a ``step_*`` name or a checkpoint path
             (:meth:`TrainOutput.checkpoint`).
         dataset (Optional[Union[str, Path]]): the prepared dataset; defaults to the output's.
+        verify (bool): check the checkpoint's files against its ``checksums.json`` first.
 
     Raises:
         OutputError: no record, or no such checkpoint.
         ConfigError: the recorded model config is invalid.
+        CheckpointIntegrityError: a checkpoint file is missing or damaged (names the checkpoint and file).
     """
     from recsys_kd.data.schema import Schema  # local imports: see recorded_model_config
     from recsys_kd.models.zoo import build_model
@@ -164,7 +241,7 @@ def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Un
     schema = Schema.load(Path(dataset) if dataset is not None else output.dataset)
     model = build_model(schema, recorded_model_config(output))
     state = {f"model.{key}": value for key, value in model.state_dict().items()}
-    load_model_tensors(path, state)
+    load_model_tensors(path, state, verify)
     model.load_state_dict({key[len("model."):]: value for key, value in state.items()})
     return model.eval()
 
@@ -176,6 +253,223 @@ def recorded_model_config(output: TrainOutput) -> "ModelConfig":
     from recsys_kd.models.zoo import ModelConfig
 
     return from_dict(ModelConfig, output.model_config, source=str(output.record_path), prefix="config.model")
+
+
+# ------------------------------------------------------------------------------------------ integrity
+
+
+def verify_files(path: Path) -> bool:
+    """
+    Single process: checks every file ``checksums.json`` lists (present, same size and CRC-32).
+
+    Returns True when verified, False (with a :class:`CheckpointWarning`) for a checkpoint written
+    before checksums were recorded. Raises :class:`CheckpointIntegrityError` naming the checkpoint
+    and the first missing or damaged file.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest is None:
+        _warn_unverified(path)
+        return False
+    for name, expected in sorted(manifest.items()):
+        _check_file(path, name, expected)
+    return True
+
+
+def verify_collective(path: Path, verify: bool = True) -> None:
+    """Collective (a no-op when ``verify`` is False): :func:`verify_files` with the files shared
+    among the ranks; every rank raises the same error when one finds a damaged file."""
+    if not verify:
+        return
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problem, manifest = None, None
+    try:
+        manifest = _read_manifest(path)
+        for name, expected in sorted(manifest.items())[rank::world_size] if manifest is not None else []:
+            _check_file(path, name, expected)
+    except CheckpointError as error:
+        problem = error
+    except OSError as error:
+        problem = CheckpointError(f"checkpoint {path}: {error}")
+    _raise_on_every_rank(problem)
+    if manifest is None and rank == 0:
+        _warn_unverified(path)
+
+
+def _read_manifest(path: Path) -> Optional[Dict[str, Dict[str, Any]]]:
+    """``checksums.json``'s files (name -> {crc32, bytes}), None when the checkpoint has none."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        valid = all(Path(name).name == name and name not in ("", ".", "..") and isinstance(entry["crc32"], str)
+                    and isinstance(entry["bytes"], int) for name, entry in files.items())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointIntegrityError(f"checkpoint {path}: {MANIFEST} is damaged ({error!r})") from None
+    if not valid or METADATA not in files:
+        raise CheckpointIntegrityError(f"checkpoint {path}: {MANIFEST} is damaged (bad entries, or no {METADATA})")
+    return files
+
+
+def _check_file(path: Path, name: str, expected: Dict[str, Any]) -> None:
+    file = path / name
+    if not file.is_file():
+        raise CheckpointIntegrityError(f"checkpoint {path}: {name} is missing (listed in {MANIFEST})")
+    size = file.stat().st_size
+    actual = file_crc32(file) if size == expected["bytes"] else None
+    if actual != expected["crc32"]:
+        found = f"crc32 {actual}" if actual is not None else f"{size} bytes instead of {expected['bytes']}"
+        raise CheckpointIntegrityError(
+            f"checkpoint {path}: {name} is damaged ({found}, recorded crc32 {expected['crc32']}); "
+            "it changed after it was written"
+        )
+
+
+def _checksums(directory: Path, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    return {name: {"crc32": file_crc32(directory / name), "bytes": (directory / name).stat().st_size} for name in names}
+
+
+def _warn_unverified(path: Path) -> None:
+    warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums were recorded): "
+                  "loaded without verification", CheckpointWarning, stacklevel=3)
+
+
+def _rank_state(path: Path, rank: int, world_size: int) -> Dict[str, Any]:
+    """This rank's JSON state; refuses a checkpoint of another number of ranks."""
+    rank_file = path / f"rank_{rank}.json"
+    if not rank_file.exists():
+        raise CheckpointError(f"{path}: no state for rank {rank}; was it written by another number of ranks?")
+    try:
+        rank_state = json.loads(rank_file.read_text())
+        written_by = rank_state["world_size"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged ({error!r})") from None
+    if written_by != world_size:
+        raise CheckpointError(
+            f"{path} was written by {written_by} ranks, this run has {world_size}; "
+            "resuming on another number of ranks is not supported yet"
+        )
+    return rank_state
+
+
+def _raise_on_every_rank(problem: Optional[CheckpointError]) -> None:
+    """Collective: raises the first rank's error (same class and message) on every rank, so that no
+    rank goes on into a collective the others left."""
+    reports = all_gather_json(None if problem is None else [type(problem).__name__, str(problem)])
+    first = next((report for report in reports if report is not None), None)
+    if first is not None:
+        if problem is not None and str(problem) == first[1]:
+            raise problem
+        kind = CheckpointIntegrityError if first[0] == CheckpointIntegrityError.__name__ else CheckpointError
+        raise kind(first[1])
+
+
+# ------------------------------------------------------------------------------------ safe DCP reading
+
+
+def _metadata_globals() -> Dict[Tuple[str, str], Any]:
+    """(module, name) -> object: every global a DCP ``.metadata`` pickle of this project refers to
+    (recorded from checkpoints of 1 and 2 ranks, every sharding type, with optimizer state), plus
+    ``BytesStorageMetadata`` (a non-tensor value) and every torch dtype. Nothing else is resolved."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed: Dict[Tuple[str, str], Any] = {
+        ("torch.distributed.checkpoint.metadata", name): getattr(metadata, name)
+        for name in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+    }
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a lookup by name
+    allowed[("pathlib", "PosixPath")] = pathlib.PosixPath  # StorageMeta.checkpoint_id
+    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only :func:`_metadata_globals`; any other global is a :class:`CheckpointError`."""
+
+    def __init__(self, handle, path: Path) -> None:
+        super().__init__(handle)
+        self.path = path
+        self.allowed = _metadata_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: refused to unpickle the global {module}.{name}: not a type DCP "
+                                  "metadata holds (was the checkpoint tampered with?)") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self.path}: refused a persistent id in DCP metadata")
+
+
+def read_metadata(path: Path, rank: Optional[int] = None) -> Metadata:
+    """A checkpoint's DCP metadata (``.metadata``, or ``__<rank>.metadata``) through the restricted
+    unpickler; its storage entries must name files inside the checkpoint."""
+    file = Path(path) / (METADATA if rank is None else f"__{rank}{METADATA}")
+    try:
+        with open(file, "rb") as handle:
+            metadata = _MetadataUnpickler(handle, file).load()
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found; is {path} a checkpoint?") from None
+    except Exception as error:  # a damaged pickle fails in many ways
+        raise CheckpointError(f"{file}: not readable DCP metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{file}: not DCP metadata (a {type(metadata).__name__})")
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str) or Path(relative).name != relative or relative in ("", ".", ".."):
+            raise CheckpointError(f"{file}: a storage entry names {relative!r}, not a file of the checkpoint")
+    return metadata
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file system reader with :func:`read_metadata` (the restricted unpickler) for its metadata."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_metadata(Path(self.path), kwargs.get("rank"))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, except that a non-tensor value is unpickled weights-only (the default
+    planner calls ``torch.load(weights_only=False)`` on whatever the metadata says is bytes)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            first = next((line for line in str(error).splitlines() if "Unsupported" in line or "global" in line), "")
+            raise CheckpointError(f"refused to unpickle the stored value of {fqn}: {first or 'not weights-only'}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def _dcp_load(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """``dcp.load`` with the safe reader and planner; the metadata is read (and refused) before DCP
+    starts, and a refusal inside DCP comes out as the :class:`CheckpointError` it is."""
+    reader = SafeFileSystemReader(str(path))
+    reader.read_metadata()
+    try:
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=no_dist)
+    except CheckpointException as error:
+        for failure, _ in error.failures.values():
+            if isinstance(failure, CheckpointError):
+                raise CheckpointError(f"{path}: {failure}") from None
+        raise
 
 
 def rng_state() -> Dict[str, str]:

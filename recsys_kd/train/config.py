@@ -39,7 +39,9 @@ class TrainConfig:
     learning-rate schedule (:mod:`recsys_kd.train.schedule`). ``init_from`` a checkpoint to start
     from (``all`` its tensors, or only the ``embeddings``): with ``all`` the starting point is evaluated
     first and stays the best model unless training beats it, so a fine-tuning never hands on a worse
-    model than it was given. ``freeze_embeddings`` keeps the tables fixed."""
+    model than it was given. ``freeze_embeddings`` keeps the tables fixed. ``verify_checkpoints:
+    false`` loads checkpoints (resume, best model, ``init_from``) without checking their files against
+    ``checksums.json``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -64,6 +66,7 @@ class TrainConfig:
     init_from: str = ""
     init_from_part: Literal["all", "embeddings"] = "all"
     freeze_embeddings: bool = False
+    verify_checkpoints: bool = True
 
     def validate(self) -> None:
         for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):

@@ -159,7 +159,7 @@ def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext):
         # every world size start from identical weights (costs one full copy of the tables).
         dmp.load_state_dict(initial)
     if config.init_from:
-        checkpoint.load_init_from(dmp, Path(config.init_from), config.init_from_part)
+        checkpoint.load_init_from(dmp, Path(config.init_from), config.init_from_part, config.verify_checkpoints)
     return dmp, combined_optimizer(dmp, config.optim, config.freeze_embeddings), plan
 
 
@@ -266,7 +266,7 @@ def _final_test(run: _Run) -> Dict[str, Any]:
     """The best model (when one was saved) on the test split, with the task's other predictors."""
     if is_checkpoint(run.output.best):
         state = {"model": run.dmp.state_dict()}
-        checkpoint.load_state(run.output.best, state)
+        checkpoint.load_state(run.output.best, state, run.config.verify_checkpoints)
         run.dmp.load_state_dict(state["model"])
     return evaluate(run.dmp, run.reader("test"), run.ctx, predictors=True)
 
@@ -279,12 +279,12 @@ def _save(run: _Run, reader: ParquetReader, progress: Progress) -> None:
 
 
 def _resume(run: _Run, reader: ParquetReader) -> Optional[Progress]:
-    path = run.output.latest()
-    if path is None:
+    """The newest intact step checkpoint's state (an older one when the newest is damaged), or None."""
+    if run.output.latest() is None:
         return None
     run.optimizer.init_state()
     state = {"model": run.dmp.state_dict(), "optimizer": run.optimizer.state_dict()}
-    rank_state = checkpoint.load(path, state)
+    path, rank_state = checkpoint.load_latest(run.output, state, run.config.verify_checkpoints)
     run.dmp.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     reader.load_state_dict(rank_state["reader"])
