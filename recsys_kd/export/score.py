@@ -59,6 +59,7 @@ from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
 from recsys_kd.io import atomic_write_json
 from recsys_kd.runs import QUARANTINE_FILE, SCHEMA_FILE, SCORE_RECORD
+from recsys_kd.train import hooks
 from recsys_kd.train.metrics import StreamingMetrics
 
 RAW_SPLIT = "raw"
@@ -227,6 +228,7 @@ def _score(
             if writer is None or writer.final != out_dir / chunk.part:
                 if writer is not None:
                     parts.append(writer.close())
+                hooks.reached("score_part", 0, len(parts) + 1)
                 writer = PartWriter(out_dir / chunk.part, _OUTPUT_SCHEMA)
             for start in range(0, chunk.table.num_rows, batch_size):
                 row_ids, labels, inputs = batch_inputs(chunk.table.slice(start, batch_size), schema, sparse_limits,

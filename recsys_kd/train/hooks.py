@@ -1,8 +1,8 @@
 """Observation points in the stages' loops, for code outside the library.
 
 A loop announces where it is (``train_step``: a training step is about to run, with its global step;
-``infer_part``: this process begins its n-th output part); whatever was registered for that point is
-called with (rank, index). The library registers nothing: the fault-injection tests register a hook
+``infer_part`` and ``score_part``: this process begins its n-th output part); whatever was registered
+for that point is called with (rank, index). The library registers nothing: the fault-injection tests register a hook
 that kills a rank at a chosen step, a profiler could time steps. Registration is process-wide.
 
 Example::
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 Hook = Callable[[int, int], None]
-POINTS = ("train_step", "infer_part")
+POINTS = ("train_step", "infer_part", "score_part")
 _hooks: Dict[str, List[Hook]] = {point: [] for point in POINTS}
 
 
