@@ -182,28 +182,54 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, help="server option")
     parser.add_argument("--request-timeout", type=float, help="server option")
     args = parser.parse_args()
+    options = {name: value for name, value in vars(args).items()
+               if name in ("workers", "queue_size", "backlog", "max_connections", "request_timeout") and value is not None}
+    figures = measure(args.url, args.artifact, args.workdir, args.clients, args.slow_clients, args.slow_interval,
+                      args.seconds, args.batch, args.timeout, options)
+    health = figures["health"]
+    print(f"server: {health['model']}, workers {health.get('workers')}, queue {health.get('queue_size')}, "
+          f"backlog {health.get('backlog')}, connections {health.get('max_connections')}, "
+          f"request deadline {health.get('request_timeout_s')} s")
+    print(f"load: {args.clients} clients + {args.slow_clients} slow, batch {args.batch}, {figures['seconds']:.1f} s, "
+          f"{os.cpu_count()} cpus")
+    print(f"requests sent: {figures['sent']}   answered 200: {figures['ok']}   errors: {figures['errors']} "
+          f"(statuses {figures['statuses']}, connection errors {figures['connection_errors']})")
+    print(f"throughput: {figures['ok'] / figures['seconds']:.0f} requests/s, "
+          f"{figures['ok'] * args.batch / figures['seconds']:.0f} instances/s")
+    print(f"latency ms (200s): p50 {figures['p50_ms']:.2f}  p90 {figures['p90_ms']:.2f}  "
+          f"p99 {figures['p99_ms']:.2f}  max {figures['max_ms']:.2f}")
+    print(f"slowest connect: {figures['slowest_connect_ms']:.1f} ms")
+    if args.slow_clients:
+        held = figures["slow_held_s"]
+        print(f"slow clients: {len(held)} connections closed by the server, held {percentile(held, 50):.2f} s median, "
+              f"{max(held, default=float('nan')):.2f} s max")
 
+
+def measure(url: Optional[str], artifact: Optional[Path], workdir: Path, clients: int, slow_clients: int,
+            slow_interval: float, seconds: float, batch: int, timeout: float,
+            server_options: Dict[str, Any]) -> Dict[str, Any]:
+    """Runs the load (starting a server on ``artifact``, or a tiny synthetic one, unless ``url`` names a
+    running one) and returns its figures: requests sent, answered 200, errors, latency percentiles."""
     process = None
-    if args.url:
-        url = args.url.rstrip("/")
+    if url:
+        url = url.rstrip("/")
     else:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        artifact = args.artifact or build_synthetic_artifact(args.workdir)
-        options = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-                   if name in ("workers", "queue_size", "backlog", "max_connections", "request_timeout") and value is not None]
+        workdir.mkdir(parents=True, exist_ok=True)
+        artifact = artifact or build_synthetic_artifact(workdir)
+        options = [f"--{name.replace('_', '-')}={value}" for name, value in server_options.items()]
         process, url = start_server(artifact, options)
     try:
         with urllib.request.urlopen(url + "/health", timeout=10) as response:
             health = json.loads(response.read())
         host, port = url.split("://", 1)[1].rsplit(":", 1)
-        bodies = make_payloads(health, args.batch, 64)
+        bodies = make_payloads(health, batch, 64)
         results: List[Any] = []
         held: List[float] = []
-        stop = time.monotonic() + args.seconds
-        threads = [threading.Thread(target=slow_client, args=(host, int(port), args.slow_interval, stop, held))
-                   for _ in range(args.slow_clients)]
-        threads += [threading.Thread(target=client, args=(host, int(port), bodies, stop, args.timeout, results))
-                    for _ in range(args.clients)]
+        stop = time.monotonic() + seconds
+        threads = [threading.Thread(target=slow_client, args=(host, int(port), slow_interval, stop, held))
+                   for _ in range(slow_clients)]
+        threads += [threading.Thread(target=client, args=(host, int(port), bodies, stop, timeout, results))
+                    for _ in range(clients)]
         started = time.monotonic()
         for thread in threads:
             thread.start()
@@ -214,28 +240,19 @@ def main() -> None:
         if process is not None:
             process.terminate()
             process.wait(timeout=60)
-
     answered = [r for r in results if isinstance(r, tuple)]
     statuses = Counter(r[2] for r in answered)
     failures = Counter(r for r in results if isinstance(r, str))
     ok = [r[1] * 1000 for r in answered if r[2] == 200]
-    errors = sum(n for status, n in statuses.items() if status != 200) + sum(failures.values())
-    print(f"server: {health['model']}, workers {health.get('workers')}, queue {health.get('queue_size')}, "
-          f"backlog {health.get('backlog')}, connections {health.get('max_connections')}, "
-          f"request deadline {health.get('request_timeout_s')} s")
-    print(f"load: {args.clients} clients + {args.slow_clients} slow, batch {args.batch}, {elapsed:.1f} s, "
-          f"{os.cpu_count()} cpus")
-    print(f"requests sent: {len(results)}   answered 200: {len(ok)}   errors: {errors} "
-          f"(statuses {dict(sorted((str(k), v) for k, v in statuses.items() if k != 200))}, "
-          f"connection errors {dict(failures)})")
-    print(f"throughput: {len(ok) / elapsed:.0f} requests/s, {len(ok) * args.batch / elapsed:.0f} instances/s")
-    print(f"latency ms (200s): p50 {percentile(ok, 50):.2f}  p90 {percentile(ok, 90):.2f}  "
-          f"p99 {percentile(ok, 99):.2f}  max {max(ok, default=float('nan')):.2f}")
-    print(f"slowest connect: {max((r[0] * 1000 for r in answered), default=float('nan')):.1f} ms")
-    if args.slow_clients:
-        print(f"slow clients: {len(held)} connections closed by the server, held {percentile(held, 50):.2f} s median, "
-              f"{max(held, default=float('nan')):.2f} s max")
-
+    return {
+        "health": health, "seconds": elapsed, "sent": len(results), "ok": len(ok),
+        "errors": sum(n for status, n in statuses.items() if status != 200) + sum(failures.values()),
+        "statuses": dict(sorted((str(k), v) for k, v in statuses.items() if k != 200)),
+        "connection_errors": dict(failures),
+        "p50_ms": percentile(ok, 50), "p90_ms": percentile(ok, 90), "p99_ms": percentile(ok, 99),
+        "max_ms": max(ok, default=float("nan")),
+        "slowest_connect_ms": max((r[0] * 1000 for r in answered), default=float("nan")), "slow_held_s": held,
+    }
 
 if __name__ == "__main__":
     main()
