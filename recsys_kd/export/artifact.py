@@ -87,7 +87,11 @@ def load_artifact(path: Union[str, Path]) -> Tuple[torch.jit.ScriptModule, Dict[
     extra = {name: "" for name in EXTRA_FILES}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # every torch.jit call warns in torch 2.13
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except RuntimeError as error:
+            reason = " ".join(str(error).split())[:300]
+            raise ArtifactError(f"{path}: not a loadable TorchScript artifact ({reason})") from None
     missing = [name for name in EXTRA_FILES if not extra[name]]
     if missing:
         raise ArtifactError(f"{path}: not a recsys_kd serving artifact (no {', '.join(missing)} inside)")
