@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from recsys_kd.io import atomic_write_json, atomic_write_text
-from recsys_kd.runs import BEST, LATEST, TrainOutput, is_checkpoint
+from recsys_kd.runs import BEST, LATEST, OutputError, TrainOutput, is_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from recsys_kd.models.zoo import CTRModel, ModelConfig
@@ -105,6 +106,7 @@ def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all") -> List[
     teacher's). With ``all``, a model tensor the checkpoint lacks is an error. Returns the names loaded.
     """
     path = Path(path)
+    check_trained_features(path, _table_features(dmp.state_dict()), sparse_only=True)
     if not is_checkpoint(path):
         raise CheckpointError(f"init_from {path}: not a checkpoint (no .metadata)")
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -162,6 +164,7 @@ def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Un
 
     path = output.checkpoint(checkpoint)
     schema = Schema.load(Path(dataset) if dataset is not None else output.dataset)
+    check_trained_features(path, [*schema.dense, *schema.sparse_names])
     model = build_model(schema, recorded_model_config(output))
     state = {f"model.{key}": value for key, value in model.state_dict().items()}
     load_model_tensors(path, state)
@@ -176,6 +179,38 @@ def recorded_model_config(output: TrainOutput) -> "ModelConfig":
     from recsys_kd.models.zoo import ModelConfig
 
     return from_dict(ModelConfig, output.model_config, source=str(output.record_path), prefix="config.model")
+
+
+def check_trained_features(checkpoint: Path, features: List[str], sparse_only: bool = False) -> None:
+    """Refuses to fill a model of ``features`` (dense and sparse names; sparse only with ``sparse_only``)
+    from a checkpoint trained on other features: a model silently trained or served on the rest is
+    wrong. The checkpoint's features are those of the dataset its run recorded (``<output>/checkpoints/
+    <name>``); when that run or dataset is gone there is nothing to compare with.
+
+    Raises:
+        CheckpointError: naming the first feature missing from ``features``, or else the first extra one.
+    """
+    from recsys_kd.data.schema import Schema, SchemaError  # local import: see recorded_model_config
+
+    output = TrainOutput(Path(checkpoint).parent.parent)
+    if not features:
+        return
+    try:
+        trained = Schema.load(output.dataset)
+    except (OutputError, SchemaError, KeyError, TypeError, OSError):
+        return
+    if sparse_only:
+        trained = trained.replace(dense=[])
+    change = trained.feature_change(features)
+    if change is not None:
+        raise CheckpointError(f"{checkpoint}: the dataset has {change} (on {output.dataset}); "
+                              "use the dataset the checkpoint was trained on, or one with the same features")
+
+
+def _table_features(state: Dict[str, Any]) -> List[str]:
+    """The sparse features of a model's state dict, from its field embedding tables ``t_<feature>``."""
+    found = (re.search(r"\.embedding_bags\.t_(.+)\.weight$", key) for key in state)
+    return list(dict.fromkeys(match.group(1) for match in found if match))
 
 
 def rng_state() -> Dict[str, str]:
