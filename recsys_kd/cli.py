@@ -12,13 +12,15 @@ from typing import Any, Dict, List, Optional, Sequence
 from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
+from recsys_kd.data.source import InputError
 from recsys_kd.export.artifact import ArtifactError, ParityError
 from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
 from recsys_kd.train.checkpoint import CheckpointError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
+# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full)
 USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               FileNotFoundError, FileExistsError, NotADirectoryError)
+               InputError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,7 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("RECSYS_KD_TRACEBACK"):
             raise
-        print(f"recsys-kd {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message
+        print(f"recsys-kd {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -249,7 +252,7 @@ def _add_serve(commands) -> None:
     command = commands.add_parser("serve", help=help, description=help)
     command.add_argument("artifact", type=Path, help="the serving artifact (recsys-kd export)")
     command.add_argument("--host", default="127.0.0.1")
-    command.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    command.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
     command.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     command.add_argument("--max-instances", type=int, default=DEFAULT_MAX_INSTANCES, help="instances per request")
     command.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
@@ -266,6 +269,17 @@ def _add_serve(commands) -> None:
     command.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip checking the artifact against the checksum in its export record")
     command.set_defaults(handler=_serve)
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free one); checked before the artifact is loaded."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 0..65535")
+    return port
 
 
 def _serve(args) -> int:

@@ -3,7 +3,8 @@
 A config file is a YAML mapping whose keys are the fields of a dataclass (nested dataclasses for
 sections). Loading checks every key and every value type; an unknown or misspelled key, or a value
 of the wrong type, raises :class:`ConfigError` naming the dotted key and the file. Command-line
-overrides ``key.sub=value`` are parsed as YAML scalars and validated the same way.
+overrides ``key.sub=value`` are parsed as YAML scalars and validated the same way. A float field also
+takes decimal text such as ``1e-3``, which PyYAML's YAML 1.1 rules read as a string.
 
 Example::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,6 +32,8 @@ from typing import Any, Dict, List, Literal, Mapping, Sequence, Tuple, Type, Typ
 import yaml
 
 T = TypeVar("T")
+# Decimal text a float field accepts although YAML 1.1 leaves it a string ("1e-3", "5E-2"); no nan/inf.
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,9 @@ def load_config(cls: Type[T], path: Union[str, Path, None], overrides: Sequence[
             text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"{source}: cannot read config: {error.strerror}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                              f"{error.start})") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -163,6 +170,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {key}: expected an integer, got {_describe(value)}")
         return value
     if hint is float:
+        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}: expected a number, got {_describe(value)}")
         return float(value)

@@ -1,8 +1,9 @@
 """Atomic outputs: nothing partial is ever visible under a final name.
 
 Files are written to a temporary sibling and renamed; a directory output is built under a temporary
-sibling directory and renamed into place when complete (``staged_directory``). ``file_crc32`` is
-the checksum that checkpoints and serving artifacts record for their files.
+sibling directory and renamed into place when complete (``staged_directory``). When writing fails, the
+temporary is removed; should that fail too (a read-only disk), the first error is the one raised.
+``file_crc32`` is the checksum that checkpoints and serving artifacts record for their files.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         _publish_mode(Path(temp), directory=False)
         os.replace(temp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a failed cleanup must not hide the error
             os.unlink(temp)
         raise
 
@@ -65,7 +66,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield temp
         os.replace(temp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a failed cleanup must not hide the error
             os.unlink(temp)
 
 
@@ -93,7 +94,18 @@ def staged_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(temp, path)
     finally:
         if temp.exists():
-            shutil.rmtree(temp)
+            with contextlib.suppress(OSError):  # a failed cleanup must not hide the error
+                shutil.rmtree(temp)
+
+
+def naming(error: OSError, path: Path) -> OSError:
+    """``error``, or when it names no file (a full disk reported by a write) the same error naming
+    ``path``, the output being written."""
+    if error.filename is not None or (error.errno is None and type(error) is not OSError):
+        return error  # names its file, or is ours (FileExistsError("... exists")) and says what it needs
+    if error.errno is None:  # Arrow's I/O errors
+        return OSError(f"{' '.join(str(error).split())} (writing {path})")
+    return OSError(error.errno, error.strerror or str(error), str(path))
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:

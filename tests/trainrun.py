@@ -40,7 +40,7 @@ def run_ranks(config: Path, world_size: int, overrides: List[str] = (), fault: O
 def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = (),
               fault: Optional[str] = None, timeout: float = 240) -> List[int]:
     """Starts one process per rank; when any rank dies, the others are killed (as torchrun does).
-    ``fault``: ``point=rank:index`` kills that rank there (tests/faults.py). Returns the exit codes in
+    ``fault``: ``point=rank:index`` kills that rank there (tests/faults/__main__.py). Returns the exit codes in
     rank order."""
     port = free_port()
     processes = []

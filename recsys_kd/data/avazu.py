@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, read_delimited
-from recsys_kd.data.source import DAY, LABEL, SourceChunk, SourceInfo
+from recsys_kd.data.rawtext import RawBlock, one_line, read_delimited
+from recsys_kd.data.source import DAY, LABEL, InputError, SourceChunk, SourceInfo
 
 HEADER = (
     "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
@@ -106,12 +106,17 @@ def hour_fields(hours: pa.Array) -> HourFields:
 
 def has_header(path: Path) -> bool:
     """Whether ``path`` starts with the Avazu header line (a UTF-8 byte order mark is tolerated)."""
-    with pa.input_stream(str(path), compression="detect") as stream:
-        first_line = stream.read(4096).split(b"\n", 1)[0]
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            first_line = stream.read(4096).split(b"\n", 1)[0]
+    except (OSError, EOFError, pa.ArrowInvalid) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise InputError(f"{path}: cannot read (truncated or corrupt?): {one_line(error)}") from error
     if first_line.startswith(UTF8_BOM):
         first_line = first_line[len(UTF8_BOM) :]
     if first_line.startswith(UNLABELLED_HEADER_PREFIX):
-        raise ValueError(
+        raise InputError(
             f"{path}: header has no 'click' column (the Kaggle test.csv?); avazu needs labelled rows "
             f"with the columns {HEADER}"
         )

@@ -47,8 +47,8 @@ import pyarrow.csv as pacsv
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, read_delimited
-from recsys_kd.data.source import LABEL, SourceChunk, SourceInfo
+from recsys_kd.data.rawtext import RawBlock, one_line, read_delimited
+from recsys_kd.data.source import LABEL, InputError, SourceChunk, SourceInfo
 
 USER_ID = "user_id"
 ITEM_ID = "item_id"
@@ -97,7 +97,7 @@ def locate(inputs: List[Path]) -> MovieLensFiles:
         raise FileNotFoundError(f"movielens: no ratings.dat (GroupLens) or *.inter (RecBole) file in {where}")
     problems = [f"{len(paths)} {suffix} files" for suffix, paths in found.items() if len(paths) != 1]
     if problems:
-        raise ValueError(
+        raise InputError(
             f"movielens: RecBole input needs exactly one .inter, .user and .item file; "
             f"found {', '.join(problems)} in {where}"
         )
@@ -107,7 +107,11 @@ def locate(inputs: List[Path]) -> MovieLensFiles:
 def recbole_columns(path: Path) -> List[str]:
     """Column names of a RecBole atomic file, from its typed header (``user_id:token`` -> ``user_id``)."""
     with open(path, "rb") as handle:
-        header = handle.readline().decode("utf-8").rstrip("\r\n")
+        line = handle.readline()
+    try:
+        header = line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: the header line is not UTF-8") from None
     return [column.split(":", 1)[0] for column in header.split("\t")]
 
 
@@ -116,15 +120,18 @@ def read_recbole_table(path: Path, required: List[str]) -> pa.Table:
     names = recbole_columns(path)
     missing = [name for name in required if name not in names]
     if missing:
-        raise ValueError(f"{path}: no column {', '.join(missing)} in the header (has: {', '.join(names)})")
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in names}, strings_can_be_null=False, include_columns=required
-        ),
-    )
+        raise InputError(f"{path}: no column {', '.join(missing)} in the header (has: {', '.join(names)})")
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in names}, strings_can_be_null=False, include_columns=required
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"{path}: {one_line(error)}") from error
     return pa.table({name: fields.to_token(table.column(name).combine_chunks()) for name in required})
 
 
@@ -138,7 +145,7 @@ def read_grouplens_table(path: Path, names: List[str]) -> pa.Table:
             continue
         parts = line.split("::")
         if len(parts) != len(names):
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: expected {len(names)} '::'-separated fields ({'::'.join(names)}), got {len(parts)}"
             )
         rows.append(parts)
@@ -148,7 +155,7 @@ def read_grouplens_table(path: Path, names: List[str]) -> pa.Table:
 
 def _keyed(table: pa.Table, key: str, path: Path) -> pa.Table:
     if table.column(key).null_count or pc.count_distinct(table.column(key)).as_py() != table.num_rows:
-        raise ValueError(f"{path}: {key} values must be present and unique")
+        raise InputError(f"{path}: {key} values must be present and unique")
     return table
 
 
@@ -198,7 +205,7 @@ class MovieLensSource:
             names, delimiter, header = recbole_columns(self.files.ratings), "\t", True
             missing = [name for name in (USER_ID, ITEM_ID, RATING) if name not in names]
             if missing:
-                raise ValueError(f"{self.files.ratings}: no column {', '.join(missing)} in the header")
+                raise InputError(f"{self.files.ratings}: no column {', '.join(missing)} in the header")
         dropped: Counter[str] = collections.Counter()
         blocks = read_delimited(
             self.files.ratings, names, delimiter, quarantine, skip_header=header, block_bytes=self.block_bytes

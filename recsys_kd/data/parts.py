@@ -14,6 +14,12 @@ check that a part holds the same rows as the part it mirrors without comparing t
 ``checksum``, the part file's own (:mod:`recsys_kd.data.integrity`), that its bytes are those written.
 :func:`part_complete` verifies it, so a damaged part counts as unfinished and is redone.
 
+A caller that publishes a run's parts only once all are written (``score``) calls
+:meth:`PartWriter.finish` on each as it completes and :meth:`PartWriter.publish` at the end.
+
+:func:`read_row_group` reads one row group of any Parquet file, a truncated or corrupt file being a
+``SchemaError`` that names it.
+
 Example::
 
     writer = PartWriter(out / "test/part-00000.parquet", part_schema(["probability"]))
@@ -23,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -57,6 +64,29 @@ def row_id_checksum(row_ids: np.ndarray) -> str:
     total = int(row_ids.astype(np.int64).sum()) if len(row_ids) else 0
     mixed = int(np.bitwise_xor.reduce(hashed)) if len(row_ids) else 0
     return f"{len(row_ids)}:{total}:{mixed:016x}"
+
+
+def read_row_group(path: Path, row_group: int, columns: Sequence[str]) -> pa.Table:
+    """Row group ``row_group`` (its ``columns``) of the Parquet file ``path``.
+
+    Raises:
+        SchemaError: the file is missing, truncated or corrupt (names it and the row group).
+    """
+    try:
+        with pq.ParquetFile(path) as parquet:
+            return parquet.read_row_group(row_group, columns=list(columns))
+    except (OSError, pa.ArrowException) as error:
+        raise SchemaError(f"{path}: cannot read row group {row_group} (truncated or corrupt Parquet?): "
+                          f"{' '.join(str(error).split())}") from error
+
+
+def row_groups(path: Path) -> int:
+    """The number of row groups of the Parquet file ``path``; SchemaError when its footer is unreadable."""
+    try:
+        return pq.read_metadata(path).num_row_groups
+    except (OSError, pa.ArrowException) as error:
+        raise SchemaError(f"{path}: cannot read the Parquet footer (truncated or corrupt?): "
+                          f"{' '.join(str(error).split())}") from error
 
 
 def part_complete(part: Path, row_groups: Sequence[int], columns: Sequence[str], verify: bool = True) -> bool:
@@ -125,6 +155,9 @@ class PartWriter:
         self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
         self.rows = 0
         self.row_ids: List[np.ndarray] = []
+        self.row_id_checksum: Optional[str] = None  # set when finished, with the file's checksum
+        self.checksum: Optional[str] = None
+        self.published = False
 
     def add(self, row_group: int, row_ids: np.ndarray, values: np.ndarray) -> None:
         """Appends rows of the input's ``row_group``: ``row_ids [B]`` and ``values [B, C]``, the
@@ -156,27 +189,58 @@ class PartWriter:
         self.row_ids.append(row_ids)
         self.pending = []
 
-    def close(self) -> Dict[str, Any]:
-        """Publishes the part, then its sidecar (with the part's checksum, taken before publishing);
-        returns {path, rows}. On failure nothing is published."""
+    def finish(self) -> None:
+        """Completes the part under its temporary name; :meth:`publish` renames it into place."""
+        if self.row_id_checksum is not None:
+            return
         try:
             self._flush()
             self.writer.close()
-            checksum = file_checksum(self.temp)
-            sidecar_path(self.final).unlink(missing_ok=True)  # a part replacing an earlier one: its sidecar
-            os.replace(self.temp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
+        self.row_id_checksum, self.row_ids = row_id_checksum(ids), []
+        self.checksum = file_checksum(self.temp)
+
+    def publish(self) -> Dict[str, Any]:
+        """Renames the finished part into place, then writes its sidecar; returns {path, rows}. When the
+        sidecar cannot be written the part is withdrawn: nothing is published without it."""
+        self.finish()
+        sidecar_path(self.final).unlink(missing_ok=True)  # a part replacing an earlier one: its sidecar
+        os.replace(self.temp, self.final)
+        self.published = True
+        try:
+            atomic_write_json(sidecar_path(self.final), {"rows": self.rows, "row_id_checksum": self.row_id_checksum,
+                                                         "columns": self.schema.names[1:], "checksum": self.checksum})
+        except BaseException:
+            self.withdraw()
+            raise
+        return {"path": str(self.final), "rows": self.rows}
+
+    def close(self) -> Dict[str, Any]:
+        """Finishes and publishes the part (:meth:`finish`, :meth:`publish`); returns {path, rows}. On
+        failure nothing is published."""
+        try:
+            return self.publish()
         finally:
             self.abort()
-        ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
-        atomic_write_json(sidecar_path(self.final), {"rows": self.rows, "row_id_checksum": row_id_checksum(ids),
-                                                     "columns": self.schema.names[1:], "checksum": checksum})
-        return {"path": str(self.final), "rows": self.rows}
 
     def abort(self) -> None:
         """Drops the unfinished part (nothing appears under the final name)."""
         self.writer.close()
-        if self.temp.exists():
-            self.temp.unlink()
+        with contextlib.suppress(OSError):  # a failed cleanup must not hide the error
+            self.temp.unlink(missing_ok=True)
+
+    def withdraw(self) -> None:
+        """Removes the part this writer published, and its sidecar (a run that failed after publishing)."""
+        self.abort()
+        if not self.published:
+            return
+        self.published = False
+        for path in (sidecar_path(self.final), self.final):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 def _widths(schema: pa.Schema) -> List[int]:

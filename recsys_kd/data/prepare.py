@@ -5,12 +5,16 @@ Top-down: open the source; if vocabularies or a count-based split need it, strea
 again mapping values to ids (:class:`~recsys_kd.data.id_rules.IdRules`, as ``score`` does for raw logs)
 and rows to splits, writing Parquet parts; write schema, vocabularies, quarantine and a JSON record.
 Everything is built in a staged directory renamed into place at the end, so a crash never leaves a
-partial dataset under the final name.
+partial dataset under the final name; a rerun removes the staging directories killed runs left
+(``.<name>.XXXXXXXX.tmp`` beside the output). When too many rows are refused, the quarantine is kept
+beside the output as ``<name>.quarantine.jsonl`` (removed by the next successful run).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +32,10 @@ from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
 from recsys_kd.data.ids import VocabularyCounter
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
-from recsys_kd.data.source import DAY, LABEL, RawSource, SourceChunk
+from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
-from recsys_kd.io import atomic_write_json, prefetch, staged_directory
+from recsys_kd.io import atomic_write_json, naming, prefetch, staged_directory
 from recsys_kd.memory import pin_mmap_threshold
 from recsys_kd.runs import PREPARE_RECORD, QUARANTINE_FILE
 
@@ -88,43 +92,75 @@ def prepare(config: PrepareConfig) -> Dict:
     pin_mmap_threshold()
     source = open_source(config)
     output = Path(config.output)
-    with staged_directory(output, overwrite=config.overwrite) as staging:
-        quarantine = Quarantine(staging / QUARANTINE_FILE)
-        counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
-        kept_rows = None
-        if counter is not None or config.split.needs_count:
-            kept_rows = _count_pass(config, source, quarantine, counter)
-            quarantine.check(kept_rows + quarantine.total, config.max_bad_fraction)
-        vocabularies = _write_vocabularies(staging, counter, config) if counter is not None else {}
-        schema = _schema(config, source, vocabularies)  # its splits are known after the write pass
-        rules = IdRules(schema, vocabularies)
-        writers = _write_pass(config, source, staging, quarantine if kept_rows is None else None, kept_rows, rules)
-        quarantine.close()
-        rows_seen = sum(w.rows for w in writers.values()) + quarantine.total
-        quarantine.check(rows_seen, config.max_bad_fraction)
-        schema = schema.replace(splits={
-            name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives,
-                            checksums=writer.checksums)
-            for name, writer in writers.items()
-        })
-        schema.save(staging)
-        record = {
-            "stage": "prepare",
-            "output": str(output),
-            "inputs": describe_inputs(source.info.inputs),
-            "config": to_dict(config),
-            "rows": {name: writer.rows for name, writer in writers.items()},
-            "positives": {name: writer.positives for name, writer in writers.items()},
-            "quarantined": quarantine.summary(),
-            "quarantined_total": quarantine.total,
-            "dropped_by_rule": dict(source.dropped_by_rule),
-            "features": {"dense": len(schema.dense), "sparse": len(schema.sparse)},
-            "num_embeddings": schema.num_embeddings,
-            "seconds": round(time.time() - started, 3),
-        }
-        record["rows_per_second"] = round(sum(record["rows"].values()) / max(record["seconds"], 1e-9), 1)
-        atomic_write_json(staging / PREPARE_RECORD, record)
+    remove_stale_staging(output)
+    try:
+        with staged_directory(output, overwrite=config.overwrite) as staging:
+            record = _build(config, source, staging, output, started)
+    except OSError as error:
+        named = naming(error, output)
+        if named is error:
+            raise
+        raise named from error
+    kept_quarantine(output).unlink(missing_ok=True)  # a failed run's, now outdated
     return record
+
+
+def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path, started: float) -> Dict:
+    """The dataset, built in ``staging``; returns the record."""
+    quarantine = Quarantine(staging / QUARANTINE_FILE)
+    keep_at = kept_quarantine(output)
+    counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
+    kept_rows = None
+    if counter is not None or config.split.needs_count:
+        kept_rows = _count_pass(config, source, quarantine, counter)
+        quarantine.check(kept_rows + quarantine.total, config.max_bad_fraction, keep_at)
+    vocabularies = _write_vocabularies(staging, counter, config) if counter is not None else {}
+    schema = _schema(config, source, vocabularies)  # its splits are known after the write pass
+    rules = IdRules(schema, vocabularies)
+    writers = _write_pass(config, source, staging, quarantine if kept_rows is None else None, kept_rows, rules)
+    quarantine.close()
+    rows_seen = sum(w.rows for w in writers.values()) + quarantine.total
+    quarantine.check(rows_seen, config.max_bad_fraction, keep_at)
+    if not writers:
+        why = f"all {quarantine.total} refused" if quarantine.total else "empty, or a header alone"
+        raise InputError(f"prepare: no rows to convert in {', '.join(source.info.inputs) or source.info.name} ({why})")
+    schema = schema.replace(splits={
+        name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives, checksums=writer.checksums)
+        for name, writer in writers.items()
+    })
+    schema.save(staging)
+    record = {
+        "stage": "prepare",
+        "output": str(output),
+        "inputs": describe_inputs(source.info.inputs),
+        "config": to_dict(config),
+        "rows": {name: writer.rows for name, writer in writers.items()},
+        "positives": {name: writer.positives for name, writer in writers.items()},
+        "quarantined": quarantine.summary(),
+        "quarantined_total": quarantine.total,
+        "dropped_by_rule": dict(source.dropped_by_rule),
+        "features": {"dense": len(schema.dense), "sparse": len(schema.sparse)},
+        "num_embeddings": schema.num_embeddings,
+        "seconds": round(time.time() - started, 3),
+    }
+    record["rows_per_second"] = round(sum(record["rows"].values()) / max(record["seconds"], 1e-9), 1)
+    atomic_write_json(staging / PREPARE_RECORD, record)
+    return record
+
+
+def kept_quarantine(output: Path) -> Path:
+    """Where a run refused for too many bad rows keeps its quarantine: ``<output>.quarantine.jsonl``."""
+    return output.with_name(f"{output.name}.{QUARANTINE_FILE}")
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Removes the staging directories of killed runs of this output (``.<name>.XXXXXXXX.tmp``, as
+    :func:`~recsys_kd.io.staged_directory` names them); no other output's."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.[a-z0-9_]{{8}}\.tmp")
+    if output.parent.is_dir():
+        for path in output.parent.iterdir():
+            if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def open_source(config: PrepareConfig) -> RawSource:
@@ -215,8 +251,6 @@ def _write_pass(config, source, staging, quarantine, kept_rows, rules: IdRules):
             mask = assignment == index
             if mask.any():
                 writers[name].write(converted.filter(pa.array(mask)))
-    if not writers:
-        raise ValueError(f"prepare: no valid rows in {', '.join(source.info.inputs) or source.info.name}")
     for writer in writers.values():
         writer.close()
     return writers
@@ -227,7 +261,7 @@ def _assign(split: SplitConfig, table: pa.Table, position: int, kept_rows: Optio
         return splitting.assign_random(table.column(ROW_ID).to_numpy(), split.seed, split.fractions)
     if split.method == "day":
         if DAY not in table.column_names:
-            raise ValueError("split.method 'day' needs a source with days (Criteo day_N files, Avazu hours)")
+            raise InputError("split.method 'day' needs a source with days (Criteo day_N files, Avazu hours)")
         return splitting.assign_day(table.column(DAY).to_numpy(), split.valid_days, split.test_days)
     positions = np.arange(position, position + table.num_rows, dtype=np.int64)
     order = ranks[positions] if ranks is not None else positions

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from pathlib import Path
 from typing import Dict, Optional
+
+
+# Characters JSON leaves raw in strings that str.splitlines() (and so many line readers) breaks lines at
+LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 class TooManyBadRows(ValueError):
@@ -41,19 +46,25 @@ class Quarantine:
 
     def add(self, file: str, line: int, reason: str, text: str) -> None:
         record = {"file": file, "line": int(line), "reason": reason, "text": text[: self.max_text_chars]}
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.write(json.dumps(record, ensure_ascii=False).translate(LINE_BREAKS) + "\n")
         self.counts[reason] += 1
 
     def close(self) -> None:
         if not self._handle.closed:
             self._handle.close()
 
-    def check(self, rows_seen: int, max_bad_fraction: Optional[float]) -> None:
-        """Raises TooManyBadRows when bad / seen exceeds ``max_bad_fraction`` (None: never)."""
+    def check(self, rows_seen: int, max_bad_fraction: Optional[float], keep_at: Optional[Path] = None) -> None:
+        """Raises TooManyBadRows when bad / seen exceeds ``max_bad_fraction`` (None: never). With
+        ``keep_at``, the file is first moved there (out of a staging directory about to be removed),
+        and the error names it there."""
         if max_bad_fraction is None or rows_seen == 0:
             return
         fraction = self.total / rows_seen
         if fraction > max_bad_fraction:
+            if keep_at is not None:
+                self.close()
+                os.replace(self.path, keep_at)
+                self.path = Path(keep_at)
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.counts.items()))
             raise TooManyBadRows(
                 f"{self.total} of {rows_seen} rows ({fraction:.2%}) were refused, more than "

@@ -3,15 +3,20 @@
 The file is read in blocks of whole lines; lines are split and counted with numpy, so every row
 keeps its physical line number, lines with the wrong number of columns go to the quarantine, and
 the well-formed lines are parsed by Arrow's C++ CSV parser into binary columns (no UTF-8 decode, so
-non-UTF-8 bytes cannot crash the parse; converters validate values themselves). ``.gz``/``.bz2``
-inputs are decompressed on the fly. Memory is bounded by the block size.
+non-UTF-8 bytes cannot crash the parse; converters validate values themselves). A line longer than
+``MAX_LINE_BYTES`` (a runaway field: no click-log field comes close) is quarantined as
+``field_too_long`` without being parsed, since Arrow's parser refuses rows longer than its block; one
+longer than the buffer is skipped as it streams past, so memory stays bounded by the block size.
+``.gz``/``.bz2`` inputs are decompressed on the fly; a truncated or unreadable input is a
+:class:`~recsys_kd.data.source.InputError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +24,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from recsys_kd.data.quarantine import Quarantine
+from recsys_kd.data.source import InputError
 
 NEWLINE = 10
 CARRIAGE_RETURN = 13
+# The longest line parsed; must stay below Arrow's CSV block (ARROW_BLOCK_BYTES), as a row longer than
+# the block makes the parser fail ("straddling object straddles two block boundaries").
+MAX_LINE_BYTES = 512 << 10
+ARROW_BLOCK_BYTES = 1 << 20
+FIELD_TOO_LONG = "field_too_long"
+STRAY_RETURN = "stray_carriage_return"
 
 
 @dataclass
@@ -61,9 +73,19 @@ def read_delimited(
     buffer = np.empty(block_bytes, dtype=np.uint8)
     filled = 0
     first = True
-    with pa.input_stream(str(path), compression="detect") as stream:
+    with _opened(path) as stream:
         while True:
             if filled == len(buffer):  # a single line longer than the buffer
+                if filled > MAX_LINE_BYTES:
+                    text = buffer_text(buffer[: Quarantine.max_text_chars], encoding)
+                    skipped, filled = _skip_line(stream, buffer)
+                    if quarantine is not None and not (skip_header and first):
+                        quarantine.add(name, line_base + 1, FIELD_TOO_LONG, text)
+                    line_base += 1
+                    first = False
+                    yield RawBlock(file=name, table=_empty(column_names), lines=np.zeros(0, np.int64),
+                                   line_end=line_base, size=skipped)
+                    continue
                 buffer = np.concatenate([buffer, np.empty(len(buffer), np.uint8)])
             read = stream.readinto(memoryview(buffer)[filled:])
             filled += read
@@ -90,6 +112,62 @@ def read_delimited(
                 break
 
 
+class _Stream:
+    """An Arrow input stream whose read errors (a truncated .gz, an I/O error) are InputErrors naming
+    the file."""
+
+    def __init__(self, stream, name: str) -> None:
+        self.stream, self.name = stream, name
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            return self.stream.readinto(view)
+        except (OSError, EOFError, pa.ArrowInvalid) as error:
+            raise InputError(f"{self.name}: cannot read on (truncated or corrupt?): {one_line(error)}") from error
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[_Stream]:
+    try:
+        stream = pa.input_stream(str(path), compression="detect")
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowInvalid) as error:
+        raise InputError(f"{path}: cannot open: {one_line(error)}") from error
+    with stream:
+        yield _Stream(stream, str(path))
+
+
+def _skip_line(stream, buffer: np.ndarray) -> Tuple[int, int]:
+    """Reads past the rest of the line that fills ``buffer``; returns (the line's bytes, how many bytes
+    of the following lines are now at the start of ``buffer``)."""
+    skipped = len(buffer)
+    while True:
+        read = stream.readinto(memoryview(buffer))
+        if read == 0:
+            return skipped, 0
+        newlines = np.flatnonzero(buffer[:read] == NEWLINE)
+        if len(newlines):
+            end = int(newlines[0]) + 1
+            buffer[: read - end] = buffer[end:read]
+            return skipped + end, read - end
+        skipped += read
+
+
+def buffer_text(data: np.ndarray, encoding: str = "utf-8") -> str:
+    """Raw bytes as quarantine text (undecodable bytes replaced)."""
+    return data.tobytes().rstrip(b"\r\n").decode(encoding, "replace")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (Arrow's and torch's messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _empty(column_names: List[str]) -> pa.Table:
+    return pa.table({column: pa.array([], pa.binary()) for column in column_names})
+
+
 def _split_block(
     buffer: np.ndarray,
     separator: int,
@@ -109,7 +187,13 @@ def _split_block(
     # search per line instead of a pass over every byte).
     separator_positions = np.flatnonzero(buffer == separator)
     fields = np.searchsorted(separator_positions, newlines) - np.searchsorted(separator_positions, starts) + 1
-    good = fields == expected
+    too_long = newlines - starts > MAX_LINE_BYTES
+    # Arrow's parser ends a row at a bare '\r' too; only "\r\n" (or a final '\r') is a line ending here.
+    returns = np.flatnonzero(buffer == CARRIAGE_RETURN)
+    stray = returns[(returns + 1 < len(buffer)) & (buffer[np.minimum(returns + 1, len(buffer) - 1)] != NEWLINE)]
+    stray_lines = np.zeros(line_count, dtype=bool)
+    stray_lines[np.searchsorted(newlines, stray)] = True
+    good = (fields == expected) & ~too_long & ~stray_lines
     if skip_first_line:
         good[0] = False
     numbers = np.arange(line_count, dtype=np.int64) + line_base
@@ -118,11 +202,11 @@ def _split_block(
         bad = bad[1:]
     if quarantine is not None:
         for index in bad:
-            text = buffer[starts[index] : newlines[index]].tobytes().rstrip(b"\r").decode("utf-8", "replace")
-            quarantine.add(file, int(numbers[index]) + 1, "wrong_column_count", text)
+            end = min(int(newlines[index]), int(starts[index]) + Quarantine.max_text_chars)
+            reason = FIELD_TOO_LONG if too_long[index] else STRAY_RETURN if stray_lines[index] else "wrong_column_count"
+            quarantine.add(file, int(numbers[index]) + 1, reason, buffer_text(buffer[starts[index] : end]))
     if not good.any():
-        empty = pa.table({column: pa.array([], pa.binary()) for column in column_names})
-        return empty, numbers[good], line_count
+        return _empty(column_names), numbers[good], line_count
     if good.all():
         body = buffer
     else:
@@ -130,7 +214,7 @@ def _split_block(
         body = buffer[np.repeat(good, lengths)]
     table = pacsv.read_csv(
         pa.BufferReader(pa.py_buffer(body)),
-        read_options=pacsv.ReadOptions(column_names=column_names, use_threads=True),
+        read_options=pacsv.ReadOptions(column_names=column_names, use_threads=True, block_size=ARROW_BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(delimiter=chr(separator), quote_char=False, ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.binary() for name in column_names}, strings_can_be_null=False

@@ -56,6 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from recsys_kd.data.batch import Batch, RowBlock, concat_lists
 from recsys_kd.data.integrity import verify_dataset_part
+from recsys_kd.data.parts import read_row_group
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.data.side_inputs import join_side_columns, side_columns
 from recsys_kd.memory import pin_mmap_threshold
@@ -443,8 +444,7 @@ class ParquetReader(IterableDataset):
             unit = self._units[u]
             path = self.files[unit.file]
             self._verify(unit.file)
-            with pq.ParquetFile(path) as parquet:
-                table = parquet.read_row_group(unit.row_group, columns=self._columns)
+            table = read_row_group(path, unit.row_group, self._columns)  # SchemaError if corrupt
             table = join_side_columns(table, self._side, self.config.extras, self.split, path, unit.row_group,
                                       self.config.verify)
             rows = slice(start, start + unit.rows)

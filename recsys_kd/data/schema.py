@@ -24,7 +24,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Sequence
 
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.io import atomic_write_text
@@ -105,6 +105,20 @@ class Schema:
         if name not in self.splits:
             raise SchemaError(f"schema {self.name!r} has no split {name!r} (has: {sorted(self.splits)})")
         return self.splits[name]
+
+    def feature_change(self, features: Sequence[str]) -> Optional[str]:
+        """How ``features`` (names, in any order) differ from this schema's dense and sparse features:
+        the first one missing there, or else the first one this schema lacks; None when they match."""
+        ours = [*self.dense, *self.sparse_names]
+        missing = [name for name in ours if name not in features]
+        extra = [name for name in features if name not in ours]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            return f"no feature {missing[0]!r}{more}, which the model was trained with"
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            return f"feature {extra[0]!r}{more}, which the model was not trained with"
+        return None
 
     def columns(self) -> List[str]:
         return [ROW_ID, self.label, *self.dense, *self.sparse_names, *self.extra]

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_kd.data.integrity import RERUN_INFER, verify_dataset_part
-from recsys_kd.data.parts import row_id_checksum, verify_part
+from recsys_kd.data.parts import read_row_group, row_id_checksum, verify_part
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.runs import SIDE_INPUT_FILE
 
@@ -88,8 +88,7 @@ def join_side_columns(
         side_path = side_dir / split / path.name
         if verify:
             verify_part(side_path, RERUN_INFER)
-        with pq.ParquetFile(side_path) as parquet:
-            side = parquet.read_row_group(row_group, columns=[ROW_ID, *names])
+        side = read_row_group(side_path, row_group, [ROW_ID, *names])  # SchemaError if missing or corrupt
         if side.num_rows != table.num_rows or not np.array_equal(
             side.column(ROW_ID).to_numpy(), table.column(ROW_ID).to_numpy()
         ):

@@ -24,6 +24,11 @@ LABEL = "label"
 DAY = "day"
 
 
+class InputError(ValueError):
+    """Raw input that cannot be converted at all (empty, truncated, unreadable, no labelled column),
+    as opposed to bad rows, which are quarantined. The message names the file."""
+
+
 @dataclass
 class SourceChunk:
     table: pa.Table

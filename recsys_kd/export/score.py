@@ -22,8 +22,10 @@ Outputs under ``out_dir``::
     quarantine.jsonl                 raw logs only: the refused rows
     score.json                       the record: inputs, parts, rows, rows/s, metrics (AUC, logloss)
 
-Each part is written under a temporary name and renamed when complete
-(:class:`~recsys_kd.data.parts.PartWriter`); ``score.json`` is written last.
+Each part is written under a temporary name (:class:`~recsys_kd.data.parts.PartWriter`), and the parts
+are renamed into place only once every one is complete and the bad-row check passed; ``score.json`` is
+written last. A failed run publishes no part; a rerun removes the temporaries a killed run left
+(``<split>/.part-*.tmp``, ``.score.json.*.tmp``), its own output's only.
 
 Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC and logloss are
 streamed (:class:`~recsys_kd.train.metrics.StreamingMetrics`): the AUC from histograms of the
@@ -38,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +48,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.id_rules import IdRules, vocab_features
 from recsys_kd.data.integrity import verify_dataset_part
-from recsys_kd.data.parts import PartWriter, part_schema
+from recsys_kd.data.parts import PartWriter, part_schema, read_row_group, row_groups
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
-from recsys_kd.io import atomic_write_json
+from recsys_kd.io import atomic_write_json, naming
 from recsys_kd.runs import QUARANTINE_FILE, SCHEMA_FILE, SCORE_RECORD
 from recsys_kd.train import hooks
 from recsys_kd.train.metrics import StreamingMetrics
@@ -66,6 +68,9 @@ RAW_SPLIT = "raw"
 PROBABILITY = "probability"
 RAW_FORMATS = ("criteo", "avazu", "movielens")
 _OUTPUT_SCHEMA = part_schema([PROBABILITY])
+# what killed runs leave: PartWriter's and atomic_write_json's temporaries
+_STALE_PARTS = re.compile(r"\.part-\d+\.parquet(\.json)?\..+\.tmp")
+_STALE_RECORD = re.compile(rf"\.{re.escape(SCORE_RECORD)}\..+\.tmp")
 
 
 @dataclass
@@ -140,6 +145,7 @@ def score_dataset(
     _check_arguments(artifact, source, out_dir, batch_size, overwrite)
     module, metadata = load_artifact(artifact, verify=verify)
     schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
+    remove_stale_temporaries(out_dir)
     # an interrupted rerun must not leave the old record claiming parts this run replaced
     (out_dir / SCORE_RECORD).unlink(missing_ok=True)
     if (source / SCHEMA_FILE).exists():
@@ -147,10 +153,19 @@ def score_dataset(
     else:
         scored = _raw_input(schema, source, out_dir, vocab_dir, rows_per_part)
     metrics = StreamingMetrics()
-    parts = _score(module, schema, scored, out_dir, batch_size, metrics, progress)
-    rows = sum(part["rows"] for part in parts)
-    if scored.quarantine is not None:
-        scored.quarantine.check(rows + scored.quarantine.total, max_bad_fraction)
+    writers: List[PartWriter] = []
+    try:
+        _score(module, schema, scored, out_dir, batch_size, metrics, progress, writers)
+        rows = sum(writer.rows for writer in writers)
+        if scored.quarantine is not None:
+            scored.quarantine.check(rows + scored.quarantine.total, max_bad_fraction)
+        parts = [writer.publish() for writer in writers]
+    except BaseException as error:
+        for writer in writers:
+            writer.withdraw()
+        if isinstance(error, OSError) and naming(error, out_dir) is not error:
+            raise naming(error, out_dir) from error
+        raise
     record = {
         "stage": "score",
         "artifact": str(artifact),
@@ -170,6 +185,17 @@ def score_dataset(
     record.update(seconds=round(seconds, 3), rows_per_second=round(rows / max(seconds, 1e-9), 1))
     atomic_write_json(out_dir / SCORE_RECORD, record)
     return record
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Removes what killed runs into ``out_dir`` left: part and record temporaries, nothing else."""
+    if not out_dir.is_dir():
+        return
+    for directory in (out_dir, *(path for path in out_dir.iterdir() if path.is_dir() and not path.is_symlink())):
+        for path in directory.iterdir():
+            pattern = _STALE_RECORD if directory == out_dir else _STALE_PARTS
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _check_arguments(artifact: Path, source: Path, out_dir: Path, batch_size: int, overwrite: bool) -> None:
@@ -215,39 +241,35 @@ def _score(
     batch_size: int,
     metrics: StreamingMetrics,
     progress: bool,
-) -> List[Dict[str, Any]]:
+    writers: List[PartWriter],
+) -> None:
     """Scores the input's chunks in batches of at most ``batch_size`` rows, writing each output part as
-    its chunks come; returns the published parts ({path, rows}). A failure leaves no partial part."""
+    its chunks come; appends the parts' writers to ``writers``, each part finished but not published
+    (the caller publishes them, or withdraws them on failure)."""
     sparse_limits = np.array([f.num_embeddings for f in schema.sparse], dtype=np.int64)
     bar = tqdm(total=scored.total, desc=f"score {scored.split}", unit=scored.unit, unit_scale=True,
                disable=not progress, mininterval=1.0)
-    parts: List[Dict[str, Any]] = []
-    writer: Optional[PartWriter] = None
     try:
         for chunk in scored.chunks:
-            if writer is None or writer.final != out_dir / chunk.part:
-                if writer is not None:
-                    parts.append(writer.close())
-                hooks.reached("score_part", 0, len(parts) + 1)
-                writer = PartWriter(out_dir / chunk.part, _OUTPUT_SCHEMA)
+            if not writers or writers[-1].final != out_dir / chunk.part:
+                if writers:
+                    writers[-1].finish()
+                hooks.reached("score_part", 0, len(writers) + 1)
+                writers.append(PartWriter(out_dir / chunk.part, _OUTPUT_SCHEMA))
             for start in range(0, chunk.table.num_rows, batch_size):
                 row_ids, labels, inputs = batch_inputs(chunk.table.slice(start, batch_size), schema, sparse_limits,
                                                        chunk.origin)
                 with torch.no_grad():
                     probabilities = module(*inputs).numpy()
-                writer.add(chunk.row_group, row_ids, probabilities.reshape(-1, 1))
+                writers[-1].add(chunk.row_group, row_ids, probabilities.reshape(-1, 1))
                 metrics.update(labels, probabilities)
             bar.update(chunk.progress)
-        if writer is not None:
-            parts.append(writer.close())
-            writer = None
+        if writers:
+            writers[-1].finish()
     finally:
-        if writer is not None:
-            writer.abort()
         bar.close()
         if scored.quarantine is not None:
             scored.quarantine.close()
-    return parts
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -259,6 +281,10 @@ def check_same_features(artifact_schema: Schema, dataset_schema: Schema, dataset
     where = f"{dataset / SCHEMA_FILE}"
     if dataset_schema.dense != artifact_schema.dense:
         raise SchemaError(f"{where}: dense columns {dataset_schema.dense} differ from the artifact's {artifact_schema.dense}")
+    missing = [name for name in artifact_schema.sparse_names if name not in dataset_schema.sparse_names]
+    if missing:
+        raise SchemaError(f"{where}: no feature {missing[0]!r}, which the artifact was trained with"
+                          + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if dataset_schema.sparse_names != artifact_schema.sparse_names:
         raise SchemaError(
             f"{where}: sparse features {dataset_schema.sparse_names} differ from the artifact's "
@@ -345,10 +371,9 @@ def _dataset_chunks(dataset: Path, schema: Schema, split: str) -> Iterator[_Chun
     columns = [ROW_ID, schema.label, *schema.dense, *schema.sparse_names]
     for relative in schema.split(split).files:
         path = dataset / relative
-        with pq.ParquetFile(path) as parquet:
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=columns)
-                yield _Chunk(table, relative, group, str(path), table.num_rows)
+        for group in range(row_groups(path)):
+            table = read_row_group(path, group, columns)
+            yield _Chunk(table, relative, group, str(path), table.num_rows)
 
 
 # -------------------------------------------------------------------------------------- raw logs

@@ -26,8 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pathlib
-import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -37,25 +36,18 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from recsys_kd.distributed import all_gather_json
 from recsys_kd.io import atomic_write_json, atomic_write_text, file_crc32
-from recsys_kd.runs import BEST, LATEST, TrainOutput, is_checkpoint
+from recsys_kd.runs import BEST, LATEST, OutputError, TrainOutput, is_checkpoint
+from recsys_kd.train.safe_dcp import METADATA, CheckpointError, dcp_load, read_metadata
 
 if TYPE_CHECKING:  # pragma: no cover
     from recsys_kd.models.zoo import CTRModel, ModelConfig
 
 
-METADATA = ".metadata"
 MANIFEST = "checksums.json"
 MANIFEST_FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, unsafe to read, or was written by another number of ranks."""
 
 
 class CheckpointIntegrityError(CheckpointError):
@@ -129,7 +121,7 @@ def load(path: Path, state: Dict[str, Any], verify: bool = True) -> Dict[str, An
         problem = error
     _raise_on_every_rank(problem)
     verify_collective(path, verify)
-    _dcp_load(state, path)
+    dcp_load(state, path)
     return rank_state
 
 
@@ -164,7 +156,7 @@ def load_latest(output: TrainOutput, state: Dict[str, Any], verify: bool = True)
 def load_state(path: Path, state: Dict[str, Any], verify: bool = True) -> None:
     """Collective: loads DCP tensors into ``state`` in place, resharded to this process group's plan."""
     verify_collective(Path(path), verify)
-    _dcp_load(state, Path(path))
+    dcp_load(state, Path(path))
 
 
 def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all", verify: bool = True) -> List[str]:
@@ -176,6 +168,7 @@ def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all", verify: 
     teacher's). With ``all``, a model tensor the checkpoint lacks is an error. Returns the names loaded.
     """
     path = Path(path)
+    check_trained_features(path, _table_features(dmp.state_dict()), sparse_only=True)
     if not is_checkpoint(path):
         raise CheckpointError(f"init_from {path}: not a checkpoint (no .metadata)")
     verify_collective(path, verify)
@@ -195,7 +188,7 @@ def load_init_from(dmp: torch.nn.Module, path: Path, part: str = "all", verify: 
             f"init_from {path}: {len(missing)} model tensors are missing or shaped differently there, "
             f"e.g. {missing[:3]}; use init_from_part: embeddings to load only the tables"
         )
-    _dcp_load({"model": wanted}, path)
+    dcp_load({"model": wanted}, path)
     dmp.load_state_dict({**state, **wanted})
     return sorted(wanted)
 
@@ -208,7 +201,7 @@ def load_model_tensors(path: Path, state_dict: Dict[str, torch.Tensor], verify: 
         raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
     if verify:
         verify_files(path)
-    _dcp_load({"model": state_dict}, path, no_dist=True)
+    dcp_load({"model": state_dict}, path, no_dist=True)
     return state_dict
 
 
@@ -239,6 +232,7 @@ def load_model(output: TrainOutput, checkpoint: str = BEST, dataset: Optional[Un
 
     path = output.checkpoint(checkpoint)
     schema = Schema.load(Path(dataset) if dataset is not None else output.dataset)
+    check_trained_features(path, [*schema.dense, *schema.sparse_names])
     model = build_model(schema, recorded_model_config(output))
     state = {f"model.{key}": value for key, value in model.state_dict().items()}
     load_model_tensors(path, state, verify)
@@ -253,6 +247,38 @@ def recorded_model_config(output: TrainOutput) -> "ModelConfig":
     from recsys_kd.models.zoo import ModelConfig
 
     return from_dict(ModelConfig, output.model_config, source=str(output.record_path), prefix="config.model")
+
+
+def check_trained_features(checkpoint: Path, features: List[str], sparse_only: bool = False) -> None:
+    """Refuses to fill a model of ``features`` (dense and sparse names; sparse only with ``sparse_only``)
+    from a checkpoint trained on other features: a model silently trained or served on the rest is
+    wrong. The checkpoint's features are those of the dataset its run recorded (``<output>/checkpoints/
+    <name>``); when that run or dataset is gone there is nothing to compare with.
+
+    Raises:
+        CheckpointError: naming the first feature missing from ``features``, or else the first extra one.
+    """
+    from recsys_kd.data.schema import Schema, SchemaError  # local import: see recorded_model_config
+
+    output = TrainOutput(Path(checkpoint).parent.parent)
+    if not features:
+        return
+    try:
+        trained = Schema.load(output.dataset)
+    except (OutputError, SchemaError, KeyError, TypeError, OSError):
+        return
+    if sparse_only:
+        trained = trained.replace(dense=[])
+    change = trained.feature_change(features)
+    if change is not None:
+        raise CheckpointError(f"{checkpoint}: the dataset has {change} (on {output.dataset}); "
+                              "use the dataset the checkpoint was trained on, or one with the same features")
+
+
+def _table_features(state: Dict[str, Any]) -> List[str]:
+    """The sparse features of a model's state dict, from its field embedding tables ``t_<feature>``."""
+    found = (re.search(r"\.embedding_bags\.t_(.+)\.weight$", key) for key in state)
+    return list(dict.fromkeys(match.group(1) for match in found if match))
 
 
 # ------------------------------------------------------------------------------------------ integrity
@@ -363,113 +389,6 @@ def _raise_on_every_rank(problem: Optional[CheckpointError]) -> None:
             raise problem
         kind = CheckpointIntegrityError if first[0] == CheckpointIntegrityError.__name__ else CheckpointError
         raise kind(first[1])
-
-
-# ------------------------------------------------------------------------------------ safe DCP reading
-
-
-def _metadata_globals() -> Dict[Tuple[str, str], Any]:
-    """(module, name) -> object: every global a DCP ``.metadata`` pickle of this project refers to
-    (recorded from checkpoints of 1 and 2 ranks, every sharding type, with optimizer state), plus
-    ``BytesStorageMetadata`` (a non-tensor value) and every torch dtype. Nothing else is resolved."""
-    from torch.distributed.checkpoint import filesystem, metadata
-
-    allowed: Dict[Tuple[str, str], Any] = {
-        ("torch.distributed.checkpoint.metadata", name): getattr(metadata, name)
-        for name in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
-    }
-    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
-    allowed[("torch", "Size")] = torch.Size
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a lookup by name
-    allowed[("pathlib", "PosixPath")] = pathlib.PosixPath  # StorageMeta.checkpoint_id
-    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
-    return allowed
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only :func:`_metadata_globals`; any other global is a :class:`CheckpointError`."""
-
-    def __init__(self, handle, path: Path) -> None:
-        super().__init__(handle)
-        self.path = path
-        self.allowed = _metadata_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: refused to unpickle the global {module}.{name}: not a type DCP "
-                                  "metadata holds (was the checkpoint tampered with?)") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise CheckpointError(f"{self.path}: refused a persistent id in DCP metadata")
-
-
-def read_metadata(path: Path, rank: Optional[int] = None) -> Metadata:
-    """A checkpoint's DCP metadata (``.metadata``, or ``__<rank>.metadata``) through the restricted
-    unpickler; its storage entries must name files inside the checkpoint."""
-    file = Path(path) / (METADATA if rank is None else f"__{rank}{METADATA}")
-    try:
-        with open(file, "rb") as handle:
-            metadata = _MetadataUnpickler(handle, file).load()
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found; is {path} a checkpoint?") from None
-    except Exception as error:  # a damaged pickle fails in many ways
-        raise CheckpointError(f"{file}: not readable DCP metadata ({type(error).__name__}: {error})") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{file}: not DCP metadata (a {type(metadata).__name__})")
-    for info in (metadata.storage_data or {}).values():
-        relative = getattr(info, "relative_path", None)
-        if not isinstance(relative, str) or Path(relative).name != relative or relative in ("", ".", ".."):
-            raise CheckpointError(f"{file}: a storage entry names {relative!r}, not a file of the checkpoint")
-    return metadata
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """DCP's file system reader with :func:`read_metadata` (the restricted unpickler) for its metadata."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(Path(self.path), kwargs.get("rank"))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner, except that a non-tensor value is unpickled weights-only (the default
-    planner calls ``torch.load(weights_only=False)`` on whatever the metadata says is bytes)."""
-
-    def load_bytes(self, read_item, value) -> None:
-        from torch.distributed.checkpoint._traverse import set_element
-
-        fqn = read_item.dest_index.fqn
-        try:
-            loaded = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as error:
-            first = next((line for line in str(error).splitlines() if "Unsupported" in line or "global" in line), "")
-            raise CheckpointError(f"refused to unpickle the stored value of {fqn}: {first or 'not weights-only'}") from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], loaded)
-        else:
-            self.state_dict[fqn] = loaded
-
-
-def _dcp_load(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None:
-    """``dcp.load`` with the safe reader and planner; the metadata is read (and refused) before DCP
-    starts, and a refusal inside DCP comes out as the :class:`CheckpointError` it is."""
-    reader = SafeFileSystemReader(str(path))
-    reader.read_metadata()
-    try:
-        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=no_dist)
-    except CheckpointException as error:
-        for failure, _ in error.failures.values():
-            if isinstance(failure, CheckpointError):
-                raise CheckpointError(f"{path}: {failure}") from None
-        raise
 
 
 def rng_state() -> Dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +29,14 @@ class OptimConfig:
     l2_embedding: float = 0.0
     l2_dense: float = 0.0
     eps: float = 1e-8
+
+    def validate(self) -> None:
+        for key in ("lr", "embedding_lr", "l2_embedding", "l2_dense"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
 
 
 @dataclass
