@@ -187,24 +187,36 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
             _parts_started[0] += 1
             hooks.reached("infer_part", ctx.rank, _parts_started[0])
         writer = PartWriter(output / files[index], part_schema(columns, vectors)) if mine else None
-        padding = None
-        with torch.no_grad():
-            for _ in range(steps):
-                item = next(batches, None)
-                if item is None:
-                    padding = padding or padding_batch(schema, config.batch_size)
-                    dmp(padding.dense.to(ctx.device), padding.sparse.to(ctx.device))
-                    continue
-                row_group, batch = item
-                logits, hints = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
-                values = logits.float() if hints is None else torch.cat([logits.float(), hints.float()], dim=1)
-                writer.add(row_group, batch.row_ids.numpy(), values.cpu().numpy())
-                scored += batch.batch_size
+        try:
+            scored += _score_part(config, ctx, dmp, schema, batches, steps, writer)
+        except BaseException:
+            if writer is not None:
+                writer.abort()  # no temporary left behind by a failed part
+            raise
         if writer is not None:
             writer.close()
         bar.update(min(ctx.world_size, len(files) - round_index * ctx.world_size))
     bar.close()
     dist.barrier()
+    return scored
+
+
+def _score_part(config, ctx, dmp, schema: Schema, batches, steps: int, writer) -> int:
+    """``steps`` collective forward passes: this rank's batches of one part into ``writer``, then padding
+    batches (a rank with no part, or a shorter one, keeps stepping with the others). Returns rows scored."""
+    scored, padding = 0, None
+    with torch.no_grad():
+        for _ in range(steps):
+            item = next(batches, None)
+            if item is None:
+                padding = padding or padding_batch(schema, config.batch_size)
+                dmp(padding.dense.to(ctx.device), padding.sparse.to(ctx.device))
+                continue
+            row_group, batch = item
+            logits, hints = dmp(batch.dense.to(ctx.device), batch.sparse.to(ctx.device))
+            values = logits.float() if hints is None else torch.cat([logits.float(), hints.float()], dim=1)
+            writer.add(row_group, batch.row_ids.numpy(), values.cpu().numpy())
+            scored += batch.batch_size
     return scored
 
 

@@ -205,7 +205,8 @@ def export_artifact(
             parity = _check_parity(model, loaded, rows, dtype, parity_tolerance, out_path)
         latency = _latency(loaded, rows.dense[:1], *_first_example(rows.ids, rows.offsets, len(schema.sparse)))
         checksum = {"crc32": file_crc32(temp), "bytes": os.path.getsize(temp)}
-        export_record(out_path).unlink(missing_ok=True)  # never a stale record beside the new artifact
+        if export_record(out_path).exists():
+            export_record(out_path).unlink()  # never a stale record beside the new artifact
 
     timings["total_s"] = time.perf_counter() - started
     record = _export_record(source, out_path, dtype, checksum, parity, latency, libraries, timings)

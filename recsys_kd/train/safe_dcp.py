@@ -126,7 +126,10 @@ def dcp_load(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None:
     try:
         dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=no_dist)
     except CheckpointException as error:
-        for failure, _ in error.failures.values():
+        failures = [failure for failure, _ in error.failures.values()]
+        for failure in failures:
             if isinstance(failure, CheckpointError):
                 raise CheckpointError(f"{path}: {failure}") from None
-        raise
+        first = " ".join(str(failures[0]).split())[:300] if failures else "unknown failure"
+        raise CheckpointError(f"{path}: cannot be read (truncated or damaged?): {type(failures[0]).__name__ if failures else ''}"
+                              f" {first}") from None

@@ -16,6 +16,7 @@ the same examples every run); ``-m slow`` runs 1,500 random examples per format.
 
 import gzip
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -31,6 +32,7 @@ from recsys_kd.data.movielens import MovieLensSource
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.rawtext import MAX_LINE_BYTES
 
+TALLY = "RECSYS_KD_FUZZ_TALLY"  # a file each example appends its line count to
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 FAST = settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=HEALTH)
 SLOW = settings(max_examples=1500, deadline=None, database=None, suppress_health_check=HEALTH)
@@ -104,6 +106,9 @@ def _account(source, path_lines: Dict[str, int], headers: int, quarantine_dir: P
     assert len(row_ids) + quarantine.total + headers + dropped == total, (
         len(row_ids), quarantine.summary(), headers, dropped, total)
     assert len(np.unique(row_ids)) == len(row_ids) and (row_ids.size == 0 or 0 <= row_ids.min() <= row_ids.max() < total)
+    if os.environ.get(TALLY):  # tools/chaos.py counts the lines fuzzed
+        with open(os.environ[TALLY], "a", encoding="utf-8") as tally:
+            tally.write(f"{total}\n")
 
 
 @pytest.fixture(scope="module")

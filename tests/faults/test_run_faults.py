@@ -147,12 +147,15 @@ def test_a_corrupt_part_in_a_training_read_names_the_part(setup, tmp_path):
     dataset = _copy_dataset(setup, tmp_path)
     part = dataset / Schema.load(dataset).split("train").files[0]
     _garble(part)
-    reader = ParquetReader(dataset, "train", ReaderConfig(batch_size=128, shuffle=False), rank=0, world_size=1)
+    with pytest.raises(SchemaError, match=f"{part}: damaged: expected checksum"):  # verified first
+        ParquetReader(dataset, "train", ReaderConfig(batch_size=128, shuffle=False), rank=0, world_size=1)
+    # unverified (reader.verify: false, or a dataset written before checksums), the read names the part
+    reader = ParquetReader(dataset, "train", ReaderConfig(batch_size=128, shuffle=False, verify=False), rank=0, world_size=1)
     with pytest.raises(SchemaError, match=f"{part}: cannot read row group 0"):
         list(reader)
     part.write_bytes(part.read_bytes()[:50])
     with pytest.raises(SchemaError, match=str(part)):
-        ParquetReader(dataset, "train", ReaderConfig(batch_size=128), rank=0, world_size=1)
+        ParquetReader(dataset, "train", ReaderConfig(batch_size=128, verify=False), rank=0, world_size=1)
 
 
 def test_a_corrupt_part_in_train_is_one_line(setup, tmp_path, capsys):
