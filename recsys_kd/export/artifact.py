@@ -310,10 +310,16 @@ def _parity_batch(dataset: Path, schema: Schema, parity_rows: int) -> _ParityRow
 
 
 def _save(scripted: torch.jit.ScriptModule, path: Path, extra_files: Dict[str, str]) -> None:
-    """Saves the module with its extra files (``schema.json``, ``model.json``)."""
+    """Saves the module with its extra files (``schema.json``, ``model.json``). torch reports a failed
+    write (a full or read-only disk) as a RuntimeError from its zip writer: it becomes an OSError
+    naming the file, which the CLI prints as one line."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(scripted, str(path), _extra_files=extra_files)
+        try:
+            torch.jit.save(scripted, str(path), _extra_files=extra_files)
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())[:200]
+            raise OSError(f"{path}: cannot write the artifact ({detail})") from error
 
 
 def _load_back(path: Path, extra_files: Dict[str, str], out_path: Path) -> torch.jit.ScriptModule:

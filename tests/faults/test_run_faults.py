@@ -213,3 +213,17 @@ def test_export_to_a_full_disk_reports_the_disk_not_the_cleanup(setup, tmp_path,
     line = one_line_error(capsys.readouterr(), "recsys-kd export: error:", os.strerror(errno.ENOSPC), tmp_path / "out.pt")
     assert os.strerror(errno.EROFS) not in line
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_failed_artifact_write_is_one_line_naming_the_file(setup, tmp_path, capsys, monkeypatch):
+    """torch's zip writer reports a full or read-only disk as a RuntimeError; export names the file."""
+    import torch
+
+    def failing_save(module, path, _extra_files=None):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(torch.jit, "save", failing_save)
+    assert _export_cli(setup, tmp_path, setup["output"], setup["dataset"]) == 2
+    monkeypatch.undo()
+    one_line_error(capsys.readouterr(), "recsys-kd export: error:", "cannot write the artifact", "PytorchStreamWriter")
+    assert not (tmp_path / "out.pt").exists()
