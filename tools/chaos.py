@@ -214,7 +214,7 @@ def main() -> None:
     print("load", flush=True)
     served = load(args.workdir, args.load_seconds)
     rows = [
-        ("faults injected (SIGKILL, 2 ranks) / survived", f"{killed['injected']} / {killed['survived']}"),
+        ("SIGKILLs (5 stages, 2 ranks; score 1) / survived", f"{killed['injected']} / {killed['survived']}"),
         ("rows lost / duplicated after reruns", f"{killed['rows_lost']} / {killed['rows_duplicated']}"),
         ("partial files under a final name", str(killed["partial_files"])),
         ("bad-input cases tried / handled with a one-line error", f"{handled['tried']} / {handled['passed']}"),
