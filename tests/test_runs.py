@@ -94,3 +94,43 @@ def test_label_task_is_bce_plus_l2_on_the_looked_up_rows():
     direct = float(F.binary_cross_entropy_with_logits(logits, batch.labels)) + 0.01 * squares / 16
     assert loss.item() == pytest.approx(direct, rel=1e-5)
     assert embedding_l2(torch.zeros(0, 3, 4), 1.0) == 0
+
+
+@pytest.mark.parametrize("task_kind", ["label", "distill"])
+def test_a_padded_batch_has_the_loss_outputs_and_gradients_of_its_real_rows(task_kind):
+    """Ranks pad a short last batch to the common size (gloo all-gathers equal sizes only); the padding
+    rows must change nothing: same loss, outputs and gradients as the batch itself."""
+    from recsys_kd.distill.losses import KDLossConfig
+    from recsys_kd.distill.task import DistillationTask
+    from recsys_kd.models import ModelConfig, build_model
+
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = build_model(schema, ModelConfig(name="dnn", embedding_dim=4, mlp_layers=[8]))
+    batch = tiny_batch(schema, seed=2, batch_size=11)
+    batch.extras = {"teacher_t": torch.randn(11)}
+    if task_kind == "label":
+        task = LabelTask(model, l2_embedding=0.01)
+    else:
+        task = DistillationTask(model, DistillConfig(teachers=["t"], loss=KDLossConfig(hard=0.5, soft=0.5, mse=1.0)),
+                                l2_embedding=0.01)
+    padded = batch.padded_to(16)
+    assert padded.batch_size == 16 and padded.rows == 11 and padded.row_ids[11:].eq(-1).all()
+    assert padded.sparse.stride() == 16 and padded.sparse.to_dict()["tags"].lengths()[:11].tolist() == \
+        batch.sparse.to_dict()["tags"].lengths().tolist()
+
+    def run(b):
+        model.zero_grad()
+        loss, outputs = task(b)
+        loss.backward()
+        return loss.detach(), outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss, outputs, grads), (loss_p, outputs_p, grads_p) = run(batch), run(padded)
+    torch.testing.assert_close(loss_p, loss)
+    torch.testing.assert_close(outputs_p.logits, outputs.logits)
+    assert outputs_p.losses.keys() == outputs.losses.keys() and outputs_p.predictors.keys() == outputs.predictors.keys()
+    for name in outputs.predictors:
+        torch.testing.assert_close(outputs_p.predictors[name], outputs.predictors[name])
+    assert grads_p.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_p[name], grad, msg=name)

@@ -31,6 +31,8 @@ class Batch(Pipelineable):
         row_ids: [B] int64, the rows' ``row_id`` column.
         worker: the reader worker that produced this batch.
         rows_consumed: that worker's position after this batch (its ``rows_consumed`` entry).
+        real_rows: how many of the B rows are real when the batch was padded (:meth:`padded_to`);
+            None when all are.
     """
 
     dense: torch.Tensor
@@ -40,10 +42,52 @@ class Batch(Pipelineable):
     row_ids: torch.Tensor
     worker: int = 0
     rows_consumed: int = 0
+    real_rows: Optional[int] = None
 
     @property
     def batch_size(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def rows(self) -> int:
+        """The real rows (B unless padded)."""
+        return self.batch_size if self.real_rows is None else self.real_rows
+
+    def real(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s rows that belong to real examples: ``[B, ...] -> [rows, ...]``."""
+        return tensor if self.real_rows is None else tensor[: self.real_rows]
+
+    def padded_to(self, size: int) -> "Batch":
+        """This batch grown to ``size`` rows with padding rows (every feature missing, zero dense, label
+        and extras, row_id -1), :attr:`real_rows` saying how many are real.
+
+        Ranks of a sharded model step together, and some of torchrec's collectives need every rank's
+        batch to have the same size (gloo cannot all-gather tensors of different sizes, as row-wise
+        sharding's backward does); a rank's short last batch is padded, and a task module computes
+        its loss on :meth:`real` rows only, so the padding changes nothing.
+        """
+        pad = size - self.batch_size
+        if pad <= 0:
+            return self
+        keys = self.sparse.keys()
+        lengths = self.sparse.lengths().view(len(keys), self.batch_size)
+        values = self.sparse.values().split(lengths.sum(dim=1).tolist())
+        missing = torch.zeros(pad, dtype=self.sparse.values().dtype)
+        sparse = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat([torch.cat([v, missing]) for v in values]),
+            lengths=torch.cat([lengths, torch.ones(len(keys), pad, dtype=lengths.dtype)], dim=1).reshape(-1),
+            stride=size,
+        )
+        return dataclasses.replace(
+            self,
+            dense=torch.cat([self.dense, self.dense.new_zeros(pad, self.dense.shape[1])]),
+            sparse=sparse,
+            labels=torch.cat([self.labels, self.labels.new_zeros(pad)]),
+            extras={name: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for name, t in self.extras.items()},
+            row_ids=torch.cat([self.row_ids, self.row_ids.new_full((pad,), -1)]),
+            real_rows=self.rows,
+        )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return dataclasses.replace(

@@ -65,14 +65,14 @@ class DistillationTask(nn.Module):
         self.projections = nn.ModuleDict(projections) if projections else None
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, TaskOutputs]:
-        logits, hidden, fields = self.model.forward_with_hidden(batch.dense, batch.sparse)
+        logits, hidden, fields = (batch.real(t) for t in self.model.forward_with_hidden(batch.dense, batch.sparse))
         teachers, hints, own_loss = self._teachers(batch)
         ensemble = self._aggregate(teachers)
         hint = None
         if self.projections is not None:
             hint = torch.stack([hint_loss(hidden, hints[name], projection)
                                 for name, projection in self.projections.items()]).mean()
-        terms = kd_loss(self.config.loss, logits, batch.labels, ensemble, hint)
+        terms = kd_loss(self.config.loss, logits, batch.real(batch.labels), ensemble, hint)
         loss = terms["total"]
         if own_loss is not None:
             loss = loss + own_loss
@@ -83,16 +83,16 @@ class DistillationTask(nn.Module):
         return loss, TaskOutputs(logits, {"distill": terms["distill"].detach()}, predictors)
 
     def _teachers(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """Detached teacher logits [B, M], hint vectors by name, and the co-trained teacher's own label
-        loss (None in the pre-train scheme)."""
+        """Detached teacher logits [R, M], hint vectors by name, and the co-trained teacher's own label
+        loss (None in the pre-train scheme), for the batch's R real rows."""
         if self.teacher is not None:
-            own, hidden, _ = self.teacher.forward_with_hidden(batch.dense, batch.sparse)
-            own_loss = F.binary_cross_entropy_with_logits(own, batch.labels)
+            own, hidden, _ = (batch.real(t) for t in self.teacher.forward_with_hidden(batch.dense, batch.sparse))
+            own_loss = F.binary_cross_entropy_with_logits(own, batch.real(batch.labels))
             return own.detach().unsqueeze(1), {COTRAIN_TEACHER: hidden.detach()}, own_loss
         teachers = torch.stack([batch.extras[teacher_column(name)] for name in self.config.teachers], dim=1)
-        hints = {name: batch.extras[hint_column(name)].detach() for name in self.config.teachers} \
+        hints = {name: batch.real(batch.extras[hint_column(name)]).detach() for name in self.config.teachers} \
             if self.config.hint_columns else {}
-        return teachers.detach(), hints, None
+        return batch.real(teachers).detach(), hints, None
 
     def _aggregate(self, teachers: torch.Tensor) -> torch.Tensor:
         """[B, M] -> [B]: the gate's per-example ensemble (keeps its graph), fixed weights or the mean."""

@@ -43,16 +43,18 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, pre
             padding = batch is None
             if padding:
                 batch = padding_batch(reader.schema, reader.config.batch_size, reader.config.extras, reader.vector_widths)
+            if ctx.world_size > 1:
+                batch = batch.padded_to(reader.config.batch_size)  # equal batches on every rank
             batch = batch.to(ctx.device)
             _, outputs = dmp(batch)
             # names come from padding batches too, so every rank reduces the same ones in the same order
             for name, value in outputs.losses.items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + (0.0 if padding else float(value) * batch.batch_size)
+                loss_sums[name] = loss_sums.get(name, 0.0) + (0.0 if padding else float(value) * batch.rows)
             for name in outputs.predictors if predictors else ():
                 scored.setdefault(name, [])
             if padding:
                 continue
-            labels.append(batch.labels.cpu())
+            labels.append(batch.real(batch.labels).cpu())
             logits.append(outputs.logits.float().cpu())
             for name, values in outputs.predictors.items() if predictors else ():
                 scored[name].append(values.float().cpu())

@@ -31,10 +31,10 @@ class TaskOutputs(NamedTuple):
     """What a task module hands evaluation beside its loss.
 
     Attributes:
-        logits: the trained model's logits ``[B]``.
+        logits: the trained model's logits ``[R]`` for the batch's R real rows.
         losses: named scalar losses of this batch (means over the batch), averaged over the split by
             evaluation as ``<name>_loss`` metrics (the distillation loss ECKD stops early on).
-        predictors: other named logits ``[B]`` evaluation can score beside the model's (the
+        predictors: other named logits ``[R]`` evaluation can score beside the model's (the
             teachers and their ensemble when distilling).
     """
 
@@ -58,7 +58,8 @@ class LabelTask(nn.Module):
     L2 on looked-up embeddings.
 
     Shapes: ``Batch`` (dense ``[B, n_dense]``, sparse KJT, labels ``[B]``) -> ``(loss (scalar),
-    TaskOutputs(logits [B]))``.
+    TaskOutputs(logits [R]))``, R = ``batch.rows``: a padded batch's loss and outputs are those of its
+    real rows (a task module's contract).
 
     Example::
 
@@ -74,7 +75,8 @@ class LabelTask(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, TaskOutputs]:
         logits, _, fields = self.model.forward_with_hidden(batch.dense, batch.sparse)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        logits, fields = batch.real(logits), batch.real(fields)  # a padded batch's loss is its real rows'
+        loss = F.binary_cross_entropy_with_logits(logits, batch.real(batch.labels))
         if self.l2_embedding:
             loss = loss + embedding_l2(fields, self.l2_embedding)
         return loss, TaskOutputs(logits, losses={}, predictors={})

@@ -183,10 +183,12 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
             weight = 1.0 if batch is not None else 0.0
             if batch is None:
                 batch = padding_batch(reader.schema, reader.config.batch_size, reader.config.extras, reader.vector_widths)
+            elif ctx.world_size > 1:
+                batch = batch.padded_to(reader.config.batch_size)  # equal batches on every rank
             loss = _step(run, batch.to(ctx.device), weight)
             progress.step_in_epoch += 1
             progress.global_step += 1
-            rows = batch.batch_size * int(weight) * ctx.world_size
+            rows = batch.rows * int(weight) * ctx.world_size
             samples += rows
             window_samples += rows
             bar.update(1)
