@@ -4,7 +4,11 @@ Each (model, seed) is an ordinary ``recsys-kd train`` run (same recipe, ``train.
 ``train.seed`` overridden, output ``<run_dir>/compare/<model>/seed_<s>``), so its record and
 checkpoints stay on disk. Finished runs are reused.
 
-    .venv/bin/python tools/compare_models.py -c configs/movielens.yaml --models lr fm dcn dcnv2 xdeepfm --seeds 1 2 3
+    .venv/bin/python tools/compare_models.py -c configs/movielens.yaml --models lr fm dcn dcnv2 xdeepfm --seeds 1 2 3 \
+        --peers movielens-100k
+
+Prints, per model, the test AUC mean ± sample std over the seeds and, with ``--peers``, the peer
+figure on that split beside it (``tools/peers.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ def main() -> None:
     parser.add_argument("--config", "-c", type=Path, required=True)
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--peers", help="print the peer figures of this split beside ours (tools/peers.py)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     args = parser.parse_args()
+    from peers import peer
+
+    peer(args.peers, "")  # an unknown split fails before any training
 
     from recsys_kd.recipe import load_recipe
     from recsys_kd.runs import TRAIN_RECORD
@@ -52,8 +60,9 @@ def main() -> None:
         losses = [r["test"]["logloss"] for r in results]
         rows.append({
             "model": name,
-            "test AUC mean": f"{statistics.mean(aucs):.4f}",
+            "test AUC mean ± std": f"{statistics.mean(aucs):.4f} ± {statistics.stdev(aucs) if len(aucs) > 1 else 0.0:.4f}",
             "min-max": f"{min(aucs):.4f}-{max(aucs):.4f}",
+            **({"peer test AUC": peer(args.peers, name)} if args.peers else {}),
             "test logloss": f"{statistics.mean(losses):.4f}",
             "params": f"{results[0]['parameters']['total']:,}",
             "FLOPs/example": f"{results[0]['flops_per_example']:,}",

@@ -47,8 +47,12 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="the variant's name (default: the recipe's file name)")
     parser.add_argument("--ft-name", default="ft", help="the FT variant's directory under distill/")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--peers", help="print the peer figures of this split beside ours (tools/peers.py)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides (key.sub=value) applied to every run")
     args = parser.parse_args()
+    from peers import peer
+
+    peer(args.peers, "")  # an unknown split fails before any training
 
     import torch
 
@@ -59,6 +63,9 @@ def main() -> None:
     tag = args.tag or args.config.stem
     runs = [run_seed(args.config, args.overrides, tag, seed, args.ft_name) for seed in args.seeds]
     rows = summarise(runs)
+    if args.peers:
+        for row in rows:
+            row["peer test AUC"] = peer(args.peers, row["role"]) or peer(args.peers, row["model"])
     from recsys_kd.cli import format_table
     from recsys_kd.io import atomic_write_json
     from recsys_kd.recipe import load_recipe
