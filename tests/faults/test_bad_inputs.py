@@ -15,7 +15,7 @@ import pytest
 from recsys_kd.cli import main
 from recsys_kd.config import ConfigError
 from recsys_kd.data.prepare import PrepareConfig, prepare
-from recsys_kd.data.quarantine import TooManyBadRows
+from recsys_kd.data.quarantine import Quarantine, TooManyBadRows
 from recsys_kd.recipe import load_recipe
 from tests.faults.common import one_line_error, write_recipe
 
@@ -134,6 +134,18 @@ def test_a_full_or_read_only_output_is_one_line_and_leaves_nothing(tmp_path, cap
     line = one_line_error(captured, os.strerror(number), tmp_path / "ds")
     assert ".tmp" not in line and removed  # the cleanup ran; its error (naming the staging) is not the one reported
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+
+
+def test_quarantine_jsonl_is_one_line_per_row_whatever_the_text(tmp_path):
+    """Found by the parser fuzzing: JSON leaves U+0085, U+2028 and U+2029 raw, and line readers
+    (str.splitlines among them) break lines there."""
+    texts = ["a\x85b", "c\u2028d", "e\u2029f", "caf\u00e9\x1c\x0bg"]
+    quarantine = Quarantine(tmp_path / "quarantine.jsonl")
+    for line, text in enumerate(texts, 1):
+        quarantine.add("raw.txt", line, "bad_token:x", text)
+    quarantine.close()
+    lines = (tmp_path / "quarantine.jsonl").read_text("utf-8").splitlines()
+    assert [json.loads(line)["text"] for line in lines] == texts
 
 
 def test_too_many_bad_rows_names_a_quarantine_file_that_exists(tmp_path, criteo_lines):

@@ -11,7 +11,8 @@ even when the text holds Unicode line separators), a header, or dropped by the f
 rule (MovieLens rating 3).
 
 The default suite runs 200 examples per format (up to 30 lines each: a few thousand lines per format,
-the same examples every run); ``-m slow`` runs 1,500 random examples per format.
+the same examples every run, ~23 s in all); ``-m slow`` runs 1,500 random examples per format (~20,000
+lines each, ~3 min in all).
 """
 
 import gzip
