@@ -1,5 +1,6 @@
-"""Knowledge distillation: the KD losses of ECKD and KD-DAGFM (``losses``) and the ECKD teacher gate
-(``gating``)."""
+"""Knowledge distillation: teacher-ensemble inference writing soft labels (``infer``), the ``distill``
+section (``config``), the distillation task and objective the generic trainer trains (``task``), the
+KD losses of ECKD and KD-DAGFM (``losses``) and the ECKD teacher gate (``gating``)."""
 
 from recsys_kd.distill.gating import TeacherGate
 from recsys_kd.distill.losses import (
