@@ -157,7 +157,9 @@ CHECKSUM_BLOCK_BYTES = 1 << 20
 def file_crc32(path: Path) -> str:
     """The CRC-32 of a file's bytes (read in 1 MiB blocks) as 8 hex digits: detects damage, not tampering."""
     value = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(CHECKSUM_BLOCK_BYTES):
-            value = zlib.crc32(block, value)
+    buffer = bytearray(CHECKSUM_BLOCK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            value = zlib.crc32(view[:count], value)
     return f"{value:08x}"

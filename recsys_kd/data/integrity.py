@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import os
 import warnings
-import zlib
 from pathlib import Path
 from typing import Dict, Optional, Set, Tuple, Union
 
 from recsys_kd.data.schema import SchemaError, SplitInfo
+from recsys_kd.io import file_crc32
 from recsys_kd.runs import SCHEMA_FILE
 
 ALGORITHM = "crc32"
-BLOCK_BYTES = 1 << 20
 RERUN_PREPARE = "re-run prepare to rebuild the dataset (recsys-kd prepare ... prepare.overwrite=true)"
 RERUN_INFER = "re-run infer: it redoes damaged parts"
 
@@ -53,17 +52,9 @@ class IntegrityWarning(UserWarning):
 
 
 def file_checksum(path: Union[str, Path]) -> str:
-    """``"crc32:<hex>"`` of the file's bytes, read in blocks of :data:`BLOCK_BYTES`."""
-    crc = 0
-    with open(path, "rb", buffering=0) as handle:
-        buffer = bytearray(BLOCK_BYTES)
-        view = memoryview(buffer)
-        while True:
-            count = handle.readinto(buffer)
-            if not count:
-                break
-            crc = zlib.crc32(view[:count], crc)
-    return f"{ALGORITHM}:{crc:08x}"
+    """``"crc32:<hex>"`` of the file's bytes (:func:`recsys_kd.io.file_crc32`, the checksum checkpoints
+    and artifacts record too)."""
+    return f"{ALGORITHM}:{file_crc32(path)}"
 
 
 def _identity(path: Path) -> Tuple[int, ...]:
