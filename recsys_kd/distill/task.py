@@ -28,6 +28,7 @@ from recsys_kd.data.side_inputs import verify_alignment
 from recsys_kd.distill.config import COTRAIN_TEACHER, DistillConfig, StudentConfig, hint_column, hint_widths, teacher_column
 from recsys_kd.distill.gating import TeacherGate
 from recsys_kd.distill.losses import hint_loss, kd_loss, mean_teacher, weighted_teacher
+from recsys_kd.distributed import all_gather_json
 from recsys_kd.models.zoo import CTRModel, ModelConfig, build_model
 from recsys_kd.runs import INFER_RECORD, SIDE_INPUT_FILE
 from recsys_kd.train.task import Evaluate, Objective, TaskOutputs, embedding_l2
@@ -132,10 +133,9 @@ class DistillationObjective(Objective):
                 verify_alignment(Path(side.get("dataset", "")), soft_labels, verify=verify)
             except Exception as failure:  # re-raised on every rank below
                 error = str(failure)
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise SchemaError(box[0])
+        verdict = all_gather_json(error)[0]  # rank 0's, as JSON: nothing unpickled
+        if verdict is not None:
+            raise SchemaError(verdict)
 
     def task(self, model: CTRModel, schema: Schema, config: StudentConfig) -> nn.Module:
         distill = self.config
