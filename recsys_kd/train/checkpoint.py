@@ -105,33 +105,36 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
     return final
 
 
-def load(path: Path, state: Dict[str, Any], verify: bool = True) -> Dict[str, Any]:
-    """Collective: loads DCP tensors into ``state`` in place; returns this rank's JSON state.
+def load(path: Path, state: Dict[str, Any], verify: bool = True) -> List[Dict[str, Any]]:
+    """Collective: loads DCP tensors into ``state`` in place, resharded by DCP to this process
+    group's plan and number of ranks; returns the JSON state of every rank that wrote the checkpoint,
+    in rank order (as many as wrote it, whatever their number now: the caller remaps what depends
+    on it, such as reader positions).
 
     Raises:
         CheckpointIntegrityError: a file is missing or damaged (``verify``), on every rank.
-        CheckpointError: written by another number of ranks, or unsafe to read.
+        CheckpointError: a rank's state is missing, or the checkpoint is unsafe to read.
     """
     path = Path(path)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    rank_state, problem = None, None
+    rank_states, problem = [], None
     try:
-        rank_state = _rank_state(path, rank, world_size)
+        rank_states = _rank_states(path)
     except CheckpointError as error:
         problem = error
     _raise_on_every_rank(problem)
     verify_collective(path, verify)
     dcp_load(state, path)
-    return rank_state
+    return rank_states
 
 
-def load_latest(output: TrainOutput, state: Dict[str, Any], verify: bool = True) -> Optional[Tuple[Path, Dict[str, Any]]]:
+def load_latest(output: TrainOutput, state: Dict[str, Any],
+                verify: bool = True) -> Optional[Tuple[Path, List[Dict[str, Any]]]]:
     """
     Collective, to resume: loads the newest intact step checkpoint into ``state`` (see :func:`load`).
 
     Starts from the one ``latest`` names; when a file of it is damaged (:class:`CheckpointIntegrityError`)
     it warns on stderr and tries the previous complete ``step_*`` one, and so on. Returns (its path,
-    this rank's JSON state), or None when there is no step checkpoint yet.
+    every writing rank's JSON state), or None when there is no step checkpoint yet.
 
     Raises:
         CheckpointError: no step checkpoint is intact, or one is refused for another reason.
@@ -361,22 +364,27 @@ def _warn_unverified(path: Path) -> None:
                   "loaded without verification", CheckpointWarning, stacklevel=3)
 
 
-def _rank_state(path: Path, rank: int, world_size: int) -> Dict[str, Any]:
-    """This rank's JSON state; refuses a checkpoint of another number of ranks."""
-    rank_file = path / f"rank_{rank}.json"
-    if not rank_file.exists():
-        raise CheckpointError(f"{path}: no state for rank {rank}; was it written by another number of ranks?")
-    try:
-        rank_state = json.loads(rank_file.read_text())
-        written_by = rank_state["world_size"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged ({error!r})") from None
-    if written_by != world_size:
-        raise CheckpointError(
-            f"{path} was written by {written_by} ranks, this run has {world_size}; "
-            "resuming on another number of ranks is not supported yet"
-        )
-    return rank_state
+def _rank_states(path: Path) -> List[Dict[str, Any]]:
+    """The JSON state of every rank that wrote the checkpoint (each names how many did)."""
+    states: List[Dict[str, Any]] = []
+    written_by = 1  # until rank_0.json says
+    while len(states) < written_by:
+        rank_file = path / f"rank_{len(states)}.json"
+        if not rank_file.exists():
+            raise CheckpointError(f"{path}: no state for rank {len(states)} of the {written_by} that wrote it "
+                                  f"({rank_file.name} is missing)")
+        try:
+            state = json.loads(rank_file.read_text())
+            world_size = state["world_size"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged ({error!r})") from None
+        if not states and isinstance(world_size, int) and world_size >= 1:
+            written_by = world_size
+        if world_size != written_by:
+            raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged (world_size {world_size!r}, "
+                                           f"{written_by} ranks wrote the checkpoint)")
+        states.append(state)
+    return states
 
 
 def _raise_on_every_rank(problem: Optional[CheckpointError]) -> None:
