@@ -4,14 +4,20 @@ sharding plan, ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import pytest
+import torch
 
+from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
+from recsys_kd.data.synthetic import SyntheticConfig
 from tests.test_reader import row_ids, write_dataset
+from tests.train_jobs import run_jobs
+from tests.trainrun import final_weights, run_train_jobs, write_recipe
 
 SPLIT_ROWS = 513  # tests.test_reader's train split: 11 row groups of 50 rows (one of 13)
 
@@ -107,3 +113,97 @@ def test_states_of_another_stream_or_with_drop_last_are_refused(dataset):
     dropping, _ = interrupt(dataset, ReaderConfig(batch_size=40, drop_last=True), 2, 1)
     with pytest.raises(ValueError, match="drop_last"):
         ParquetReader(dataset, "train", ReaderConfig(batch_size=40, drop_last=True), 0, 1).load_state_dicts(dropping)
+
+
+# ------------------------------------------------------------------------------------ training resumed
+
+BATCH = 128  # rows per rank on 2 ranks; 1 rank reads 2 * BATCH: the global batch stays 256 rows
+MODEL = {"name": "deepfm", "embedding_dim": 8, "mlp_layers": [32, 16]}
+# (optimizer, ranks before -> after, sharding before -> after): every resume changes the plan too
+RESUMES = [
+    ("sgd", (2, 1), ("row_wise", "table_wise")),
+    ("sgd", (1, 2), ("table_wise", "row_wise")),
+    ("adagrad", (2, 1), ("column_wise", "table_wise")),
+    ("adagrad", (1, 2), ("table_wise", "column_wise")),
+    ("rowwise_adagrad", (2, 1), ("row_wise", "table_wise")),
+]
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """Per optimizer an uninterrupted 1-rank run, and per entry of RESUMES a run stopped as step 6
+    starts (after the step-4 checkpoint: step 5 is lost and redone) and resumed on the other number
+    of ranks with the other sharding plan and the per-rank batch that keeps 256 rows a step. Three
+    launches: 1 rank in this process, 2 rank processes, 1 rank in this process."""
+    root = tmp_path_factory.mktemp("resume_world_size")
+    synthetic = SyntheticConfig(rows=6000, seed=5, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=2000)
+    # row groups of one 2-rank batch, read in order: a 1-rank step reads the rows of a 2-rank step
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=BATCH))
+
+    def job(name, optimizer, ranks, sharding, stop_at=None):
+        config = write_recipe(root / f"{name}.yaml", {
+            "run_dir": str(root / name), "prepare": {"format": "synthetic", "output": str(root / "data")},
+            "reader": {"batch_size": BATCH, "shuffle": False},
+            "train": {"model": MODEL, "output": str(root / name), "epochs": 1, "progress": False, "max_steps": 8,
+                      "checkpoint_every_steps": 4, "eval_every_steps": 3, "patience": 10, "eval_batch_size": 1024,
+                      "optim": {"embedding": optimizer, "embedding_lr": 0.05, "lr": 0.003}},
+        })
+        overrides = [f"reader.batch_size={2 * BATCH // ranks}", f"train.sharding.type={sharding}"]
+        return {"config": str(config), "overrides": overrides, "stop_at": stop_at}
+
+    phases = {"first_1": [], "on_2": [], "last_1": []}
+    for optimizer in dict.fromkeys(optimizer for optimizer, _, _ in RESUMES):
+        phases["first_1"].append(job(f"whole_{optimizer}", optimizer, 1, "table_wise"))
+    for optimizer, (before, after), (plan_before, plan_after) in RESUMES:
+        name = f"{optimizer}_{before}to{after}"
+        phases["first_1" if before == 1 else "on_2"].append(job(name, optimizer, before, plan_before, stop_at=5))
+        phases["on_2" if after == 2 else "last_1"].append(job(name, optimizer, after, plan_after))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = run_jobs(phases["first_1"])
+        (root / "on_2.json").write_text(json.dumps(phases["on_2"]))
+        on_two = run_train_jobs(root / "on_2.json", 2)
+        last = run_jobs(phases["last_1"])
+    finally:
+        torch.set_num_threads(threads)
+    return root, first, on_two, last, (root / "on_2.rank0.log").read_text()
+
+
+def record(root: Path, name: str) -> Dict:
+    return json.loads((root / name / "train.json").read_text())
+
+
+@pytest.mark.multiprocess
+def test_resumed_on_another_number_of_ranks_ends_as_an_uninterrupted_run(resumed_runs):
+    """Resumed 2 -> 1 and 1 -> 2 ranks (and from row-/column-wise to table-wise and back), with SGD,
+    Adagrad and row-wise Adagrad, a run ends with the validation history, test metrics and weights
+    of the uninterrupted run, within float tolerance.
+
+    The reference is the uninterrupted 1-rank run for both directions: the per-rank batch is set so
+    that every step holds the same 256 rows on either number of ranks (the reader deals the rest of
+    the interrupted epoch in the order the old ranks would have read it), and an uninterrupted
+    2-rank run ends where the 1-rank run does (tests/test_train_multiprocess.py); so both the run of
+    the initial and of the final number of ranks are this reference, up to the order of float sums."""
+    root, first, on_two, last, log = resumed_runs
+    assert on_two == [0, 0], log[-3000:]
+    assert first == ["0"] * 3 + ["stopped"] * 2 and last == ["0"] * 3
+    for optimizer, (before, after), (plan_before, plan_after) in RESUMES:
+        name = f"{optimizer}_{before}to{after}"
+        whole, resumed = record(root, f"whole_{optimizer}"), record(root, name)
+        assert resumed["world_size"] == after
+        assert {t["sharding_type"] for n, t in resumed["sharding_plan"].items() if n.startswith("t_")} == {plan_after}
+        assert resumed["steps"] == whole["steps"] == 8
+        assert [h["step"] for h in resumed["history"]] == [h["step"] for h in whole["history"]] == [3, 6, 8]
+        for a, b in zip(resumed["history"], whole["history"]):
+            assert a["valid"]["rows"] == b["valid"]["rows"]
+            for metric in ("auc", "logloss"):
+                assert a["valid"][metric] == pytest.approx(b["valid"][metric], abs=2e-5), (name, a["step"], metric)
+        assert resumed["test"]["auc"] == pytest.approx(whole["test"]["auc"], abs=2e-5), name
+        assert resumed["test"]["logloss"] == pytest.approx(whole["test"]["logloss"], abs=2e-5), name
+        a, b = final_weights(root / name, root / "data", MODEL), final_weights(root / f"whole_{optimizer}", root / "data", MODEL)
+        assert a.keys() == b.keys() and len(a) > 10
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+    assert "written by 1 ranks, resharded to 2 (global batch 256 -> 256 rows)" in log

@@ -293,7 +293,10 @@ def _resume(run: _Run, reader: ParquetReader) -> Optional[Progress]:
     path, rank_states = checkpoint.load_latest(run.output, state, run.config.verify_checkpoints)
     run.dmp.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    reader.load_state_dicts([rank_state["reader"] for rank_state in rank_states])
+    try:
+        reader.load_state_dicts([rank_state["reader"] for rank_state in rank_states])
+    except ValueError as error:
+        raise checkpoint.CheckpointError(f"{path}: cannot continue its epoch with this reader: {error}") from None
     written_by = len(rank_states)
     if written_by == run.ctx.world_size:  # another world has no RNG stream per rank to continue; train() reseeds
         checkpoint.set_rng_state(rank_states[run.ctx.rank]["rng"])
