@@ -11,10 +11,12 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.train.checkpoint import CheckpointError, check_state_fits
 from tests.test_reader import row_ids, write_dataset
 from tests.train_jobs import run_jobs
 from tests.trainrun import final_weights, run_train_jobs, write_recipe
@@ -207,3 +209,28 @@ def test_resumed_on_another_number_of_ranks_ends_as_an_uninterrupted_run(resumed
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
     assert "written by 1 ranks, resharded to 2 (global batch 256 -> 256 rows)" in log
+
+
+def test_a_table_whose_optimizer_changed_with_the_plan_is_named_with_the_fix(tmp_path):
+    """A data-parallel table keeps the dense optimizer's state, a sharded one the fused optimizer's:
+    resuming with the table on the other side is refused before DCP starts, naming every such table
+    and the sharding type that resumes it; a state of another shape is named too."""
+    def weight(table: str) -> str:
+        return f"model.embedding.ebc.embedding_bags.{table}.weight"
+
+    saved = {"model": {weight("t_a"): torch.zeros(5, 4), weight("t_b"): torch.zeros(6, 4)},
+             "optimizer": {"state": {weight("t_a"): {"step": torch.zeros(()), "exp_avg": torch.zeros(5, 4)},
+                                     weight("t_b"): {"t_b.momentum1": torch.zeros(6)}}}}
+    dcp.save(saved, checkpoint_id=str(tmp_path), no_dist=True)
+    swapped = {"model": saved["model"],
+               "optimizer": {"state": {weight("t_a"): {"t_a.momentum1": torch.zeros(5, 4)},
+                                       weight("t_b"): {"step": torch.zeros(()), "exp_avg": torch.zeros(6, 4)}}}}
+    with pytest.raises(CheckpointError, match=r"of t_a, t_b cannot carry over.*"
+                                              r"train\.sharding\.tables=\{t_a: data_parallel, t_b: table_wise\}"):
+        check_state_fits(tmp_path, swapped)
+    column_shards = {**saved, "optimizer": {"state": {**saved["optimizer"]["state"], weight("t_b"): {"t_b.momentum1": torch.zeros(12)}}}}
+    with pytest.raises(CheckpointError, match=r"t_b\.momentum1 has shape \[6\] there and \[12\] in this run; row-wise Adagrad"):
+        check_state_fits(tmp_path, column_shards)
+    with pytest.raises(CheckpointError, match="holds no model.extra; was it written for another model"):
+        check_state_fits(tmp_path, {"model": {"extra": torch.zeros(1)}})
+    check_state_fits(tmp_path, saved)  # the state it was written from fits

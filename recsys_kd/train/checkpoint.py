@@ -123,8 +123,59 @@ def load(path: Path, state: Dict[str, Any], verify: bool = True) -> List[Dict[st
         problem = error
     _raise_on_every_rank(problem)
     verify_collective(path, verify)
+    problem = None
+    try:
+        check_state_fits(path, state)
+    except CheckpointError as error:
+        problem = error
+    _raise_on_every_rank(problem)
     dcp_load(state, path)
     return rank_states
+
+
+def check_state_fits(path: Path, state: Dict[str, Any]) -> None:
+    """Refuses, naming the tensor, a checkpoint that lacks a tensor of ``state`` or stores it with
+    another shape (DCP's own error speaks of its internals). Resharding changes neither: what does is
+    another model, or a table whose optimizer changed. A data-parallel table trains with the dense
+    optimizer and a sharded one with the fused table optimizer, and the ``auto`` planner may choose
+    data-parallel for a small table on one number of ranks and not on another; the message names
+    every such table and the sharding type that resumes it exactly."""
+    stored = read_metadata(path).state_dict_metadata
+    changed: Dict[str, bool] = {}  # table -> whether it was sharded when the checkpoint was written
+    for key, value in _flat_tensors(state):
+        if key not in stored:
+            table = re.match(r"optimizer\.state\.(.+\.embedding_bags\.(t_[^.]+)\.weight)\.", key)
+            if table is None:
+                raise CheckpointError(f"{path}: holds no {key}; was it written for another model?")
+            prefix = f"optimizer.state.{table.group(1)}.{table.group(2)}."  # the fused optimizer's state names
+            changed[table.group(2)] = any(name.startswith(prefix) for name in stored)
+            continue
+        saved = getattr(stored[key], "size", None)
+        if saved is not None and tuple(saved) != tuple(value.size()):
+            hint = ("; row-wise Adagrad keeps a value per row and column shard, so a column-wise table resumes with "
+                    "as many column shards" if key.endswith(".momentum1") and len(saved) == 1 else "")
+            raise CheckpointError(f"{path}: {key} has shape {list(saved)} there and {list(value.size())} in this run{hint}")
+    if changed:
+        kinds = {table: "table_wise" if sharded else "data_parallel" for table, sharded in changed.items()}
+        raise CheckpointError(
+            f"{path}: the optimizer state of {', '.join(sorted(changed))} cannot carry over: each table was data-parallel "
+            "(dense optimizer) or sharded (fused table optimizer) when the checkpoint was written and is the other in "
+            "this run's plan (the auto planner may choose data-parallel for a small table on one number of ranks and "
+            "not on another); resume with train.sharding.tables={"
+            + ", ".join(f"{table}: {kind}" for table, kind in sorted(kinds.items())) + "}"
+            + " (or another sharded type than table_wise)" * any(changed.values())
+        )
+
+
+def _flat_tensors(state: Dict[str, Any], prefix: str = "") -> List[Tuple[str, torch.Tensor]]:
+    """(DCP's flattened key, tensor) of every tensor in the nested dicts of ``state``."""
+    found: List[Tuple[str, torch.Tensor]] = []
+    for key, value in state.items():
+        if isinstance(value, dict):
+            found.extend(_flat_tensors(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            found.append((f"{prefix}{key}", value))
+    return found
 
 
 def load_latest(output: TrainOutput, state: Dict[str, Any],
