@@ -19,8 +19,8 @@ resumed reader yields exactly the batches an uninterrupted one would have yielde
 Resuming on another number of ranks or workers (:meth:`ParquetReader.load_state_dicts`, given every
 rank's state) remaps the epoch's rest instead: from each old consumer's position, the windows it had
 not finished (the one it was in keeps its permutation and skips the rows already handed out) are
-merged in the order the old consumers would have reached them, and dealt round-robin to the new
-consumers. Every row of the epoch is then read exactly once, before and after, and when the windows
+interleaved by their place in each old consumer's stream (as consumers reading in step reach them),
+and dealt round-robin to the new consumers. Every row of the epoch is then read exactly once, before and after, and when the windows
 are single row groups read in order, the new ranks' batches hold the rows the old ranks' would have
 held. The remapped windows are part of the saved state, so a remapped epoch resumes and remaps again.
 
@@ -300,7 +300,7 @@ class ParquetReader(IterableDataset):
                         remaining.append((index, state["rank"] * state["num_workers"] + worker,
                                           _Window(window.units, window.seed, skip)))
                     start += rows
-        remaining.sort(key=lambda item: item[:2])  # the order the old consumers, in step, reach them
+        remaining.sort(key=lambda item: item[:2])  # interleaved as old consumers reading in step reach them
         consumers, first = self.world_size * self.num_workers, self.rank * self.num_workers
         self._epoch = int(states[0]["epoch"])
         self._remapped = [[window for _, _, window in remaining[first + worker :: consumers]]

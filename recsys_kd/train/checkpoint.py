@@ -12,6 +12,11 @@ finished, so a crash (of any rank, at any moment) never leaves a partial checkpo
 name; ``latest`` is replaced atomically after the rename. :func:`load_model` rebuilds the plain model
 of a stage output from any of its checkpoints.
 
+A checkpoint loads on any number of ranks under any sharding plan: DCP reshards its tensors, and
+:func:`load` hands every writing rank's JSON state to the caller, which remaps what depends on the
+ranks (the trainer: the reader position). :func:`check_state_fits` first names what cannot carry
+over, such as a table data-parallel on one side and sharded on the other.
+
 Reading a checkpoint never runs code from it: DCP's ``.metadata`` is a pickle, read here by an
 unpickler that resolves only the types DCP metadata holds (:data:`METADATA_GLOBALS`), and non-tensor
 values go through torch's weights-only unpickler; every ``dcp.load`` of the package goes through
