@@ -4,8 +4,10 @@ sharding plan, ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -83,6 +85,42 @@ def test_every_row_of_the_interrupted_epoch_is_read_exactly_once(dataset, shuffl
     fresh = ParquetReader(dataset, "train", config, 0, worlds[-1])
     fresh.set_epoch(2)
     assert np.array_equal(row_ids(list(reader)), row_ids(list(fresh)))
+
+
+@pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (3, 1)), ((2, 2), (1, 3))])
+def test_another_number_of_workers_reads_every_row_once(dataset, monkeypatch, before, after):
+    """(ranks, workers per rank) before and after. Each worker iterates a copy of its rank's reader,
+    the rank's reader records what they hand out: what ResumableLoader does with DataLoader workers,
+    here in one process (torch's worker info is stubbed)."""
+    config = ReaderConfig(batch_size=30, shuffle=True, shuffle_window_row_groups=2, seed=4)
+
+    def run(layout, states=(), steps=None):
+        world_size, workers = layout
+        read, saved = [], []
+        for rank in range(world_size):
+            reader = ParquetReader(dataset, "train", config, rank, world_size, num_workers=workers)
+            if states:
+                reader.load_state_dicts(states)
+            expected, handed = reader.remaining_batches(), 0
+            copies = [copy.copy(reader) for _ in range(workers)]  # as the DataLoader's workers get it
+            reader.begin_pass()
+            for worker, worker_copy in enumerate(copies):
+                info = SimpleNamespace(id=worker, num_workers=workers)
+                monkeypatch.setattr("recsys_kd.data.reader.get_worker_info", lambda: info)
+                for taken, batch in enumerate(worker_copy):
+                    if steps is not None and taken == steps:
+                        break
+                    reader.advance(batch)
+                    read.extend(batch.row_ids.tolist())
+                    handed += 1
+            assert steps is not None or handed == expected
+            saved.append(reader.state_dict())
+        return saved, read
+
+    states, first = run(before, steps=2)
+    _, rest = run(after, states)
+    assert 0 < len(first) < SPLIT_ROWS
+    assert np.array_equal(np.sort(np.array(first + rest)), np.arange(SPLIT_ROWS))
 
 
 def test_unshuffled_row_groups_keep_their_batches_across_world_sizes(dataset):
