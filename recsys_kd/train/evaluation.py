@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recsys_kd.data.batch import padding_batch
 from recsys_kd.data.reader import ParquetReader
-from recsys_kd.distributed import DistributedContext, max_over_ranks
+from recsys_kd.distributed import DistributedContext, all_reduce, max_over_ranks
 from recsys_kd.train.metrics import classification_metrics, gather_predictions
 
 
@@ -63,7 +62,7 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, pre
     metrics = _scores(local_labels, logits)
     if loss_sums:
         totals = torch.tensor([*loss_sums.values(), float(local_labels.shape[0])], dtype=torch.float64)
-        dist.all_reduce(totals)
+        all_reduce(totals)
         for index, name in enumerate(loss_sums):
             metrics[f"{name}_loss"] = float(totals[index] / max(float(totals[-1]), 1.0))
     if scored:

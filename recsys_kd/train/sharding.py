@@ -8,12 +8,14 @@ are not in its allow-list, so :class:`EmbeddingBagCollectionSharderAnyDevice` ad
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -22,6 +24,9 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_kd.distributed import DistributedContext
+from recsys_kd.models.embedding import seeded_table_block
+
+_TABLE_WEIGHT = re.compile(r"\.embedding_bags\.[^.]+\.weight$")
 
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
@@ -70,17 +75,34 @@ def table_configs(model: nn.Module) -> Dict[str, "object"]:
     return tables
 
 
+def fused_optimizer_tables(model: nn.Module) -> List[str]:
+    """Tables whose weight has an optimizer applied in the backward pass (a fused table optimizer)."""
+    return [name for module in model.modules() if isinstance(module, EmbeddingBagCollection)
+            for name, bag in module.embedding_bags.items() if getattr(bag.weight, "_optimizer_classes", None)]
+
+
 def data_parallel_tables(model: nn.Module, config: ShardingConfig) -> List[str]:
     return [name for name, table in table_configs(model).items() if config.type_of(name, table.embedding_dim) == "data_parallel"]
 
 
 def make_plan(model: nn.Module, config: ShardingConfig, device: torch.device, world_size: int) -> ShardingPlan:
     """Plans every table with the configured type (or the planner's choice) and the kernel that type
-    needs: dense for data_parallel (plain DDP parameters, any optimizer), fused otherwise."""
+    needs: dense for data_parallel (plain DDP parameters, any optimizer), fused otherwise.
+
+    Under ``auto``, a table given a fused optimizer (:func:`~recsys_kd.train.optimizers.attach_table_optimizer`)
+    is never made data-parallel: the planner may choose it for a small table on one number of ranks
+    and not on another, and the table would then train with the dense optimizer instead of its own
+    and its checkpoint would not resume on the other number of ranks."""
     constraints = {}
+    sharded_types = [kind for kind in EmbeddingBagCollectionSharderAnyDevice().sharding_types(device.type)
+                     if kind != ShardingType.DATA_PARALLEL.value]
+    fused = fused_optimizer_tables(model)
     for name, table in table_configs(model).items():
         kind = config.type_of(name, table.embedding_dim)
         if kind == "auto":
+            if name in fused:
+                constraints[name] = ParameterConstraints(sharding_types=sharded_types,
+                                                         compute_kernels=[EmbeddingComputeKernel.FUSED.value])
             continue
         kernel = EmbeddingComputeKernel.DENSE.value if kind == "data_parallel" else EmbeddingComputeKernel.FUSED.value
         min_partition = None
@@ -125,3 +147,26 @@ def shard(module: nn.Module, config: ShardingConfig, ctx: DistributedContext) ->
         module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()]
     )
     return dmp, plan
+
+
+@torch.no_grad()
+def seed_tables(dmp: nn.Module, seed: int, chunk_rows: int = 1 << 16) -> None:
+    """Fills every embedding table this rank holds (its shards, or the whole of a data-parallel
+    table) with the seeded values of :func:`~recsys_kd.models.embedding.seeded_table_block`, on the
+    shard's device, ``chunk_rows`` rows at a time: no rank ever builds a table it does not hold, and
+    every sharding plan and number of ranks starts from the same tables. Each table's stream is named
+    by its state-dict key, so two models' tables of one name (a student and its co-trained teacher)
+    start apart."""
+    for key, value in dmp.state_dict().items():
+        if not _TABLE_WEIGHT.search(key):
+            continue
+        if isinstance(value, ShardedTensor):
+            dim = value.size()[1]
+            blocks = [(s.tensor, s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]) for s in value.local_shards()]
+        else:
+            dim, blocks = value.shape[1], [(value, 0, 0)]
+        for block, row0, col0 in blocks:
+            for start in range(0, block.shape[0], chunk_rows):
+                stop = min(block.shape[0], start + chunk_rows)
+                values = seeded_table_block(seed, key, row0 + start, stop - start, col0, block.shape[1], dim, block.device)
+                block[start:stop].copy_(values)

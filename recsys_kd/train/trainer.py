@@ -18,7 +18,6 @@ exact and identical on every rank and for any number of ranks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -37,7 +35,7 @@ from recsys_kd.config import ConfigError, to_dict
 from recsys_kd.data.batch import padding_batch
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
-from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
+from recsys_kd.distributed import DistributedContext, barrier, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import build_model
 from recsys_kd.runs import TrainOutput, is_checkpoint
@@ -46,7 +44,7 @@ from recsys_kd.train.config import TrainConfig
 from recsys_kd.train.evaluation import evaluate
 from recsys_kd.train.optimizers import attach_table_optimizer, combined_optimizer
 from recsys_kd.train.schedule import LearningRates, lr_scale, steps_between_evaluations
-from recsys_kd.train.sharding import describe_plan, shard
+from recsys_kd.train.sharding import describe_plan, seed_tables, shard
 from recsys_kd.train.task import Objective
 
 
@@ -98,8 +96,8 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     output = TrainOutput(config.output)
     schema = Schema.load(dataset)
     objective.check_inputs(verify=reader_config.verify)
-    torch.manual_seed(config.seed)
-    model = build_model(schema, config.model)
+    torch.manual_seed(config.seed)  # dense parameters: the same on every rank
+    model = build_model(schema, config.model, embedding_device=torch.device("meta"))  # tables: shard by shard
     parameters, flops = model.num_parameters(), model.flops_per_example()
     dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx)
     columns = objective.columns()
@@ -144,20 +142,19 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     if ctx.is_main:
         atomic_write_json(output.record_path, record)
     run.log.close()
-    dist.barrier()
+    barrier()
     return record
 
 
 def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext):
     """Collective: shards the task module with its optimizers, starting from its seeded weights (or
     ``config.init_from``); returns (dmp, combined optimizer, plan)."""
-    initial = copy.deepcopy(task.state_dict()) if config.deterministic_init else None
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
     dmp, plan = shard(task, config.sharding, ctx)
-    if initial is not None:
-        # DMP re-initialises the tables it shards, rank by rank; loading the seeded full model makes
-        # every world size start from identical weights (costs one full copy of the tables).
-        dmp.load_state_dict(initial)
+    if config.deterministic_init:
+        # DMP initialises the tables it materialises rank by rank; seeding each element by (seed, table,
+        # position) makes every world size and plan start from identical tables, without a full copy
+        seed_tables(dmp, config.seed)
     if config.init_from:
         checkpoint.load_init_from(dmp, Path(config.init_from), config.init_from_part, config.verify_checkpoints)
     return dmp, combined_optimizer(dmp, config.optim, config.freeze_embeddings), plan
