@@ -192,6 +192,7 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
             bar.update(1)
             if progress.global_step % config.log_every_steps == 0:
                 rate = window_samples / max(time.time() - window_started, 1e-9)
+                loss = float(loss)  # the one host sync of the loss: at log steps only
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
                 run.log.write({"step": progress.global_step, "epoch": progress.epoch, "loss": loss, "samples_per_second": rate})
                 window_started, window_samples = time.time(), 0
@@ -213,7 +214,9 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
     return samples
 
 
-def _step(run: _Run, batch, weight: float) -> float:
+def _step(run: _Run, batch, weight: float) -> torch.Tensor:
+    """One optimizer step; returns the loss, detached and still on the device (reading it is a host
+    sync, which on CUDA would stall the queue every step)."""
     # zero_grad first: it also hands the fused tables' kernel its learning rate, which the forward
     # pass captures for the backward's in-place update (set after the forward, a changed rate would
     # reach the tables one step late, and the first step after a resume would use the configured one)
@@ -221,7 +224,7 @@ def _step(run: _Run, batch, weight: float) -> float:
     loss, _ = run.dmp(batch)
     (loss * weight).backward()
     run.optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _evaluate_and_track(run: _Run, progress: Progress) -> None:
