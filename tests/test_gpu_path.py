@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from recsys_kd.config import ConfigError
 from recsys_kd.distributed import init_distributed
 from recsys_kd.models.embedding import EMBEDDING_STD, seeded_table_block
 from recsys_kd.models.zoo import ModelConfig, build_model
 from recsys_kd.train.config import OptimConfig
-from recsys_kd.train.optimizers import attach_table_optimizer
+from recsys_kd.train.optimizers import CUDA_ONLY_TABLE_OPTIMIZERS, attach_table_optimizer, check_table_optimizer
 from recsys_kd.train.sharding import ShardingConfig, describe_plan, make_plan, seed_tables, shard
 from recsys_kd.train.task import LabelTask
 from tests.helpers import tiny_schema
@@ -66,3 +67,12 @@ def test_tables_built_on_meta_are_seeded_shard_by_shard_identically_under_any_pl
         if not shards:
             full = value
         assert torch.equal(full, seeded_table_block(3, key, 0, full.shape[0], 0, full.shape[1], full.shape[1])), key
+
+
+def test_cuda_only_table_optimizers_are_refused_on_cpu_with_the_fix():
+    for name in CUDA_ONLY_TABLE_OPTIMIZERS:
+        with pytest.raises(ConfigError, match=rf"train\.optim\.embedding: {name} .*CUDA only.*use sgd, adagrad or rowwise_adagrad"):
+            check_table_optimizer(OptimConfig(embedding=name), torch.device("cpu"), frozen=False)
+        check_table_optimizer(OptimConfig(embedding=name), torch.device("cuda", 0), frozen=False)
+        check_table_optimizer(OptimConfig(embedding=name), torch.device("cpu"), frozen=True)  # frozen: SGD at lr 0
+    check_table_optimizer(OptimConfig(embedding="rowwise_adagrad"), torch.device("cpu"), frozen=False)

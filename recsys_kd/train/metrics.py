@@ -60,6 +60,22 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, 
     return {"auc": auc(labels, logits), "logloss": logloss(labels, probabilities), "rows": int(len(labels))}
 
 
+def prediction_metrics(labels: torch.Tensor, logits: torch.Tensor, streaming: bool) -> Dict[str, float]:
+    """Collective: ``auc``, ``logloss`` and ``rows`` of every rank's ``labels`` and ``logits`` ``[n_r]``:
+    exact (predictions gathered to every rank) or, ``streaming``, from per-rank
+    :class:`StreamingMetrics` summed over ranks (adds ``auc_max_error``; the AUC is within it of the
+    exact one). The same figures on every rank."""
+    if not streaming:
+        gathered = gather_predictions(labels, logits)
+        return classification_metrics(gathered["labels"], gathered["logits"])
+    metrics = StreamingMetrics()
+    metrics.update(labels.double().cpu().numpy(), torch.sigmoid(logits.double()).cpu().numpy())
+    result = metrics.all_reduce().result()
+    if result is None:
+        return {"auc": float("nan"), "logloss": float("nan"), "rows": 0, "auc_max_error": 0.0}
+    return {key: result[key] for key in ("auc", "logloss", "rows", "auc_max_error")}
+
+
 class StreamingMetrics:
     """AUC and logloss over a stream of (labels, probabilities) batches in constant memory.
 

@@ -42,7 +42,7 @@ from recsys_kd.runs import TrainOutput, is_checkpoint
 from recsys_kd.train import checkpoint, hooks
 from recsys_kd.train.config import TrainConfig
 from recsys_kd.train.evaluation import evaluate
-from recsys_kd.train.optimizers import attach_table_optimizer, combined_optimizer
+from recsys_kd.train.optimizers import attach_table_optimizer, check_table_optimizer, combined_optimizer
 from recsys_kd.train.schedule import LearningRates, lr_scale, steps_between_evaluations
 from recsys_kd.train.sharding import describe_plan, seed_tables, shard
 from recsys_kd.train.task import Objective
@@ -83,6 +83,10 @@ class _Run:
         return ParquetReader(self.dataset, split, self.eval_config, self.ctx.rank, self.ctx.world_size,
                              side_inputs=self.objective.side_inputs())
 
+    def evaluate(self, split: str, predictors: bool = False) -> Dict[str, Any]:
+        """Collective: the task module's metrics on ``split`` (:func:`~recsys_kd.train.evaluation.evaluate`)."""
+        return evaluate(self.dmp, self.reader(split), self.ctx, predictors, streaming=self.config.eval_metrics == "streaming")
+
 
 def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
           objective: Optional[Objective] = None) -> Dict[str, Any]:
@@ -115,7 +119,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     seconds = time.time() - started
     test = _final_test(run)
     size = {"model": config.model.name, "parameters": parameters, "flops_per_example": flops}
-    extra = objective.record(lambda split: evaluate(dmp, run.reader(split), ctx, predictors=True), test, size, schema)
+    extra = objective.record(lambda split: run.evaluate(split, predictors=True), test, size, schema)
     record = {
         "stage": "train",
         "model": config.model.name,
@@ -149,6 +153,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
 def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext):
     """Collective: shards the task module with its optimizers, starting from its seeded weights (or
     ``config.init_from``); returns (dmp, combined optimizer, plan)."""
+    check_table_optimizer(config.optim, ctx.device, frozen=config.freeze_embeddings)
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
     dmp, plan = shard(task, config.sharding, ctx)
     if config.deterministic_init:
@@ -229,7 +234,7 @@ def _step(run: _Run, batch, weight: float) -> torch.Tensor:
 
 def _evaluate_and_track(run: _Run, progress: Progress) -> None:
     config = run.config
-    metrics = evaluate(run.dmp, run.reader("valid"), run.ctx)
+    metrics = run.evaluate("valid")
     value = metrics[config.monitor]
     better = progress.best is None or (value > progress.best if config.monitor == "auc" else value < progress.best)
     entry = {"step": progress.global_step, "epoch": progress.epoch, "valid": metrics, "improved": better,
@@ -271,7 +276,7 @@ def _final_test(run: _Run) -> Dict[str, Any]:
         state = {"model": run.dmp.state_dict()}
         checkpoint.load_state(run.output.best, state, run.config.verify_checkpoints)
         run.dmp.load_state_dict(state["model"])
-    return evaluate(run.dmp, run.reader("test"), run.ctx, predictors=True)
+    return run.evaluate("test", predictors=True)
 
 
 def _save(run: _Run, reader: ParquetReader, progress: Progress) -> None:
