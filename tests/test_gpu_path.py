@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from torch.distributed._shard.sharded_tensor import ShardMetadata
 
+from recsys_kd.compress.sharded import shard_placement
 from recsys_kd.config import ConfigError
 from recsys_kd.distributed import init_distributed
 from recsys_kd.models.embedding import EMBEDDING_STD, seeded_table_block
@@ -76,3 +78,10 @@ def test_cuda_only_table_optimizers_are_refused_on_cpu_with_the_fix():
         check_table_optimizer(OptimConfig(embedding=name), torch.device("cuda", 0), frozen=False)
         check_table_optimizer(OptimConfig(embedding=name), torch.device("cpu"), frozen=True)  # frozen: SGD at lr 0
     check_table_optimizer(OptimConfig(embedding="rowwise_adagrad"), torch.device("cpu"), frozen=False)
+
+
+def test_shard_placements_name_the_shards_device():
+    assert shard_placement(1, torch.device("cuda", 3)) == "rank:1/cuda:3"
+    assert shard_placement(0, torch.device("cpu")) == "rank:0/cpu"
+    meta = ShardMetadata([0, 0], [4, 2], shard_placement(1, torch.device("cuda", 3)))
+    assert meta.placement.rank() == 1 and meta.placement.device() == torch.device("cuda", 3)
