@@ -15,12 +15,14 @@ from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
 from recsys_kd.export.artifact import ArtifactError, ParityError
 from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
+from recsys_kd.stack import StackError, check_stack
 from recsys_kd.train.checkpoint import CheckpointError
+from recsys_kd.train.plan import PlanError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
 # OSError: the files, disks and network around a run (not found, exists, permission, read-only, full)
 USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               InputError, OSError)
+               InputError, PlanError, StackError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,6 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     silence_third_party_warnings()
     try:
+        check_stack()  # a mismatched torch/FBGEMM/TorchRec or a CPU build on a GPU machine: one line, before any work
         return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("RECSYS_KD_TRACEBACK"):
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     _add_score(commands)
     _add_serve(commands)
+    _add_plan(commands)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
     inspect.set_defaults(handler=_inspect)
@@ -300,6 +304,65 @@ def _serve(args) -> int:
               request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
+    return 0
+
+
+def _add_plan(commands) -> None:
+    help = ("plan the recipe's model for a cluster with torchrec's planner, on the meta device at full table size: "
+            "the plan, memory per rank, all-to-all bytes per step; one error line when it does not fit")
+    command = commands.add_parser("plan", help=help, description=help)
+    command.add_argument("--config", "-c", type=Path, help="recipe YAML (its model, optimizer and sharding)")
+    command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    command.add_argument("--world-size", type=int, required=True, help="ranks in the cluster")
+    command.add_argument("--local-world-size", type=int, help="ranks per host (default: LOCAL_WORLD_SIZE, the GPUs "
+                                                              "here, else world size)")
+    command.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    command.add_argument("--hbm-gb", type=float, help="GiB of memory per GPU (default: this machine's GPU)")
+    command.add_argument("--host-memory-gb", type=float, help="GiB of memory per host (default: this machine's)")
+    command.add_argument("--batch-size", type=int, help="rows per rank per step (default: the recipe's reader.batch_size)")
+    command.add_argument("--sizes", type=Path, help="size file (configs/sizes/*.yaml); default: the schema of the "
+                                                    "recipe's prepared dataset (prepare.output)")
+    command.add_argument("--stage", choices=("train", "distill", "finetune"), default="train",
+                         help="whose model to plan (default: train)")
+    command.add_argument("--torchrec-stats", action="store_true",
+                         help="print torchrec's own planner statistics table first (its dry-run report)")
+    command.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    import torch
+
+    from recsys_kd.data.schema import Schema
+    from recsys_kd.train.plan import GIB, load_sizes, plan_cluster, plan_rows
+    from recsys_kd.train.sharding import machine_topology
+
+    recipe = _recipe(args)
+    config = getattr(recipe, args.stage)
+    if config is None:
+        raise ConfigError(f"{args.config}: no {args.stage!r} section")
+    schema = load_sizes(args.sizes) if args.sizes else Schema.load(Path(recipe.prepare.output))
+    gib = lambda value: None if value is None else int(value * GIB)
+    try:
+        topology = machine_topology(
+            args.world_size, torch.device(args.device), args.batch_size or recipe.reader.batch_size,
+            local_world_size=args.local_world_size, hbm_bytes=gib(args.hbm_gb), host_memory_bytes=gib(args.host_memory_gb),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    plan = plan_cluster(schema, config, topology, torchrec_stats=args.torchrec_stats)
+    rows = plan_rows(plan)
+    sources = ", ".join(f"{key} from {source}" for key, source in topology.sources.items())
+    print(f"{plan.model} ({schema.name}, {len(plan.tables)} tables) on {topology.world_size} ranks = {topology.hosts} "
+          f"hosts x {topology.local_world_size} ({topology.device}), batch {topology.batch_size:,} per rank ({sources})")
+    print(format_table(rows["tables"]))
+    print(format_table(rows["ranks"]))
+    a2a = plan.a2a_total()
+    allreduce = sum(t.allreduce_bytes for t in plan.tables)
+    print(f"all-to-all per step: ids {a2a['ids'] / 2**20:,.1f} MiB, embeddings {a2a['embeddings'] / 2**20:,.1f} MiB "
+          f"(forward), gradients {a2a['gradients'] / 2**20:,.1f} MiB (backward); all-reduce of data-parallel tables "
+          f"{allreduce / 2**20:,.1f} MiB; dense part {plan.dense_parameters:,} parameters (replicated)")
+    for note in plan.notes:
+        print(f"note: {note}")
     return 0
 
 
