@@ -33,6 +33,7 @@ def train(
     name: str = "recsys-kd/train",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -52,7 +53,8 @@ def train(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -65,8 +67,8 @@ def train(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "train", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "train", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -79,6 +81,7 @@ def infer(
     name: str = "recsys-kd/infer",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -98,7 +101,8 @@ def infer(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -109,8 +113,8 @@ def infer(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "infer", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "infer", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -123,6 +127,7 @@ def distill(
     name: str = "recsys-kd/distill",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -142,7 +147,8 @@ def distill(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -153,8 +159,8 @@ def distill(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "distill", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "distill", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -167,6 +173,7 @@ def compress(
     name: str = "recsys-kd/compress",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -186,7 +193,8 @@ def compress(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -197,8 +205,8 @@ def compress(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "compress", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "compress", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -272,6 +280,8 @@ def pipeline(
     image: str = DEFAULT_IMAGE,
     name: str = "recsys-kd/pipeline",
     cpu: int = 2,
+    gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -290,8 +300,10 @@ def pipeline(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs for the process; OMP_NUM_THREADS defaults to this
+        gpu: GPUs for the process (0 or 1)
+        device: cpu or cuda; cuda needs --gpu 1
         memMB: memory in MB
-        h: a registered named resource (overrides cpu and memMB)
+        h: a registered named resource (overrides cpu, gpu and memMB)
         env: environment variables ``K1=v1,K2=v2``
         max_retries: scheduler retries after a failure; finished stages are skipped on the retry
             and an unfinished train resumes from its last checkpoint
@@ -299,7 +311,7 @@ def pipeline(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "pipeline", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
+        "pipeline", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB, h=h,
         env=env, max_retries=max_retries, max_restarts=max_restarts, threads=cpu, mounts=mounts,
     )
 
@@ -316,6 +328,7 @@ def _stage_app(
     gpu: int,
     memMB: int,
     h: Optional[str],
+    device: str = "cpu",
     env: Optional[Dict[str, str]],
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -330,6 +343,7 @@ def _stage_app(
         raise ValueError(f"{stage}: overrides must be key.sub=value, got {bad}")
     if max_retries < 0 or max_restarts < 0:
         raise ValueError(f"{stage}: max_retries and max_restarts must be >= 0")
+    _check_gpus(stage, j, gpu, device, named_resource=h is not None)
     env = dict(env or {})
     env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     env.setdefault("PYTHONUNBUFFERED", "1")  # a killed rank's last lines still reach the log
@@ -349,3 +363,17 @@ def _stage_app(
         assert command.startswith("torchrun "), command
         role.args[-1] = f"torchrun --max_restarts {max_restarts} " + command[len("torchrun "):]
     return app
+
+
+def _check_gpus(stage: str, j: str, gpu: int, device: str, named_resource: bool) -> None:
+    """One process per GPU: on cuda, the GPUs per node must equal the processes per node; without
+    this, ``-j 2x8`` and no ``--gpu`` gets nodes without GPUs and trains on their CPUs."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{stage}: --device must be cpu or cuda, got {device!r}")
+    nproc = int(j.rpartition("x")[2]) if "x" in j else None
+    if named_resource:
+        return  # the named resource sets the GPUs; torchx checks nproc against it
+    if device == "cuda" and gpu != nproc:
+        raise ValueError(f"{stage}: --device cuda runs one process per GPU: -j {j} needs --gpu {nproc}, got --gpu {gpu}")
+    if gpu and gpu != nproc:
+        raise ValueError(f"{stage}: --gpu {gpu} with {nproc} processes per node (-j {j}): give one GPU per process")

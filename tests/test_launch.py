@@ -250,3 +250,46 @@ def test_torchx_max_restarts_resumes_after_a_rank_dies(tmp_path: Path, movielens
     assert "resumed from" in output and "exitcode: -9" in output, output[-6000:]
     record = json.loads((out / "train.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 80
+
+
+def test_torchxconfig_scheduler_sections_are_valid() -> None:
+    """The slurm and kubernetes sections are live (not commented out) and hold only options the
+    schedulers accept, with values of the right type."""
+    from torchx.runner.config import apply
+    from torchx.schedulers import get_scheduler_factories
+
+    factories = get_scheduler_factories()
+    for scheduler, required in (("slurm", {"partition", "time"}), ("kubernetes", {"queue", "namespace"})):
+        cfg: dict = {}
+        apply(scheduler=scheduler, cfg=cfg, dirs=[str(PROJECT)])
+        assert required <= set(cfg), (scheduler, cfg)
+        options = factories[scheduler]("recsys-kd").run_opts()
+        assert set(cfg) <= set(options._opts), (scheduler, set(cfg) - set(options._opts))
+        options.resolve(cfg)  # raises on a wrong type or a missing required option
+
+
+@pytest.mark.parametrize("name", ["train", "infer", "distill", "compress"])
+def test_cuda_needs_one_gpu_per_process(name: str) -> None:
+    component = getattr(components, name)
+    with pytest.raises(ValueError, match=r"--device cuda runs one process per GPU: -j 2x8 needs --gpu 8, got --gpu 0"):
+        component(config=CONFIG, j="2x8", device="cuda")
+    with pytest.raises(ValueError, match=r"--gpu 4 with 8 processes per node"):
+        component(config=CONFIG, j="2x8", gpu=4)
+    app = component(config=CONFIG, j="2x8", gpu=8, device="cuda")
+    assert app.roles[0].resource.gpu == 8 and option(torchrun_command(app), "--nproc_per_node") == "8"
+
+
+def test_cuda_check_on_the_torchx_command_line() -> None:
+    with pytest.raises(ValueError, match="needs --gpu 8"):
+        materialize_appdef(components.train, ["-j", "2x8", "--device", "cuda", "--config", CONFIG])
+    app = materialize_appdef(components.train, ["-j", "2x8", "--device", "cuda", "--gpu", "8", "--config", CONFIG])
+    assert app.roles[0].resource.gpu == 8
+
+
+def test_pipeline_takes_a_gpu() -> None:
+    app = components.pipeline(config=CONFIG, gpu=1, device="cuda")
+    assert app.roles[0].resource.gpu == 1
+    assert components.pipeline(config=CONFIG).roles[0].resource.gpu == 0
+    with pytest.raises(ValueError, match="needs --gpu 1"):
+        components.pipeline(config=CONFIG, device="cuda")
+
