@@ -104,32 +104,53 @@ def _dense_parameters(tmp_path):
     return [(n, p) for n, p in model.named_parameters() if ".ebc." not in f".{n}"]
 
 
-def brute_force_all_to_all(sharding_type: str, shards, dim: int, rows: int, table_rows: int) -> dict:
-    """Follows every row of the global batch: where its id and length go, what comes back."""
-    ids = np.random.default_rng(0).integers(0, table_rows, size=rows)
-    starts = np.cumsum([0] + [r for _, r, _ in shards])
-    moved = {"ids": 0, "embeddings": 0, "gradients": 0}
-    for row_id in ids:
-        for index, (_, shard_rows, shard_cols) in enumerate(shards):
-            holds_row = starts[index] <= row_id < starts[index + 1]
+def brute_force_all_to_all(sharding_type: str, shards, dim: int, batch: int, hosts: int, local: int) -> dict:
+    """Follows every row of the global batch (``batch`` rows on each rank) to the table's shards and
+    back, counting bytes, and those whose two ranks are on different hosts. An id goes to the shard
+    holding its row: with ids uniform over the table, shard k gets it with probability rows_k / rows."""
+    host = lambda rank: rank // local
+    table_rows = sum(rows for _, rows, _ in shards) if sharding_type != "column_wise" else shards[0][1]
+    moved = {"ids": 0.0, "embeddings": 0.0, "gradients": 0.0, "cross_host": 0.0}
+
+    def send(kind: str, nbytes: float, a: int, b: int) -> None:
+        moved[kind] += nbytes
+        if kind != "gradients":  # gradients retrace the embeddings' path: counted once more below
+            moved["cross_host"] += nbytes * (host(a) != host(b)) * (2 if kind == "embeddings" else 1)
+
+    for row in range(batch * hosts * local):
+        rank = row // batch  # the rank whose batch holds this row
+        for index, (shard_rank, shard_rows, shard_cols) in enumerate(shards):
             if sharding_type in ("table_wise", "column_wise"):
-                moved["ids"] += 8 + 8  # the id and its length to the shard's rank
-                moved["embeddings"] += shard_cols * 4
-                moved["gradients"] += shard_cols * 4
-            else:  # row-wise: the id to the rank with its row, the length to every shard rank
-                moved["ids"] += 8 + (8 if holds_row else 0)
-                moved["embeddings"] += dim * 4  # a partial sum from every shard
-                moved["gradients"] += dim * 4
+                send("ids", 8 + 8, rank, shard_rank)  # the id and its length
+                send("embeddings", shard_cols * 4, shard_rank, rank)
+                send("gradients", shard_cols * 4, rank, shard_rank)
+            else:  # row-wise: the id to its row's shard, the length to every shard
+                send("ids", 8 * shard_rows / table_rows + 8, rank, shard_rank)
+                if sharding_type == "row_wise":
+                    send("embeddings", dim * 4, shard_rank, rank)  # a partial sum for every row
+                    send("gradients", dim * 4, rank, shard_rank)
+                else:  # table-row-wise: partial sums reduce-scattered inside the table's host, then sent on
+                    reducer = shards[row % len(shards)][0]
+                    send("embeddings", dim * 4, shard_rank, reducer)
+                    send("gradients", dim * 4, reducer, shard_rank)
+        if sharding_type == "table_row_wise":
+            reducer = shards[row % len(shards)][0]
+            send("embeddings", dim * 4, reducer, rank)
+            send("gradients", dim * 4, rank, reducer)
     return moved
 
 
 @pytest.mark.parametrize("sharding_type, shards", [
     ("table_wise", [(3, 100, 8)]),
-    ("column_wise", [(0, 100, 4), (1, 100, 4)]),
-    ("row_wise", [(0, 30, 8), (1, 30, 8), (2, 30, 8), (3, 10, 8)]),
+    ("column_wise", [(0, 100, 4), (5, 100, 4)]),
+    ("row_wise", [(0, 30, 8), (1, 30, 8), (2, 30, 8), (3, 10, 8), (4, 0, 8), (5, 0, 8), (6, 0, 8), (7, 0, 8)]),
+    ("table_row_wise", [(4, 25, 8), (5, 25, 8), (6, 25, 8), (7, 25, 8)]),
 ])
 def test_all_to_all_bytes_match_following_every_row(sharding_type, shards):
-    assert all_to_all_bytes(sharding_type, len(shards), 8, 64) == brute_force_all_to_all(sharding_type, shards, 8, 64, 100)
+    """2 hosts x 4 ranks, 16 rows per rank."""
+    expected = brute_force_all_to_all(sharding_type, shards, 8, 16, 2, 4)
+    computed = all_to_all_bytes(sharding_type, len(shards), 8, 16 * 8, hosts=2)
+    assert computed == pytest.approx(expected, abs=1)
 
 
 def test_a_model_that_does_not_fit_is_one_line(tmp_path):
@@ -177,7 +198,7 @@ def test_plan_command(tmp_path, capsys):
     for row in rows["tables"]:
         assert f"{row['table']}" in out and row["sharding"] == "row_wise" and row["ranks"] == "0-3"
     assert "all-to-all per step" in out
-    expected_ids = sum(all_to_all_bytes("row_wise", 4, 8, 512)["ids"] for _ in SIZES) / 2**20
+    expected_ids = sum(all_to_all_bytes("row_wise", 4, 8, 512, hosts=2)["ids"] for _ in SIZES) / 2**20
     assert f"ids {expected_ids:,.1f} MiB" in out
 
 

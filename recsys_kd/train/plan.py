@@ -11,21 +11,25 @@ the bytes one training step moves through the sparse all-to-alls; per rank the t
 their optimizer state, the planner's input/output buffer estimate and the replicated dense part,
 against HBM and host memory. A model that does not fit raises :class:`PlanError`, one line.
 
-All-to-all bytes per step (N = batch_size x world_size rows, one id per feature and row, int64 ids
-and lengths, float32 embeddings; each rank's own slice counted like the others):
+All-to-all bytes per step (N = batch_size x world_size rows, one id per feature and row, ids
+uniform over a table's rows, int64 ids and lengths, float32 embeddings; each rank's own slice counted
+like the others):
 
-=================  ==========================  ====================  ====================
-sharding           ids and lengths (forward)   embeddings (forward)  gradients (backward)
-=================  ==========================  ====================  ====================
-table_wise         N x 16                      N x D x 4             N x D x 4
-column_wise (S)    S x N x 16                  N x D x 4             N x D x 4
-row_wise (S)       N x 8 + S x N x 8           S x N x D x 4         S x N x D x 4
-table_row_wise     as row_wise, S shards on one host
-data_parallel      0 (and an all-reduce of the table's gradient: rows x D x 4)
-=================  ==========================  ====================  ====================
+==================  ==========================  =========================  ====================
+sharding (S shards) ids and lengths (forward)   embeddings (forward)       gradients (backward)
+==================  ==========================  =========================  ====================
+table_wise          N x 16                      N x D x 4                  as embeddings
+column_wise         S x N x 16                  N x D x 4                  as embeddings
+row_wise            N x 8 + S x N x 8           S x N x D x 4              as embeddings
+table_row_wise      N x 8 + S x N x 8           (S + 1) x N x D x 4        as embeddings
+data_parallel       0 (an all-reduce of the table's gradient instead: rows x D x 4)
+==================  ==========================  =========================  ====================
 
-Row-wise sends each id to the rank holding its row, every shard rank gets every row's length, and
-each shard rank returns a partial sum for every row (a reduce-scatter).
+Row-wise sends each id to the rank holding its row and every row's length to every shard rank;
+each shard rank returns a partial sum for every row (a reduce-scatter). Table-row-wise does that on
+the table's host (the reduce-scatter stays inside the host), then sends each row's sum to the row's
+rank. Across hosts: every byte has the row's rank at one end, and rows are spread evenly over the H
+hosts, so (H - 1) / H of it crosses hosts, except table-row-wise's reduce-scatter (none).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class PlanError(ValueError):
 
 @dataclass
 class TablePlan:
-    """One table's plan: ``shards`` are (rank, rows, columns); ``a2a`` bytes per step by direction."""
+    """One table's plan: ``shards`` are (rank, rows, columns); ``a2a`` bytes per step by direction
+    (ids, embeddings, gradients) and ``cross_host``, the part of them that crosses hosts."""
 
     name: str
     rows: int
@@ -105,7 +110,7 @@ class ClusterPlan:
     notes: List[str] = field(default_factory=list)
 
     def a2a_total(self) -> Dict[str, int]:
-        total = {"ids": 0, "embeddings": 0, "gradients": 0}
+        total = {"ids": 0, "embeddings": 0, "gradients": 0, "cross_host": 0}
         for table in self.tables:
             for key, value in table.a2a.items():
                 total[key] += value
@@ -203,7 +208,8 @@ def plan_cluster(
             shards.append((shard.rank, shard.size[0], shard.size[1]))
         tables.append(TablePlan(
             option.name, rows, dim, option.sharding_type, option.compute_kernel, shards,
-            all_to_all_bytes(option.sharding_type, len(shards), dim, topology.batch_size * topology.world_size),
+            all_to_all_bytes(option.sharding_type, len(shards), dim, topology.batch_size * topology.world_size,
+                             topology.hosts),
             rows * dim * element if option.sharding_type == "data_parallel" else 0,
         ))
     for memory in ranks:
@@ -219,20 +225,27 @@ def plan_cluster(
                        dense_parameters, notes)
 
 
-def all_to_all_bytes(sharding_type: str, shards: int, dim: int, rows: int) -> Dict[str, int]:
+def all_to_all_bytes(sharding_type: str, shards: int, dim: int, rows: int, hosts: int = 1) -> Dict[str, int]:
     """Bytes one step moves through the sparse all-to-alls for one table (the table in the module
-    docstring): ``rows`` is the global batch, ``shards`` the table's shard count."""
+    docstring): ``rows`` is the global batch, ``shards`` the table's shard count, ``hosts`` the
+    cluster's; ``cross_host`` is the part of ids + embeddings + gradients that crosses hosts."""
     if sharding_type == "data_parallel":
-        return {"ids": 0, "embeddings": 0, "gradients": 0}
+        return {"ids": 0, "embeddings": 0, "gradients": 0, "cross_host": 0}
     pooled = rows * dim * 4
     if sharding_type == "table_wise":
-        return {"ids": rows * 2 * ID_BYTES, "embeddings": pooled, "gradients": pooled}
-    if sharding_type in ("column_wise", "table_column_wise"):
-        return {"ids": shards * rows * 2 * ID_BYTES, "embeddings": pooled, "gradients": pooled}
-    if sharding_type in ("row_wise", "table_row_wise"):
-        return {"ids": rows * ID_BYTES + shards * rows * ID_BYTES, "embeddings": shards * pooled,
-                "gradients": shards * pooled}
-    raise PlanError(f"no all-to-all model for sharding type {sharding_type!r}")
+        ids, embeddings = rows * 2 * ID_BYTES, pooled
+    elif sharding_type in ("column_wise", "table_column_wise"):
+        ids, embeddings = shards * rows * 2 * ID_BYTES, pooled
+    elif sharding_type in ("row_wise", "table_row_wise"):
+        ids, embeddings = rows * ID_BYTES + shards * rows * ID_BYTES, shards * pooled
+    else:
+        raise PlanError(f"no all-to-all model for sharding type {sharding_type!r}")
+    crossing = ids + 2 * embeddings
+    if sharding_type == "table_row_wise":
+        embeddings += pooled  # the host's sums to the rows' ranks, after the reduce-scatter inside the host
+        crossing = ids + 2 * pooled
+    return {"ids": ids, "embeddings": embeddings, "gradients": embeddings,
+            "cross_host": round(crossing * (hosts - 1) / hosts)}
 
 
 def _state_per_element(option: ShardingOption, config: TrainConfig, dim: int) -> float:
@@ -263,7 +276,7 @@ def _does_not_fit(model: nn.Module, config: TrainConfig, topology: ClusterTopolo
                 need += weights * (1 + (1.0 / table.embedding_dim if state is None else state))
     per_rank = (topology.hbm_bytes or 0) + topology.ddr_bytes
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return (f"{config.model.name} does not fit {topology.world_size} ranks ({topology.hosts} hosts x "
+    return (f"{config.model.name} does not fit {topology.world_size} ranks ({topology.hosts} host(s) x "
             f"{topology.local_world_size}) with {_gib(topology.hbm_bytes or 0)} GiB HBM + {_gib(topology.ddr_bytes)} GiB "
             f"host memory per rank: its tables need {_gib(need)} GiB (weights + {config.optim.embedding} state) of "
             f"{_gib(per_rank * topology.world_size)} GiB in the cluster, before buffers and the dense part; "
@@ -278,10 +291,11 @@ def _gib(value: float) -> str:
 def plan_rows(plan: ClusterPlan) -> Dict[str, List[Dict[str, object]]]:
     """The plan as printable rows: ``tables``, and ``ranks`` (consecutive ranks with the same figures
     share one row)."""
+    mib = lambda value: round(value / 2**20, 1)
     tables = [{
         "table": t.name, "rows": t.rows, "dim": t.dim, "sharding": t.sharding_type, "kernel": t.compute_kernel,
-        "ranks": _ranges(t.ranks), "a2a MiB/step": round(sum(t.a2a.values()) / 2**20, 1),
-        "allreduce MiB/step": round(t.allreduce_bytes / 2**20, 1),
+        "ranks": _ranges(t.ranks), "a2a MiB/step": mib(t.a2a["ids"] + t.a2a["embeddings"] + t.a2a["gradients"]),
+        "across hosts": mib(t.a2a["cross_host"]), "allreduce MiB/step": mib(t.allreduce_bytes),
     } for t in plan.tables]
     capacity_hbm = plan.topology.hbm_bytes or 0
     ranks: List[Dict[str, object]] = []
