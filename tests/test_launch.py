@@ -293,3 +293,21 @@ def test_pipeline_takes_a_gpu() -> None:
     with pytest.raises(ValueError, match="needs --gpu 1"):
         components.pipeline(config=CONFIG, device="cuda")
 
+
+
+def _readme_commands(prefix: str) -> List[List[str]]:
+    """The README's shell commands starting with ``prefix``, continuation lines joined, comments dropped."""
+    text = (PROJECT / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.split("  #")[0]) for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_readme_gpu_commands_are_exact() -> None:
+    """The README's torchx and plan commands parse as written: the component accepts its arguments
+    (GPU check included), the CLI its options."""
+    (launch,) = _readme_commands("torchx run -s slurm")
+    component = launch.index("launch/components.py:train")
+    app = materialize_appdef(components.train, launch[component + 1:])
+    assert app.roles[0].resource.gpu == 8 and app.roles[0].num_replicas == 8
+    (plan,) = _readme_commands(".venv/bin/recsys-kd plan")
+    parsed = cli._parser().parse_args(plan[1:])
+    assert parsed.command == "plan" and parsed.world_size == 64 and parsed.sizes.exists()

@@ -5,7 +5,6 @@ line when the model does not fit."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
