@@ -3,7 +3,8 @@
 #   bash tools/gpu_smoke.sh              every check; the CUDA ones print SKIP(no CUDA) without a GPU
 #   bash tools/gpu_smoke.sh --cpu-only   only the checks a CPU machine can run (the test suite runs this)
 # CPU part: the installed stack and its version guard, a planner topology for 2 hosts x 8 GPUs, a tiny
-# train killed and resumed (gloo, through the CLI), export of the result. CUDA part: FBGEMM's fused TBE
+# train killed and resumed (gloo, through the CLI), export of the result, FBGEMM's fused TBE kernel on
+# the CPU (the same check as on CUDA). CUDA part: FBGEMM's fused TBE
 # kernel, the NCCL collectives, a train killed and resumed on all GPUs (NCCL, DCP checkpoints),
 # samples/s and GPU utilisation. PYTHON (default .venv/bin/python) runs everything; SMOKE_DIR keeps
 # the work directory (default: a temporary one, removed at the end).
@@ -106,11 +107,12 @@ check "planner topology 2 hosts x 8 GPUs" planner_topology
 check "prepare 20k synthetic rows" prepare
 check "train, SIGKILL, resume (gloo, CLI)" train_kill_resume "$work/train_gloo" gloo "$python"
 check "export from the CPU checkpoint" export_artifact "$work/train_gloo" "$work/gloo.pt"
+check "fused TBE kernel (FBGEMM, CPU)" "$python" tools/gpu_smoke_checks.py tbe cpu
 
 cuda_checks=("fused TBE kernel (FBGEMM, CUDA)" "NCCL collectives (all GPUs)" "train, SIGKILL, resume (NCCL, DCP)"
              "export from the GPU checkpoint" "samples/s and GPU utilisation")
 if [ "$cuda" = 1 ]; then
-  check "${cuda_checks[0]}" "$python" tools/gpu_smoke_checks.py tbe
+  check "${cuda_checks[0]}" "$python" tools/gpu_smoke_checks.py tbe cuda
   check "${cuda_checks[1]}" "$python" -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
       tools/gpu_smoke_checks.py collectives
   check "${cuda_checks[2]}" train_kill_resume "$work/train_nccl" nccl "$python" -m torch.distributed.run --standalone \

@@ -1,6 +1,7 @@
 """The Python halves of tools/gpu_smoke.sh's CUDA checks; each exits 0 on success and prints one line.
 
-    python tools/gpu_smoke_checks.py tbe            # FBGEMM's fused TBE kernel on the GPU vs torch's EmbeddingBag
+    python tools/gpu_smoke_checks.py tbe cuda       # FBGEMM's fused TBE kernel on the GPU vs torch's EmbeddingBag
+    python tools/gpu_smoke_checks.py tbe cpu        # the same check on FBGEMM's CPU kernel
     torchrun --nproc_per_node N tools/gpu_smoke_checks.py collectives   # every collective of recsys_kd.distributed under NCCL
     python tools/gpu_smoke_checks.py utilisation SECONDS OUT            # samples nvidia-smi's GPU utilisation
     python tools/gpu_smoke_checks.py resumed TRAIN_JSON STEPS           # a resumed run finished its steps
@@ -17,33 +18,38 @@ import time
 import torch
 
 
-def tbe() -> None:
-    """A fused table-batched embedding bag (rowwise Adagrad in the backward) against a plain
-    EmbeddingBag with the same weights: forward equal, one step moves the rows it should."""
+def tbe(device: str) -> None:
+    """A fused table-batched embedding bag (rowwise Adagrad in the backward) on ``device`` against a
+    plain EmbeddingBag with the same weights: forward equal, one step moves exactly the rows looked up."""
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
         ComputeDevice, OptimType, SplitTableBatchedEmbeddingBagsCodegen)
 
     rows, dim, batch = 1000, 64, 512
+    location, compute = ((EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if device == "cuda"
+                         else (EmbeddingLocation.HOST, ComputeDevice.CPU))
     tbe_module = SplitTableBatchedEmbeddingBagsCodegen(
-        [(rows, dim, EmbeddingLocation.DEVICE, ComputeDevice.CUDA)], optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
-        learning_rate=0.1,
+        [(rows, dim, location, compute)], optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1,
     )
+    with torch.no_grad():
+        tbe_module.split_embedding_weights()[0].copy_(torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)))
     weights = tbe_module.split_embedding_weights()[0].detach().clone()
-    ids = torch.randint(0, rows, (batch,), device="cuda")
-    offsets = torch.arange(0, batch + 1, device="cuda")
+    ids = torch.randint(0, rows, (batch,), device=device)
+    offsets = torch.arange(0, batch + 1, device=device)
     pooled = tbe_module(ids, offsets)
     reference = torch.nn.functional.embedding_bag(ids, weights, offsets[:-1], mode="sum")
     torch.testing.assert_close(pooled, reference)
     pooled.sum().backward()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     after = tbe_module.split_embedding_weights()[0]
-    touched = torch.zeros(rows, dtype=torch.bool, device="cuda")
+    touched = torch.zeros(rows, dtype=torch.bool, device=device)
     touched[ids] = True
-    assert not torch.equal(after[touched], weights[touched]), "the fused optimizer did not update the looked-up rows"
+    assert (after[touched] != weights[touched]).any(dim=1).all(), "the fused optimizer missed looked-up rows"
     assert torch.equal(after[~touched], weights[~touched]), "rows that were not looked up changed"
-    print(f"fused TBE on {torch.cuda.get_device_name()}: forward matches EmbeddingBag, rowwise Adagrad updated "
-          f"{int(touched.sum())} rows")
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"fused TBE on {where}: forward matches EmbeddingBag, rowwise Adagrad updated the {int(touched.sum())} "
+          f"rows looked up and no other")
 
 
 def collectives() -> None:
@@ -100,7 +106,7 @@ def speed(record_path: str, utilisation_path: str) -> None:
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "tbe":
-        tbe()
+        tbe(sys.argv[2])
     elif command == "collectives":
         collectives()
     elif command == "utilisation":

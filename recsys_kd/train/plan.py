@@ -102,6 +102,9 @@ class RankMemory:
 
 @dataclass
 class ClusterPlan:
+    """The planner's answer for one model on one cluster: its tables in the model's order, every
+    rank's memory, the dense part's parameter count, and notes on what the figures leave out."""
+
     topology: ClusterTopology
     model: str
     tables: List[TablePlan]
@@ -218,6 +221,10 @@ def plan_cluster(
         else:
             memory.ddr += dense_bytes
     notes = ["one id per feature and row assumed (multi-hot features move more)"]
+    replicated = sum(t.allreduce_bytes for t in tables)
+    if replicated:
+        notes.append(f"the gradients of data-parallel tables ({replicated / 2**20:,.1f} MiB per rank) are not in "
+                     f"the memory figures")
     if any(feature.multi_hot for feature in schema.sparse):
         notes.append("multi-hot features: " + ", ".join(f.name for f in schema.sparse if f.multi_hot))
     order = list(table_configs(model))
