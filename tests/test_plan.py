@@ -3,6 +3,7 @@
 table-row-wise shards on one host; memory per rank and all-to-all bytes against direct counts; one
 line when the model does not fit."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,19 @@ def test_plan_command_without_a_gpu_needs_the_hbm_size(tmp_path, capsys, monkeyp
     assert main(["plan", "-c", str(recipe), "--world-size", "4", "--sizes", str(write_sizes(tmp_path / "s.yaml"))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--hbm-gb" in err
+
+
+def test_plan_command_reads_a_prepared_schema(tmp_path, capsys):
+    """Without --sizes, the tables are the prepared dataset's (its schema.json, multi-hot noted)."""
+    from recsys_kd.data.schema import IdRule, Schema, SparseFeature
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Schema("prepared", "label", ["x"], [SparseFeature("user", 70_000, IdRule("vocab")),
+                                       SparseFeature("genres", 21, IdRule("vocab"), multi_hot=True)]).save(data)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"prepare: {{output: {data}}}\ntrain:\n  model: {{name: dnn, embedding_dim: 8, mlp_layers: [16]}}\n")
+    assert main(["plan", "-c", str(recipe), "--world-size", "2", "--device", "cpu", "--host-memory-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "(prepared, 2 tables) on 2 ranks = 1 host x 2 (cpu)" in out
+    assert re.search(r"^t_user +70,000 ", out, re.M) and "multi-hot features: genres" in out

@@ -223,8 +223,8 @@ def plan_cluster(
     notes = ["one id per feature and row assumed (multi-hot features move more)"]
     replicated = sum(t.allreduce_bytes for t in tables)
     if replicated:
-        notes.append(f"the gradients of data-parallel tables ({replicated / 2**20:,.1f} MiB per rank) are not in "
-                     f"the memory figures")
+        size = f"{replicated / 2**20:,.1f} MiB" if replicated >= 2**20 else f"{replicated / 2**10:,.1f} KiB"
+        notes.append(f"the gradients of data-parallel tables ({size} per rank) are not in the memory figures")
     if any(feature.multi_hot for feature in schema.sparse):
         notes.append("multi-hot features: " + ", ".join(f.name for f in schema.sparse if f.multi_hot))
     order = list(table_configs(model))
