@@ -58,8 +58,10 @@ def test_topology_rejects_a_world_that_is_not_whole_hosts():
         ClusterTopology(12, 8, "cuda", GIB, GIB, 512)
 
 
-def test_2x8_plan_keeps_table_row_wise_shards_on_one_host(tmp_path):
-    topology = ClusterTopology(16, 8, "cuda", 80 * GIB, 128 * GIB, 1024)
+def test_2x8_plan_keeps_table_row_wise_shards_on_one_host(tmp_path, monkeypatch):
+    """The topology each rank of a 2 x 8 torchrun job builds (LOCAL_WORLD_SIZE=8), HBM given."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    topology = machine_topology(16, torch.device("cuda"), 1024, hbm_bytes=80 * GIB, host_memory_bytes=1024 * GIB)
     plan = plan_cluster(load_sizes(write_sizes(tmp_path / "sizes.yaml")), train_config(), topology)
     tables = {t.name: t for t in plan.tables}
     assert {name: t.sharding_type for name, t in tables.items() if name in TYPES} == TYPES
@@ -74,6 +76,10 @@ def test_2x8_plan_keeps_table_row_wise_shards_on_one_host(tmp_path):
         elif table.sharding_type in ("column_wise", "table_column_wise"):
             assert sum(cols for _, _, cols in table.shards) == table.dim
     assert [r.host for r in plan.ranks] == [0] * 8 + [1] * 8
+    # what shard() planned before: world size and device only, so torchrec took all 16 ranks for one host
+    before = ClusterTopology(16, 16, "cuda", 80 * GIB, 64 * GIB, 1024)
+    spread = {t.name: t for t in plan_cluster(load_sizes(tmp_path / "sizes.yaml"), train_config(), before).tables}
+    assert spread["t_d"].sharding_type == "table_row_wise" and len(spread["t_d"].ranks) == 16
 
 
 @pytest.mark.parametrize("embedding, state", [("adagrad", lambda rows, dim: rows * dim * 4),
