@@ -295,19 +295,23 @@ def test_pipeline_takes_a_gpu() -> None:
 
 
 
-def _readme_commands(prefix: str) -> List[List[str]]:
-    """The README's shell commands starting with ``prefix``, continuation lines joined, comments dropped."""
-    text = (PROJECT / "README.md").read_text().replace("\\\n", " ")
-    return [shlex.split(line.split("  #")[0]) for line in text.splitlines() if line.startswith(prefix)]
+def _commands(path: Path, prefix: str) -> List[List[str]]:
+    """The shell commands in ``path`` starting with ``prefix`` (after indentation), continuation lines
+    joined, comments dropped."""
+    text = path.read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip().split("  #")[0]) for line in text.splitlines() if line.strip().startswith(prefix)]
 
 
-def test_readme_gpu_commands_are_exact() -> None:
-    """The README's torchx and plan commands parse as written: the component accepts its arguments
-    (GPU check included), the CLI its options."""
-    (launch,) = _readme_commands("torchx run -s slurm")
-    component = launch.index("launch/components.py:train")
-    app = materialize_appdef(components.train, launch[component + 1:])
-    assert app.roles[0].resource.gpu == 8 and app.roles[0].num_replicas == 8
-    (plan,) = _readme_commands(".venv/bin/recsys-kd plan")
+def test_readme_and_launch_doc_gpu_commands_are_exact() -> None:
+    """The torchx and plan commands of the README and docs/launch.md parse as written: the component
+    accepts its arguments (GPU check included), the CLI its options."""
+    launches = _commands(PROJECT / "README.md", "torchx run -s slurm") + [
+        command for command in _commands(PROJECT / "docs" / "launch.md", "torchx run -s") if "--gpu" in command]
+    assert len(launches) == 3  # README's Slurm, the doc's Slurm and Kubernetes
+    for launch in launches:
+        component = next(i for i, word in enumerate(launch) if word.startswith("launch/components.py:"))
+        app = materialize_appdef(components.train, launch[component + 1:])
+        assert app.roles[0].resource.gpu == 8, launch
+    (plan,) = _commands(PROJECT / "README.md", ".venv/bin/recsys-kd plan")
     parsed = cli._parser().parse_args(plan[1:])
     assert parsed.command == "plan" and parsed.world_size == 64 and parsed.sizes.exists()
