@@ -63,7 +63,10 @@ def installed_stack() -> Stack:
 
 
 def gpu_present() -> bool:
-    """True when the NVIDIA driver reports a GPU, whether or not this torch build can use it."""
+    """True when the NVIDIA driver reports a GPU, whether or not this torch build can use it; False
+    when CUDA_VISIBLE_DEVICES hides every GPU ("" or -1: a CPU run on a GPU machine, on purpose)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
     try:
         return any(NVIDIA_GPUS.iterdir())
     except OSError:

@@ -58,3 +58,17 @@ def test_the_cli_stops_with_one_line_and_can_skip_the_check(monkeypatch, capsys,
     monkeypatch.setenv(stack.SKIP_ENV, "1")
     assert main(["inspect", str(tmp_path)]) == 2  # past the guard: now the dataset is missing
     assert "schema.json: not found" in capsys.readouterr().err
+
+
+def test_gpus_hidden_on_purpose_are_not_a_gpu_machine(monkeypatch, tmp_path):
+    gpus = tmp_path / "gpus"
+    (gpus / "0000:01:00.0").mkdir(parents=True)
+    monkeypatch.setattr(stack, "NVIDIA_GPUS", gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert stack.gpu_present()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not stack.gpu_present()
+    monkeypatch.setattr(stack, "NVIDIA_GPUS", tmp_path / "no-driver")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert not stack.gpu_present()
