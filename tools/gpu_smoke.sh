@@ -3,11 +3,12 @@
 #   bash tools/gpu_smoke.sh              every check; the CUDA ones print SKIP(no CUDA) without a GPU
 #   bash tools/gpu_smoke.sh --cpu-only   only the checks a CPU machine can run (the test suite runs this)
 # CPU part: the installed stack and its version guard, a planner topology for 2 hosts x 8 GPUs, a tiny
-# train killed and resumed (gloo, through the CLI), export of the result, FBGEMM's fused TBE kernel on
-# the CPU (the same check as on CUDA). CUDA part: FBGEMM's fused TBE
-# kernel, the NCCL collectives, a train killed and resumed on all GPUs (NCCL, DCP checkpoints),
-# samples/s and GPU utilisation. PYTHON (default .venv/bin/python) runs everything; SMOKE_DIR keeps
-# the work directory (default: a temporary one, removed at the end).
+# train killed and resumed (gloo, through the CLI), infer and compress (AFM and SVD) from it, export,
+# FBGEMM's fused TBE kernel on the CPU (the same check as on CUDA). CUDA part, on every visible GPU:
+# the fused TBE kernel, the NCCL collectives, train killed and resumed (NCCL, DCP checkpoints), infer,
+# compress, export from the GPU checkpoint, samples/s and GPU utilisation. PYTHON (default
+# .venv/bin/python) runs everything; SMOKE_DIR keeps the work directory (default: a temporary one,
+# removed at the end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -78,6 +79,23 @@ train_kill_resume() {  # OUTPUT BACKEND LAUNCHER...: train, SIGKILL after the fi
   "$python" tools/gpu_smoke_checks.py resumed "$output/train.json" 40
 }
 
+infer_teacher() {  # SOURCE OUTPUT BACKEND LAUNCHER...: score every split with the trained model as the teacher
+  local source=$1 output=$2 backend=$3
+  shift 3
+  "$@" -m recsys_kd.cli infer -c "$recipe" "prepare.output=$work/data" "infer.teachers=[{name: t, train_output: $source}]" \
+      "infer.output=$output" "infer.backend=$backend" infer.progress=false | tail -1
+}
+
+compress_both() {  # SOURCE OUTPUT BACKEND LAUNCHER...: AFM and SVD, tables 16 -> 4, each fine-tuned one epoch
+  local source=$1 output=$2 backend=$3
+  shift 3
+  "$@" -m recsys_kd.cli compress -c "$recipe" "prepare.output=$work/data" "compress.source=$source" \
+      "compress.output=$output" "compress.backend=$backend" "compress.steps=[{what: embeddings, rank: 4}]" \
+      compress.stats_batches=4 compress.finetune.epochs=1 compress.progress=false > "$output.log" 2>&1 \
+    || { tail -5 "$output.log"; return 1; }
+  "$python" tools/gpu_smoke_checks.py compressed "$output/compress.json"
+}
+
 export_artifact() {  # SOURCE ARTIFACT
   cli export -c "$recipe" "export.source=$1" "export.output=$2" "prepare.output=$work/data" > "$2.log" 2>&1 \
     || { tail -3 "$2.log"; return 1; }
@@ -88,7 +106,7 @@ throughput() {  # NGPU: samples/s of a longer CUDA run and the GPU utilisation m
   local output=$work/train_speed
   "$python" tools/gpu_smoke_checks.py utilisation 60 "$work/utilisation.json" &
   local sampler=$!
-  "$python" -m torch.distributed.run --standalone --nproc_per_node "$1" -m recsys_kd.cli train -c "$recipe" "prepare.output=$work/data" \
+  "${launcher[@]}" "$1" -m recsys_kd.cli train -c "$recipe" "prepare.output=$work/data" \
       "train.output=$output" train.backend=nccl train.max_steps=300 train.epochs=5 train.progress=false \
       reader.batch_size=4096 > "$output.log" 2>&1 || { kill "$sampler" 2>/dev/null; tail -5 "$output.log"; return 1; }
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
@@ -106,19 +124,23 @@ check "installed stack + version guard" stack
 check "planner topology 2 hosts x 8 GPUs" planner_topology
 check "prepare 20k synthetic rows" prepare
 check "train, SIGKILL, resume (gloo, CLI)" train_kill_resume "$work/train_gloo" gloo "$python"
+check "infer: teacher scores (gloo)" infer_teacher "$work/train_gloo" "$work/soft_gloo" gloo "$python"
+check "compress: AFM and SVD (gloo)" compress_both "$work/train_gloo" "$work/compress_gloo" gloo "$python"
 check "export from the CPU checkpoint" export_artifact "$work/train_gloo" "$work/gloo.pt"
 check "fused TBE kernel (FBGEMM, CPU)" "$python" tools/gpu_smoke_checks.py tbe cpu
 
 cuda_checks=("fused TBE kernel (FBGEMM, CUDA)" "NCCL collectives (all GPUs)" "train, SIGKILL, resume (NCCL, DCP)"
-             "export from the GPU checkpoint" "samples/s and GPU utilisation")
+             "infer: teacher scores (NCCL)" "compress: AFM and SVD (NCCL)" "export from the GPU checkpoint"
+             "samples/s and GPU utilisation")
+launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node)
 if [ "$cuda" = 1 ]; then
   check "${cuda_checks[0]}" "$python" tools/gpu_smoke_checks.py tbe cuda
-  check "${cuda_checks[1]}" "$python" -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
-      tools/gpu_smoke_checks.py collectives
-  check "${cuda_checks[2]}" train_kill_resume "$work/train_nccl" nccl "$python" -m torch.distributed.run --standalone \
-      --nproc_per_node "$gpus"
-  check "${cuda_checks[3]}" export_artifact "$work/train_nccl" "$work/nccl.pt"
-  check "${cuda_checks[4]}" throughput "$gpus"
+  check "${cuda_checks[1]}" "${launcher[@]}" "$gpus" tools/gpu_smoke_checks.py collectives
+  check "${cuda_checks[2]}" train_kill_resume "$work/train_nccl" nccl "${launcher[@]}" "$gpus"
+  check "${cuda_checks[3]}" infer_teacher "$work/train_nccl" "$work/soft_nccl" nccl "${launcher[@]}" "$gpus"
+  check "${cuda_checks[4]}" compress_both "$work/train_nccl" "$work/compress_nccl" nccl "${launcher[@]}" "$gpus"
+  check "${cuda_checks[5]}" export_artifact "$work/train_nccl" "$work/nccl.pt"
+  check "${cuda_checks[6]}" throughput "$gpus"
 else
   for name in "${cuda_checks[@]}"; do skip "$name"; done
 fi

@@ -6,6 +6,7 @@
     python tools/gpu_smoke_checks.py utilisation SECONDS OUT            # samples nvidia-smi's GPU utilisation
     python tools/gpu_smoke_checks.py resumed TRAIN_JSON STEPS           # a resumed run finished its steps
     python tools/gpu_smoke_checks.py speed TRAIN_JSON UTILISATION_JSON  # samples/s and utilisation, one line
+    python tools/gpu_smoke_checks.py compressed COMPRESS_JSON           # both chains ran, AUCs on one line
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def resumed(record_path: str, steps: int) -> None:
           f"test auc {record['test']['auc']:.4f}")
 
 
+def compressed(record_path: str) -> None:
+    with open(record_path) as source:
+        record = json.load(source)
+    assert sorted(record["chains"]) == ["afm", "svd"], sorted(record["chains"])
+    final = {method: chain[-1] for method, chain in record["chains"].items()}
+    print(f"{record['world_size']} rank(s): " + ", ".join(
+        f"{method} {row['stage']} test auc {row['test_auc']:.4f} ({row['parameters']:,} params)"
+        for method, row in final.items()))
+
+
 def speed(record_path: str, utilisation_path: str) -> None:
     with open(record_path) as source:
         record = json.load(source)
@@ -115,5 +126,7 @@ if __name__ == "__main__":
         resumed(sys.argv[2], int(sys.argv[3]))
     elif command == "speed":
         speed(sys.argv[2], sys.argv[3])
+    elif command == "compressed":
+        compressed(sys.argv[2])
     else:
-        sys.exit(f"unknown check {command!r} (tbe, collectives, utilisation, resumed, speed)")
+        sys.exit(f"unknown check {command!r} (tbe, collectives, utilisation, resumed, speed, compressed)")
