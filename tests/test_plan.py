@@ -231,3 +231,14 @@ def test_plan_command_reads_a_prepared_schema(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(prepared, 2 tables) on 2 ranks = 1 host x 2 (cpu)" in out
     assert re.search(r"^t_user +70,000 ", out, re.M) and "multi-hot features: genres" in out
+
+
+def test_torchrec_stats_print_torchrecs_own_report_of_the_same_plan(tmp_path, capsys):
+    topology = ClusterTopology(4, 2, "cuda", 16 * GIB, 32 * GIB, 256)
+    plan = plan_cluster(load_sizes(write_sizes(tmp_path / "sizes.yaml")), train_config(), topology, torchrec_stats=True)
+    out = capsys.readouterr().out
+    assert "--- Planner Statistics ---" in out
+    for table in plan.tables:  # torchrec's parameter table lists every table with the same sharding
+        short = {"table_wise": "TW", "row_wise": "RW", "column_wise": "CW", "table_row_wise": "TWRW",
+                 "data_parallel": "DP"}[table.sharding_type]
+        assert re.search(rf"\.{table.name} +{short} ", out), table.name
