@@ -351,20 +351,10 @@ def _plan(args) -> int:
         raise ConfigError(str(error)) from error
     plan = plan_cluster(schema, config, topology, torchrec_stats=args.torchrec_stats)
     rows = plan_rows(plan)
-    sources = ", ".join(f"{key} from {source}" for key, source in topology.sources.items())
-    hosts = f"{topology.hosts} host" + ("s" if topology.hosts > 1 else "")
-    print(f"{plan.model} ({schema.name}, {len(plan.tables)} tables) on {topology.world_size} ranks = {hosts} "
-          f"x {topology.local_world_size} ({topology.device}), batch {topology.batch_size:,} per rank ({sources})")
+    print(plan.headline(schema.name))
     print(format_table(rows["tables"]))
     print(format_table(rows["ranks"]))
-    a2a = plan.a2a_total()
-    allreduce = sum(t.allreduce_bytes for t in plan.tables)
-    print(f"all-to-all per step: ids {a2a['ids'] / 2**20:,.1f} MiB, embeddings {a2a['embeddings'] / 2**20:,.1f} MiB "
-          f"(forward), gradients {a2a['gradients'] / 2**20:,.1f} MiB (backward), of which "
-          f"{a2a['cross_host'] / 2**20:,.1f} MiB across hosts; all-reduce of data-parallel tables "
-          f"{allreduce / 2**20:,.1f} MiB; dense part {plan.dense_parameters:,} parameters (replicated)")
-    for note in plan.notes:
-        print(f"note: {note}")
+    print("\n".join(plan.summary()))
     return 0
 
 

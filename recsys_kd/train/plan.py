@@ -119,6 +119,23 @@ class ClusterPlan:
                 total[key] += value
         return total
 
+    def headline(self, dataset: str) -> str:
+        """What was planned for which cluster, and where each figure of the cluster came from."""
+        topology = self.topology
+        hosts = f"{topology.hosts} host" + ("s" if topology.hosts > 1 else "")
+        sources = ", ".join(f"{key} from {source}" for key, source in topology.sources.items())
+        return (f"{self.model} ({dataset}, {len(self.tables)} tables) on {topology.world_size} ranks = {hosts} x "
+                f"{topology.local_world_size} ({topology.device}), batch {topology.batch_size:,} per rank ({sources})")
+
+    def summary(self) -> List[str]:
+        """The communication of one step, the dense part, and the notes."""
+        a2a, mib = self.a2a_total(), lambda value: f"{value / 2**20:,.1f} MiB"
+        allreduce = sum(t.allreduce_bytes for t in self.tables)
+        return [f"all-to-all per step: ids {mib(a2a['ids'])}, embeddings {mib(a2a['embeddings'])} (forward), "
+                f"gradients {mib(a2a['gradients'])} (backward), of which {mib(a2a['cross_host'])} across hosts; "
+                f"all-reduce of data-parallel tables {mib(allreduce)}; dense part {self.dense_parameters:,} "
+                f"parameters (replicated)", *(f"note: {note}" for note in self.notes)]
+
 
 def load_sizes(path: Union[str, Path]) -> Schema:
     """A size file as a schema (no splits): ``name``, ``dense`` (feature names) and ``sparse``
