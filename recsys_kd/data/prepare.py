@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
 from recsys_kd.data.ids import VocabularyCounter, stable_hash, sum_counts, vocabulary_order
 from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
 from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
-from recsys_kd.data.sections import place
+from recsys_kd.data.sections import placed_sections
 from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, Section, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
@@ -159,7 +158,7 @@ def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path
     me = _Rank(ranks.rank, ranks.world_size, None, staging, started)
     if ranks.world_size > 1:
         me.directory = staging / f".rank-{ranks.rank:05d}"
-        me.sections = _placed_sections(source, me)
+        me.sections = placed_sections(source, me.rank, me.world_size)
     keep_at = kept_quarantine(output)
     counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
     kept_rows = first_position = None
@@ -181,19 +180,6 @@ def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path
         why = f"all {sum(quarantined.values())} refused" if quarantined else "empty, or a header alone"
         raise InputError(f"prepare: no rows to convert in {', '.join(source.info.inputs) or source.info.name} ({why})")
     return from_rank(0, lambda: _finish(config, source, staging, output, written, quarantined, started))
-
-
-def _placed_sections(source: RawSource, me: _Rank) -> List[Section]:
-    """This rank's sections, numbered: rank 0 deals the input, every rank counts its own sections'
-    lines, and the gathered counts place every section (:mod:`~recsys_kd.data.sections`)."""
-    def deal() -> List[List[Dict]]:
-        if not hasattr(source, "deal"):
-            raise InputError(f"prepare: format {source.info.name!r} cannot be dealt to ranks; run it on one process")
-        return [[dataclasses.asdict(section) for section in span] for span in source.deal(me.world_size)]
-
-    spans = [[Section(**section) for section in span] for span in from_rank(0, deal)]
-    counts = gather_outcome(lambda: [source.count_lines(section) for section in spans[me.rank]])
-    return place(spans, counts)[me.rank]
 
 
 def _count_pass(config: PrepareConfig, source: RawSource, me: _Rank, counter: Optional[VocabularyCounter]) -> Dict:

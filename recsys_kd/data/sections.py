@@ -11,6 +11,8 @@ A section's place (the number within its file of its first line, and that line's
 the lines before it: each rank counts its own sections' lines (``RawSource.count_lines``), the counts
 are gathered, and :func:`place` numbers every section from them.
 
+:func:`placed_sections` does all of it for one rank of a process group.
+
 Example::
 
     spans = deal_files([Path("day_0"), Path("day_1.gz")], world_size=4)   # spans[r]: rank r's sections
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from recsys_kd.data.rawtext import is_compressed, line_start
-from recsys_kd.data.source import Section
+from recsys_kd.data.source import InputError, RawSource, Section
+from recsys_kd.distributed import from_rank, gather_outcome
 
 
 def deal_files(files: Sequence[Path], world_size: int) -> List[List[Section]]:
@@ -86,3 +89,16 @@ def place(spans: Sequence[Sequence[Section]], counts: Sequence[Sequence[int]]) -
             row += lines
         placed.append(placed_span)
     return placed
+
+
+def placed_sections(source: RawSource, rank: int, world_size: int) -> List[Section]:
+    """Rank ``rank``'s sections, placed (collective: every rank calls it): rank 0 deals the input,
+    every rank counts its own sections' lines, and the gathered counts place every section."""
+    def deal() -> List[List[Dict]]:
+        if not hasattr(source, "deal"):
+            raise InputError(f"format {source.info.name!r} cannot be dealt to ranks; read it on one process")
+        return [[dataclasses.asdict(section) for section in span] for span in source.deal(world_size)]
+
+    spans = [[Section(**section) for section in span] for span in from_rank(0, deal)]
+    counts = gather_outcome(lambda: [source.count_lines(section) for section in spans[rank]])
+    return place(spans, counts)[rank]
