@@ -138,11 +138,12 @@ def sum_over_ranks(value: int) -> int:
 
 def all_gather_json(value: Any) -> List[Any]:
     """Every rank's JSON-able ``value``, in rank order, on every rank (collective: every rank calls
-    it). Sent as UTF-8 JSON in tensors, never pickled; ``[value]`` without a process group."""
+    it). Sent as UTF-8 JSON in tensors, never pickled (other objects, e.g. paths, as their ``str``, as
+    records are written); ``[value]`` as JSON would read it back without a process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [json.loads(json.dumps(value))]
+        return [json.loads(json.dumps(value, default=str))]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    encoded = torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
+    encoded = torch.frombuffer(bytearray(json.dumps(value, default=str).encode("utf-8")), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([encoded.numel()], dtype=torch.int64, device=device))
     largest = max(int(size.item()) for size in sizes)
