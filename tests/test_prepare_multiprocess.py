@@ -2,22 +2,19 @@
 vocabularies and quarantine, for Criteo, Avazu and MovieLens inputs, hash and vocabulary ids and
 every split method; a rank's failure fails both ranks and publishes nothing.
 
-All 2-rank runs happen in one spawned pair of processes (one launch for every config); the 1-process
-references run here."""
+All 2-rank runs happen in one spawned pair of processes (one launch for every config,
+:func:`tests.ranks.call_on_ranks`); the 1-process references run here."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import shutil
-import traceback
 from pathlib import Path
 from typing import Dict
 
 import pyarrow.parquet as pq
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recsys_kd.config import from_dict
 from recsys_kd.data.prepare import PrepareConfig, prepare
@@ -26,6 +23,7 @@ from recsys_kd.data.schema import Schema
 from recsys_kd.data.sections import deal_files, place
 from recsys_kd.data.split import SPLITS
 from tests.helpers import read_split
+from tests.ranks import call_on_ranks
 
 WORLD_SIZE = 2
 SMALL_BLOCKS = {"block_bytes": 65536, "row_group_rows": 500, "rows_per_part": 1000, "progress": False}
@@ -86,45 +84,29 @@ def config(spec: Dict, output: Path) -> PrepareConfig:
     return from_dict(PrepareConfig, {**spec, **SMALL_BLOCKS, "output": str(output)})
 
 
-def prepare_as_rank(rank: int, root: Path, specs: Dict[str, Dict]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        for name, spec in specs.items():
-            try:
-                prepare(config(spec, root / "two" / name))
-                outcome = "ok"
-            except Exception as error:  # recorded for the test to compare with 1 process
-                outcome = f"{type(error).__name__}: {error}"
-                if "fails" not in name:
-                    traceback.print_exc()
-            (root / f"outcome-{name}-{rank}").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def runs(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepare_mp")
     specs = write_inputs(shared_data, root)
-    mp.start_processes(prepare_as_rank, args=(root, specs), nprocs=WORLD_SIZE, start_method="spawn")
-    outcomes = {}
+    calls = {name: {"config": config(spec, root / "two" / name)} for name, spec in specs.items()}
+    two = call_on_ranks("recsys_kd.data.prepare:prepare", calls, root / "ranks", WORLD_SIZE)
+    one = {}
     for name, spec in specs.items():
         try:
             prepare(config(spec, root / "one" / name))
-            outcomes[name] = "ok"
+            one[name] = "ok"
         except Exception as error:
-            outcomes[name] = f"{type(error).__name__}: {error}"
-    return root, specs, outcomes
+            one[name] = f"{type(error).__name__}: {error}"
+    return root, specs, one, two
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_write_the_one_process_dataset(runs) -> None:
-    root, specs, outcomes = runs
+    root, specs, one_outcomes, two_outcomes = runs
     for name in specs:
         if name.startswith("fails"):
             continue
-        assert outcomes[name] == "ok", name
-        assert [(root / f"outcome-{name}-{rank}").read_text() for rank in range(WORLD_SIZE)] == ["ok", "ok"], name
+        assert one_outcomes[name] == "ok" and two_outcomes[name] == ["ok", "ok"], name
         one, two = root / "one" / name, root / "two" / name
         schema_one, schema_two = Schema.load(one), Schema.load(two)
         assert schema_one.sparse == schema_two.sparse and schema_one.dense == schema_two.dense, name
@@ -152,10 +134,10 @@ def test_two_ranks_write_the_one_process_dataset(runs) -> None:
 
 @pytest.mark.multiprocess
 def test_a_failing_rank_fails_every_rank_and_nothing_is_published(runs) -> None:
-    root, _, outcomes = runs
+    root, _, one_outcomes, two_outcomes = runs
     name = "fails_on_rank_1"
-    assert outcomes[name].startswith("InputError: ") and "day_1.gz" in outcomes[name]
-    rank_0, rank_1 = [(root / f"outcome-{name}-{rank}").read_text() for rank in range(WORLD_SIZE)]
+    assert one_outcomes[name].startswith("InputError: ") and "day_1.gz" in one_outcomes[name]
+    rank_0, rank_1 = two_outcomes[name]
     assert rank_1.startswith("InputError: ") and "day_1.gz" in rank_1
     assert rank_0.startswith("PeerFailed: rank 1 failed: InputError: ")
     assert not (root / "two" / name).exists()

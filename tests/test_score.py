@@ -26,6 +26,7 @@ from recsys_kd.models import ModelConfig, build_model
 from recsys_kd.train import checkpoint
 from recsys_kd.train.metrics import auc, logloss
 from tests.helpers import fake_train_output, read_split
+from tests.ranks import call_on_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,22 +201,8 @@ def test_score_cli(setup, tmp_path, capsys) -> None:
     assert "--batch-size and --threads must be >= 1" in capsys.readouterr().err
 
 
-def _score_as_rank(rank: int, root: Path, runs: Dict[str, Dict[str, Any]]) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=rank, world_size=2)
-    try:
-        for name, arguments in runs.items():
-            score_dataset(**arguments, out_dir=root / "two" / name, progress=False)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.multiprocess
 def test_two_ranks_score_what_one_process_scores(setup, tmp_path) -> None:
-    import torch.multiprocessing as mp
-
     dataset = tmp_path / "parts"  # the hashed dataset's features, in parts of 600 rows
     prepare(PrepareConfig(format="criteo", inputs=[str(setup["raw"])], output=str(dataset), progress=False,
                           ids=IdConfig(rule="hash", num_embeddings=200), split=SplitConfig(method="random", seed=1),
@@ -230,7 +217,9 @@ def test_two_ranks_score_what_one_process_scores(setup, tmp_path) -> None:
         "raw": {"artifact": setup["artifacts"]["vocab"], "source": raw, "vocab_dir": setup["vocab"], "rows_per_part": 700},
     }
     assert len(Schema.load(dataset).split("train").files) >= 4
-    mp.start_processes(_score_as_rank, args=(tmp_path, runs), nprocs=2, start_method="spawn")
+    calls = {name: {**arguments, "out_dir": tmp_path / "two" / name, "progress": False} for name, arguments in runs.items()}
+    assert call_on_ranks("recsys_kd.export.score:score_dataset", calls, tmp_path / "ranks") == {
+        name: ["ok", "ok"] for name in runs}
     for name, arguments in runs.items():
         one = score_dataset(**arguments, out_dir=tmp_path / "one" / name, progress=False)
         two = json.loads((tmp_path / "two" / name / "score.json").read_text())

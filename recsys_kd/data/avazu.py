@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, count_lines, one_line, read_delimited, section_blocks
-from recsys_kd.data.sections import deal_files
+from recsys_kd.data.rawtext import RawBlock, one_line, read_delimited, section_blocks
+from recsys_kd.data.sections import DealtFiles
 from recsys_kd.data.source import DAY, LABEL, InputError, Section, SourceChunk, SourceInfo
 
 HEADER = (
@@ -124,7 +124,7 @@ def has_header(path: Path) -> bool:
     return first_line.startswith(HEADER_PREFIX)
 
 
-class AvazuSource:
+class AvazuSource(DealtFiles):
     """Streams validated Avazu rows from one or more files, in the order given.
 
     Example::
@@ -145,12 +145,6 @@ class AvazuSource:
 
     def progress_total(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
-
-    def deal(self, world_size: int) -> List[List[Section]]:
-        return deal_files(self.files, world_size)
-
-    def count_lines(self, section: Section) -> int:
-        return count_lines(self.files[section.file], section)
 
     def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
         def read(path: Path, section: Optional[Section]) -> Iterator[RawBlock]:

@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, count_lines, read_delimited, section_blocks
-from recsys_kd.data.sections import deal_files
+from recsys_kd.data.rawtext import RawBlock, read_delimited, section_blocks
+from recsys_kd.data.sections import DealtFiles
 from recsys_kd.data.source import DAY, LABEL, Section, SourceChunk, SourceInfo
 
 INTEGER_FEATURES = [f"I{i}" for i in range(1, 14)]
@@ -37,7 +37,7 @@ class CriteoOptions:
     integers: Literal["log", "bucketize"] = "log"
 
 
-class CriteoSource:
+class CriteoSource(DealtFiles):
     """Streams validated Criteo rows from one or more files, in the order given.
 
     Example::
@@ -62,12 +62,6 @@ class CriteoSource:
 
     def progress_total(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
-
-    def deal(self, world_size: int) -> List[List[Section]]:
-        return deal_files(self.files, world_size)
-
-    def count_lines(self, section: Section) -> int:
-        return count_lines(self.files[section.file], section)
 
     def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
         def read(path: Path, section: Optional[Section]) -> Iterator[RawBlock]:

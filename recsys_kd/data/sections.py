@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from recsys_kd.data.rawtext import is_compressed, line_start
+from recsys_kd.data.rawtext import count_lines, is_compressed, line_start
 from recsys_kd.data.source import InputError, RawSource, Section
 from recsys_kd.distributed import from_rank, gather_outcome
 
@@ -60,6 +60,19 @@ def _cut(files: Sequence[Path], sizes: List[int], starts: List[int], offset: int
                 return start if offset - start < size / 2 else start + size
             return start + line_start(Path(path), offset - start)
     return offset
+
+
+class DealtFiles:
+    """What a source reading its ``files`` in order (each a delimited text file, plain or compressed)
+    needs to be dealt to ranks: :meth:`~recsys_kd.data.source.RawSource.deal` and ``count_lines``."""
+
+    files: List[Path]
+
+    def deal(self, world_size: int) -> List[List[Section]]:
+        return deal_files(self.files, world_size)
+
+    def count_lines(self, section: Section) -> int:
+        return count_lines(self.files[section.file], section)
 
 
 def deal_rows(rows: int, chunk_rows: int, world_size: int) -> List[List[Section]]:

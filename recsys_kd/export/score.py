@@ -44,6 +44,10 @@ Example::
 
     record = score_dataset("runs/demo/artifacts/dagfm_outer.pt", "runs/demo/data", "runs/demo/scores/test")
     record["metrics"]["auc"], record["rows_per_second"]
+
+Longer than 500 lines because one flow serves two inputs (a dataset split, raw logs) on one rank or N,
+with every step's verdict shared; its input readers, batch conversion and publishing steps read best
+beside that flow.
 """
 
 from __future__ import annotations
