@@ -110,11 +110,18 @@ def prepare(config: PrepareConfig) -> Dict:
     started = time.time()
     pin_mmap_threshold()
     ranks = launched_context()
-    source = open_source(config)
     output = Path(config.output)
+    opened: Dict[str, RawSource] = {}
+
+    def open_and_stage() -> Optional[str]:
+        """Every rank opens the source; rank 0 makes the staging directory."""
+        opened["source"] = open_source(config)
+        return str(_staging(publishing, output, config.overwrite)) if ranks.is_main else None
+
     try:
         with contextlib.ExitStack() as publishing:
-            staging = Path(from_rank(0, lambda: str(_staging(publishing, output, config.overwrite))))
+            staging = Path(gather_outcome(open_and_stage)[0])
+            source = opened["source"]
             record = _build(config, source, staging, output, started, ranks)
             from_rank(0, publishing.close)  # the rename into place; every rank learns whether it worked
     except OSError as error:
