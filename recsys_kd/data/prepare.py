@@ -50,7 +50,7 @@ from recsys_kd.data.sections import placed_sections
 from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, Section, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
-from recsys_kd.distributed import from_rank, gather_outcome, launched_context
+from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome, launched_context
 from recsys_kd.io import atomic_file, atomic_write_json, naming, prefetch, staged_directory
 from recsys_kd.memory import pin_mmap_threshold
 from recsys_kd.runs import PREPARE_RECORD, QUARANTINE_FILE
@@ -156,7 +156,8 @@ class _Rank:
         return self.directory / QUARANTINE_FILE
 
 
-def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path, started: float, ranks) -> Dict:
+def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path, started: float,
+           ranks: DistributedContext) -> Dict:
     """The dataset, built in ``staging`` by every rank; returns the record.
 
     Each step is local work followed by one collective that carries every rank's result and verdict
