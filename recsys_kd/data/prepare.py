@@ -13,7 +13,7 @@ On N ranks (torchrun / torchx; the output on storage every rank sees) the same s
 rank over its share of the input: files and byte ranges of plain files cut at line starts
 (:mod:`~recsys_kd.data.sections`), placed by a count of their lines so row_ids and quarantined line
 numbers are one process's. Hash ids need nothing more; vocabulary counts meet in hash-partitioned
-files (each rank sums one partition) and rank 0 orders them as one process does; count-based splits
+files (:mod:`~recsys_kd.data.vocabularies`) and are ordered as one process orders them; count-based splits
 use the global count and each rank's offset in it. Each rank writes its parts and quarantine in its
 own folder of rank 0's staging directory; rank 0 moves them into the one-process layout (parts
 numbered in rank order, so in input order), writes schema and record (``world_size``, each rank's
@@ -43,19 +43,19 @@ from recsys_kd.config import to_dict
 from recsys_kd.data import split as splitting
 from recsys_kd.data.criteo import CriteoOptions
 from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
-from recsys_kd.data.ids import VocabularyCounter, stable_hash, sum_counts, vocabulary_order
+from recsys_kd.data.ids import VocabularyCounter
 from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
 from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
 from recsys_kd.data.sections import placed_sections
 from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, Section, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.data.vocabularies import VOCAB_SCRATCH, write_vocabularies
 from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome, launched_context
 from recsys_kd.io import atomic_file, atomic_write_json, naming, prefetch, staged_directory
 from recsys_kd.memory import pin_mmap_threshold
 from recsys_kd.runs import PREPARE_RECORD, QUARANTINE_FILE
 
-VOCAB_SCRATCH = ".vocab-counts"  # N ranks: the hash-partitioned value counts, removed before publishing
 
 
 @dataclass
@@ -178,7 +178,8 @@ def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path
         quarantined = _summed(c["quarantined"] for c in counted)
         _check_bad_rows(quarantined, kept_rows, config, me, keep_at)
     if counter is not None:
-        _vocabularies(config, counter, staging, me)
+        min_counts = {name: _min_count(config, name) for name in counter.features}
+        write_vocabularies(counter, min_counts, staging, me.rank, me.world_size)
     written = gather_outcome(lambda: _write_pass(config, source, staging, me, kept_rows, first_position))
     if kept_rows is None:
         quarantined = _summed(w["quarantined"] for w in written)
@@ -224,50 +225,6 @@ def _merge_quarantine(me: _Rank, target: Path) -> None:
             if part.exists():
                 with open(part, "rb") as handle:
                     shutil.copyfileobj(handle, merged)
-
-
-def _vocabularies(config: PrepareConfig, counter: VocabularyCounter, staging: Path, me: _Rank) -> None:
-    """Writes ``vocab/<feature>.parquet`` from every rank's counts. On N ranks the counts meet in
-    hash-partitioned files under the staging directory: each rank writes its counts of the values of
-    partition p to ``.vocab-counts/<feature>/to-P-from-R.parquet``, rank p sums partition p, and rank 0
-    orders the sums as one process would (:func:`~recsys_kd.data.ids.vocabulary_order`)."""
-    if me.world_size == 1:
-        from_rank(0, lambda: _write_vocabularies(staging, {name: counter.counts(name) for name in counter.features}, config))
-        return
-    scratch = staging / VOCAB_SCRATCH
-    gather_outcome(lambda: _write_count_partitions(counter, scratch, me))
-    gather_outcome(lambda: _sum_count_partition(counter.features, scratch, me, config))
-    from_rank(0, lambda: _write_vocabularies(staging, {
-        name: sum_counts([pq.read_table(path) for path in sorted((scratch / name).glob("sum-*.parquet"))])
-        for name in counter.features
-    }, config))
-
-
-def _write_count_partitions(counter: VocabularyCounter, scratch: Path, me: _Rank) -> None:
-    for name in counter.features:
-        counts = counter.counts(name)
-        partition = stable_hash(counts.column("value"), seed=0) % np.uint64(me.world_size)
-        (scratch / name).mkdir(parents=True, exist_ok=True)
-        for target in range(me.world_size):
-            piece = counts.filter(pa.array(partition == target))
-            pq.write_table(piece, scratch / name / f"to-{target:05d}-from-{me.rank:05d}.parquet")
-
-
-def _sum_count_partition(features: List[str], scratch: Path, me: _Rank, config: PrepareConfig) -> None:
-    """This rank's partition of every feature's counts, summed over the ranks and cut at min_count."""
-    for name in features:
-        pieces = [pq.read_table(path) for path in sorted((scratch / name).glob(f"to-{me.rank:05d}-from-*.parquet"))]
-        summed = vocabulary_order(sum_counts(pieces), _min_count(config, name))
-        pq.write_table(summed, scratch / name / f"sum-{me.rank:05d}.parquet")
-
-
-def _write_vocabularies(staging: Path, counts: Dict[str, pa.Table], config: PrepareConfig) -> None:
-    for name, table in counts.items():
-        table = vocabulary_order(table, _min_count(config, name))
-        table = table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64) + RESERVED_IDS))
-        path = staging / vocab_file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path, compression="zstd")
 
 
 def _min_count(config: PrepareConfig, name: str) -> int:
