@@ -188,10 +188,9 @@ def score_dataset(
         if isinstance(error, OSError) and naming(error, out_dir) is not error:
             raise naming(error, out_dir) from error
         raise
-    positives, negatives, totals = sum_arrays_over_ranks(
-        [metrics.positives, metrics.negatives, np.array([metrics.rows, 0], np.int64)])
-    loss_sum, = sum_arrays_over_ranks([np.array([metrics.loss_sum], np.float64)])
-    metrics.positives, metrics.negatives, metrics.rows, metrics.loss_sum = positives, negatives, int(totals[0]), float(loss_sum[0])
+    metrics.positives, metrics.negatives, metric_rows, loss_sum = sum_arrays_over_ranks(
+        [metrics.positives, metrics.negatives, np.array([metrics.rows], np.int64), np.array([metrics.loss_sum])])
+    metrics.rows, metrics.loss_sum = int(metric_rows[0]), float(loss_sum[0])
     record = {
         "stage": "score",
         "artifact": str(artifact),
