@@ -13,6 +13,7 @@ from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
+from recsys_kd.distributed import PeerFailed
 from recsys_kd.export.artifact import ArtifactError, ParityError
 from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
 from recsys_kd.stack import StackError, check_stack
@@ -20,9 +21,10 @@ from recsys_kd.train.checkpoint import CheckpointError
 from recsys_kd.train.plan import PlanError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
-# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full)
+# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full);
+# PeerFailed: another rank's error, which that rank reports in full
 USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               InputError, PlanError, StackError, OSError)
+               InputError, PlanError, StackError, OSError, PeerFailed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,6 +96,8 @@ def _prepare(args) -> int:
 
     recipe = _recipe(args)
     record = prepare(recipe.prepare)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(format_table(_split_rows(record)))
     if record["quarantined_total"]:
         print(f"quarantined {record['quarantined_total']} rows: {record['quarantined']} "
@@ -237,6 +241,8 @@ def _score(args) -> int:
         torch.set_num_threads(args.threads)
     record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,
                            vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress, verify=args.verify)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     metrics = record["metrics"] or {}
     print(format_table([{
         "model": record["model"], "split": record["split"], "rows": record["rows"],
@@ -363,6 +369,8 @@ def _pipeline(args) -> int:
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     for name, stage in record["stages"].items():
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")

@@ -85,6 +85,16 @@ def test_overrides_must_be_key_value() -> None:
         components.train("--max_steps=3", config=CONFIG)
 
 
+@pytest.mark.parametrize("name", ["prepare", "pipeline"])
+def test_data_stages_run_on_n_ranks_when_asked(name: str) -> None:
+    app = getattr(components, name)("prepare.output=runs/x/data", config=CONFIG, j="2x3", cpu=6)
+    role = app.roles[0]
+    assert role.name == name and role.num_replicas == 2 and role.env["OMP_NUM_THREADS"] == "2"
+    command = torchrun_command(app)
+    assert option(command, "--nnodes") == "2" and option(command, "--nproc_per_node") == "3"
+    assert stage_args(command) == [name, "--config", CONFIG, "prepare.output=runs/x/data"]
+
+
 @pytest.mark.parametrize("name", ["prepare", "pipeline", "synthesize"])
 def test_single_process_stages(name: str) -> None:
     app = getattr(components, name)("prepare.output=runs/x/data", config=CONFIG, cpu=4)
