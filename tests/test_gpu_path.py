@@ -15,7 +15,7 @@ from recsys_kd.models.embedding import EMBEDDING_STD, seeded_table_block
 from recsys_kd.models.zoo import ModelConfig, build_model
 from recsys_kd.train.config import OptimConfig
 from recsys_kd.train.optimizers import CUDA_ONLY_TABLE_OPTIMIZERS, attach_table_optimizer, check_table_optimizer
-from recsys_kd.train.sharding import ShardingConfig, describe_plan, make_plan, seed_tables, shard
+from recsys_kd.train.sharding import ShardingConfig, describe_plan, machine_topology, make_plan, seed_tables, shard
 from recsys_kd.train.task import LabelTask
 from tests.helpers import tiny_schema
 
@@ -27,10 +27,11 @@ def _model():
 @pytest.mark.parametrize("world_size", [1, 2, 8])
 def test_auto_keeps_tables_with_a_fused_optimizer_off_data_parallel(world_size):
     ctx = init_distributed("gloo")
-    bare = describe_plan(make_plan(_model(), ShardingConfig(), ctx.device, world_size))
+    topology = machine_topology(world_size, ctx.device, 512)
+    bare = describe_plan(make_plan(_model(), ShardingConfig(), topology))
     model = _model()
     attach_table_optimizer(model, OptimConfig(), ShardingConfig(), frozen=False)
-    planned = describe_plan(make_plan(model, ShardingConfig(), ctx.device, world_size))
+    planned = describe_plan(make_plan(model, ShardingConfig(), topology))
     for table, option in planned.items():
         expected_dp = table.startswith("w_")  # D = 1: no fused kernel, data-parallel by design
         assert (option["sharding_type"] == "data_parallel") == expected_dp, (table, option)
@@ -39,7 +40,7 @@ def test_auto_keeps_tables_with_a_fused_optimizer_off_data_parallel(world_size):
         assert any(bare[t]["sharding_type"] == "data_parallel" for t in bare if t.startswith("t_"))
     model = _model()
     attach_table_optimizer(model, OptimConfig(), ShardingConfig(tables={"t_user": "data_parallel"}), frozen=False)
-    asked = describe_plan(make_plan(model, ShardingConfig(tables={"t_user": "data_parallel"}), ctx.device, world_size))
+    asked = describe_plan(make_plan(model, ShardingConfig(tables={"t_user": "data_parallel"}), topology))
     assert asked["t_user"]["sharding_type"] == "data_parallel"  # asked for: kept
 
 

@@ -103,7 +103,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     torch.manual_seed(config.seed)  # dense parameters: the same on every rank
     model = build_model(schema, config.model, embedding_device=torch.device("meta"))  # tables: shard by shard
     parameters, flops = model.num_parameters(), model.flops_per_example()
-    dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx)
+    dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx, reader_config.batch_size)
     columns = objective.columns()
     train_reader = ParquetReader(dataset, "train", dataclasses.replace(reader_config, extras=list(reader_config.extras) + columns),
                                  ctx.rank, ctx.world_size, side_inputs=objective.side_inputs())
@@ -150,12 +150,13 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     return record
 
 
-def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext):
-    """Collective: shards the task module with its optimizers, starting from its seeded weights (or
-    ``config.init_from``); returns (dmp, combined optimizer, plan)."""
+def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext, batch_size: Optional[int] = None):
+    """Collective: shards the task module with its optimizers (planned for ``batch_size`` rows per
+    rank), starting from its seeded weights (or ``config.init_from``); returns (dmp, combined
+    optimizer, plan)."""
     check_table_optimizer(config.optim, ctx.device, frozen=config.freeze_embeddings)
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
-    dmp, plan = shard(task, config.sharding, ctx)
+    dmp, plan = shard(task, config.sharding, ctx, batch_size)
     if config.deterministic_init:
         # DMP initialises the tables it materialises rank by rank; seeding each element by (seed, table,
         # position) makes every world size and plan start from identical tables, without a full copy
