@@ -14,7 +14,8 @@ from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
 from recsys_kd.export.artifact import ArtifactError, ParityError
-from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
+from recsys_kd.runs import (COMPRESS_RECORD, PIPELINE_RECORD, REPORT_FILE, SCORE_RECORD, TRAIN_RECORD, OutputError,
+                            TrainOutput, pipeline_record)
 from recsys_kd.train.checkpoint import CheckpointError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     _add_score(commands)
     _add_serve(commands)
+    report = commands.add_parser("report", help="write RUN_DIR/report.html (curves, AUC against size and latency, "
+                                 "AFM spectra, tables) from a finished pipeline run")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the recipe's run_dir (holds pipeline.json)")
+    report.set_defaults(handler=_report)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
     inspect.set_defaults(handler=_inspect)
@@ -304,18 +309,27 @@ def _serve(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from recsys_kd.pipeline import artifact_rows, model_rows, run_pipeline, summary_rows
+    from recsys_kd.pipeline import result_tables, run_pipeline
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
     for name, stage in record["stages"].items():
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")
-    print(format_table(summary_rows(record, Path(recipe.prepare.output))))
-    for rows in (model_rows(record), artifact_rows(record)):
+    for rows in result_tables(record).values():
         if rows:
             print(format_table(rows))
-    print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / 'pipeline.json'}")
+    print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / PIPELINE_RECORD}")
+    print(f"report: {Path(recipe.run_dir) / REPORT_FILE}")
+    return 0
+
+
+def _report(args) -> int:
+    from recsys_kd.pipeline import result_tables
+    from recsys_kd.report import write_report
+
+    record = pipeline_record(args.run_dir)
+    print(f"report: {write_report(args.run_dir, record, result_tables(record))}")
     return 0
 
 

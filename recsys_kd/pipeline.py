@@ -3,10 +3,10 @@ and was made from the same config: synthesize (raw logs, when the recipe has tha
 prepare -> read back (every row of every split through the streaming reader) -> train the teacher
 -> infer (soft labels) -> distill (+ FT) the student -> compress it (AFM, each step fine-tuned) ->
 export every model of the run (teacher, student, compressed student) as a parity-checked TorchScript
-artifact -> score the test split with each artifact alone.
+artifact -> score the test split with each artifact alone -> write the report (plots and tables).
 
 Each stage writes a JSON record; the pipeline's own record (``<run_dir>/pipeline.json``) collects
-them with the result table.
+them with the result table, and ``<run_dir>/report.html`` shows them (:mod:`recsys_kd.report`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import write_criteo_tsv
 from recsys_kd.io import atomic_write_json
 from recsys_kd.recipe import Recipe, SynthesizeConfig
-from recsys_kd.runs import COMPRESS_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput, export_record
+from recsys_kd.report import write_report
+from recsys_kd.runs import (COMPRESS_RECORD, PIPELINE_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput,
+                            export_record)
 
 # Config keys that change how a stage runs but not what it produces.
 _RUNTIME_KEYS = ("progress", "overwrite", "verify_checkpoints")
@@ -48,7 +50,8 @@ def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
     stages["export"] = export_all(recipe)
     stages["score"] = score_all(recipe, stages["export"])
     record = {"stages": stages, "seconds": round(time.time() - started, 3)}
-    atomic_write_json(run_dir / "pipeline.json", record)
+    atomic_write_json(run_dir / PIPELINE_RECORD, record)
+    write_report(run_dir, record, result_tables(record))
     return record
 
 
@@ -293,6 +296,12 @@ def summary_rows(record: Dict[str, Any], dataset: Path) -> List[Dict[str, Any]]:
             "read rows/s": f"{read.get('rows_per_second', 0):,.0f}",
         })
     return rows
+
+
+def result_tables(record: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """The tables the pipeline prints, by title: splits, models, artifacts."""
+    return {"splits": summary_rows(record, Path(record["stages"]["prepare"]["output"])),
+            "models": model_rows(record), "artifacts": artifact_rows(record)}
 
 
 def _stable(config: Dict[str, Any]) -> Dict[str, Any]:
