@@ -38,11 +38,12 @@ from recsys_kd.runs import REPORT_FILE, TrainOutput
 FIGURE_DPI = 100
 # inches; at FIGURE_DPI every figure is a whole number of pixels: these sizes are the PNGs' sizes
 CURVES_SIZE = (12.0, 3.2)
-SCATTER_SIZE = (6.4, 4.4)
+SCATTER_SIZE = (8.0, 4.4)
 SPECTRUM_SIZE = (12.0, 3.8)
 # one colour per kind of model in the scatter plots
 KIND_COLOURS = {"train": "tab:red", "distill": "tab:blue", "finetune": "tab:green", "afm": "tab:purple",
                 "svd": "tab:orange"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 # a spectrum figure names its curves in a legend up to this many; beyond, the table below it does
 MAX_LEGEND = 8
 
@@ -171,18 +172,25 @@ def size_figures(models: Sequence[StageModel]) -> List[Figure]:
 def _scatter(models: Sequence[StageModel], xs: Sequence[float], x_label: str, log_x: bool, title: str) -> Figure:
     figure, axes = _new_figure(SCATTER_SIZE, 1)
     ax = axes[0]
+    seen: Dict[str, int] = {}
     for model, x in zip(models, xs):
-        ax.scatter([x], [model.test_auc], color=KIND_COLOURS.get(model.kind, "tab:gray"), zorder=3)
-        ax.annotate(model.label, (x, model.test_auc), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        # the colour says the kind; the marker tells apart the models of one kind (points often coincide)
+        marker = MARKERS[seen.get(model.kind, 0) % len(MARKERS)]
+        seen[model.kind] = seen.get(model.kind, 0) + 1
+        ax.scatter([x], [model.test_auc], color=KIND_COLOURS.get(model.kind, "tab:gray"), marker=marker, s=36,
+                   alpha=0.8, zorder=3, label=model.label)
     if log_x and xs:
         ax.set_xscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("test AUC")
     ax.grid(True, alpha=0.3)
-    ax.margins(x=0.25, y=0.15)
-    caption = ("One point per stage's model; the colour is its kind (red teacher, blue distilled, green FT, "
-               "purple AFM, orange SVD).")
-    return _render(figure, title, caption)
+    ax.margins(x=0.15, y=0.15)
+    if models:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        _no_data(ax)
+    return _render(figure, title, "One point per stage's model; the colour is its kind (red teacher, blue distilled, "
+                                  "green FT, purple AFM, orange SVD).")
 
 
 def curves_figure(model: StageModel) -> Figure:
@@ -207,9 +215,11 @@ def curves_figure(model: StageModel) -> Figure:
         auc_ax.legend(fontsize=7)
     lr_ax.plot([e["step"] for e in rates], [e["lr"] for e in rates], lw=1, marker=".", ms=3)
     lr_ax.set_title("learning rate (dense)")
-    for ax in (loss_ax, auc_ax, lr_ax):
+    for ax, drawn in ((loss_ax, train or valid), (auc_ax, valid), (lr_ax, rates)):
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
+        if not drawn:
+            _no_data(ax)
     caption = (f"{model.output.path}: {len(train)} training log entries, {len(valid)} evaluations "
                f"(test AUC of the best model {model.test_auc:.5f}).")
     return _render(figure, model.label, caption)
@@ -266,6 +276,10 @@ def _spectra_html(record: Dict[str, Any]) -> str:
 
 def _spectrum_name(entry: Dict[str, Any]) -> str:
     return entry["layer"] if entry["what"] == "mlp" else entry.get("feature", entry.get("table", "?"))
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "not in this run's log", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
 def _new_figure(size: Tuple[float, float], panels: int):
