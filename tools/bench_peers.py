@@ -1,5 +1,7 @@
 """Peer benchmark: the same DCN trained by this project and by FuxiCTR 2.3.10, end to end with data
-loading, one torch thread each: samples/s of each, the ratio, and test AUC after the same training.
+loading, one torch thread each and (by default) one core each: samples/s of each, the ratio, the
+ratio per CPU second of the training process, and test AUC after the same training. Results go to
+``<workdir>/results.json``; docs/train.md ("Peer benchmark: FuxiCTR") holds a measured table.
 
 Two shapes:
 - ``criteo``: synthetic Criteo-format logs (``recsys_kd.data.synthetic``) through the Criteo
@@ -300,12 +302,19 @@ FUXICTR_DRIVER = textwrap.dedent('''
 # ------------------------------------------------------------------------------------------- running
 
 
+# --core: every worker and the processes it starts (FuxiCTR's Ray data workers, this project's
+# prefetch thread) share that one core; None lets each use every core.
+PINNED_CORE = None
+
+
 def _run_json(command, what: str) -> Dict[str, Any]:
-    """Runs a worker with one thread per library; its last stdout line is its JSON result."""
+    """Runs a worker with one thread per library (on ``PINNED_CORE`` when set); its last stdout line
+    is its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
     started = time.time()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, {PINNED_CORE})) if PINNED_CORE is not None else None
+    done = subprocess.run(command, env=env, capture_output=True, text=True, preexec_fn=pin)
     if done.returncode:
         raise SystemExit(f"{what} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -340,9 +349,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="MovieLens epochs before the test AUC")
     parser.add_argument("--seed", type=int, default=2022, help="seed of round 1; round r uses seed + r - 1")
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds of both (medians reported)")
+    parser.add_argument("--core", type=int, default=0,
+                        help="run each side on this one core, its data loading included (-1: every core)")
     parser.add_argument("--worker", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PINNED_CORE
+    PINNED_CORE = None if args.core < 0 else args.core
     if args.worker:
         print(json.dumps(ours_worker(args.worker, args.dataset, args.workdir, args)))
         return
@@ -368,7 +381,8 @@ def main() -> None:
             results[shape]["fuxictr"].append(run_fuxictr(python, shape, fuxictr_data, workdir, args))
         args.seed = seed
     print(f"# bench_peers  {time.strftime('%Y-%m-%d %H:%M %Z')}  {platform.machine()}, {os.cpu_count()} cores, "
-          f"1 torch thread each, {args.repeats} alternating round(s): medians; {_load()} at the end")
+          f"1 torch thread each, {'every core' if PINNED_CORE is None else f'pinned to core {PINNED_CORE}'}, "
+          f"{args.repeats} alternating round(s): medians; {_load()} at the end")
     print(f"{'shape':10s} {'trained':>10s} {'recsys_kd samples/s':>20s} {'FuxiCTR samples/s':>18s} {'ratio':>7s} "
           f"{'ratio per CPU s':>15s} {'recsys_kd test AUC':>19s} {'FuxiCTR test AUC':>17s}")
     for shape, runs in results.items():
