@@ -234,7 +234,7 @@ def _raw_input(schema: Schema, source: Path, out_dir: Path, vocab_dir: Optional[
 
 
 def _score(
-    module: torch.jit.ScriptModule,
+    module: Any,
     schema: Schema,
     scored: _Input,
     out_dir: Path,

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_kd.export.dagfm_serving import serving_head
 from recsys_kd.export.tables import (
     STORAGE_DTYPES,
     field_tables,
@@ -180,7 +181,7 @@ class ServingModel(nn.Module):
             first_order_dense = model.first_order.weights.dense_weight
             first_order_bias = model.first_order.bias
         up_weights, up_biases, codes_to_head = low_rank_projections(embedding, sparse_names)
-        head = copy.deepcopy(model.head).eval()
+        head = serving_head(copy.deepcopy(model.head).eval())[0]
         return cls(
             head,
             tables,
@@ -220,12 +221,27 @@ class ServingModel(nn.Module):
         if dense.dtype != torch.float32:
             raise ValueError("dense must be float32")
         batch_size = dense.size(0)
-        num_features = self.num_sparse
         rows, single = _bag_rows(
             ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature, self.sparse_names
         )
         if batch_size == 0:  # some heads cannot reshape an empty batch
             return torch.zeros(0)
+        return self.logits_from_rows(dense, rows, offsets, single)
+
+    def logits_from_rows(
+        self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool
+    ) -> torch.Tensor:
+        """
+        The model past the input checks: logits [B] of checked inputs.
+
+        Args:
+            dense (torch.Tensor): float32 [B, n_dense], B >= 1.
+            rows (torch.Tensor): int64 [N], the fused-table rows of the ids (``_bag_rows``).
+            offsets (torch.Tensor): int64 [B * F_sparse + 1], the bags.
+            single (bool): every bag holds one id (``rows`` is then [B * F_sparse]; ``offsets`` is unused).
+        """
+        batch_size = dense.size(0)
+        num_features = self.num_sparse
         width = self.table_width
         columns = width + (1 if self.with_first_order else 0)
         # the lookup: every field of every example in one gather (+ sum pooling of the bags)
