@@ -305,11 +305,7 @@ def _serving_metadata(
         "config": to_dict(source.model_config),
         "storage_dtype": dtype,
         "parameters": model.num_parameters(),
-        "serving_parameters": {
-            "fused_table_rows": int(serving.num_embeddings.sum()),
-            "bytes": sum(b.numel() * b.element_size() for b in serving.buffers())
-            + sum(p.numel() * p.element_size() for p in serving.parameters()),
-        },
+        "serving_parameters": serving_bytes(serving),
         "flops_per_example": model.flops_per_example(),
         "compression": getattr(model, "compression_log", []),
         "metrics": {"test": source.output.test_metrics, "best_valid": record.get("best_valid")},
@@ -324,6 +320,22 @@ def _serving_metadata(
         "recsys_kd_version": recsys_kd.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": _input_contract(schema, serving, MISSING_ID, OOV_ID),
+    }
+
+
+def serving_bytes(serving: ServingModel) -> Dict[str, int]:
+    """The serving module's sizes: fused table rows, all bytes, the bytes one example gathers from the
+    table (one row per sparse field) and the bytes of everything else (head, projections), which a
+    call reads once whatever its batch size."""
+    tensors = [*serving.buffers(), *serving.parameters()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    table = [serving.weight, serving.codes, serving.row_params]
+    row_bytes = sum(t.shape[1] * t.element_size() for t in table if t.shape[0] > 0)
+    return {
+        "fused_table_rows": int(serving.num_embeddings.sum()),
+        "bytes": total,
+        "gathered_bytes_per_example": serving.num_sparse * row_bytes,
+        "head_bytes": total - sum(t.numel() * t.element_size() for t in table),
     }
 
 
