@@ -229,7 +229,8 @@ def save_artifact(model, schema, path: Path, kind: str = "torchscript") -> Dict[
     """The model's serving module, scripted and frozen (``torchscript``) or compiled (``aoti``), with the
     metadata ``load_artifact`` reads; returns its bytes per example and head bytes."""
     from recsys_kd.data.schema import MISSING_ID, OOV_ID
-    from recsys_kd.export.artifact import MODEL_FILE, SCHEMA_FILE, _input_contract, serving_bytes
+    from recsys_kd.export.artifact import MODEL_FILE, SCHEMA_FILE, _input_contract
+    from recsys_kd.export.tables import serving_bytes
     from recsys_kd.export.compiled import compile_serving
     from recsys_kd.export.serving import ServingModel, script_serving
     from recsys_kd.io import atomic_file
@@ -291,6 +292,9 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=60.0, help="self-contained: training time bound per model")
     parser.add_argument("--rank", type=int, default=4, help="self-contained: AFM rank of the student's tables")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", nargs="*", default=None, metavar="LABEL",
+                        help="after the timing, profile these models (labels; none given: the students) at batch 1 "
+                             "and at the big batch: the top ops by self time, torch.profiler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from recsys_kd.config import from_dict
@@ -334,6 +338,11 @@ def main() -> None:
                for entry, timing in zip(models, timings)]
     load_after = os.getloadavg()
     report(results, teacher_labels, args, limit, build_seconds, (load_before, load_after))
+    if args.profile is not None:
+        wanted = args.profile or [r["label"] for r in results if r["label"].startswith("student")]
+        for r, module, single, batch in zip(results, modules, singles, batches):
+            if r["label"] in wanted:
+                profile(f"{r['label']} ({r.get('format')})", module, single, batch)
     if args.json:
         atomic_write_json(args.json, {"threads": args.threads, "batch": args.batch, "gemm_flops_per_s": limit,
                                       "load_average": [load_before, load_after], "results": results})
@@ -365,6 +374,21 @@ def report(results: List[Dict[str, Any]], teacher_labels: List[str], args: argpa
     for row in rows:
         print("| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
     goals(results, args.batch)
+
+
+def profile(label: str, module: Any, single: List[Inputs], batch: Inputs, top: int = 8) -> None:
+    """The ops that take the time of 200 batch-1 calls and of 2 big-batch calls (self time, torch.profiler)."""
+    with torch.no_grad():
+        for name, calls in (("batch 1", [single[i % len(single)] for i in range(200)]), (f"batch {batch[0].shape[0]}", [batch] * 2)):
+            module(*calls[0])
+            with torch.profiler.profile() as profiler:
+                for inputs in calls:
+                    module(*inputs)
+            events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events) / len(calls)
+            parts = ", ".join(f"{e.key} {e.self_cpu_time_total / len(calls):.0f} us ({e.count // len(calls)}x)"
+                              for e in events[:top])
+            print(f"# profile {label}, {name}: {total:.0f} us per call (profiled): {parts}")
 
 
 def _find(results: List[Dict[str, Any]], label: str, kind: Optional[str]) -> Optional[Dict[str, Any]]:

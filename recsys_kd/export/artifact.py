@@ -1,9 +1,5 @@
-"""The ``export`` stage: a trained model -> a verified serving artifact that loads with torch alone.
-
-Two artifact kinds (``export.format``): ``torchscript`` (the default: a scripted, frozen module, ``.pt``)
-and ``aoti`` (the same module through ``torch.export`` + AOTInductor, a compiled ``.pt2`` package;
-:mod:`recsys_kd.export.compiled`; compiling needs a C++ compiler). Both hold the same extra files, get the
-same parity check, and load with :func:`load_artifact`.
+"""The ``export`` stage: a trained model -> a verified serving artifact that loads with torch alone:
+TorchScript (``export.format: torchscript``, the default) or compiled (``aoti``: :mod:`recsys_kd.export.compiled`).
 
 :func:`export_artifact` reads a ``train``, ``distill`` or ``compress``-step output through
 :class:`~recsys_kd.runs.TrainOutput`, rebuilds the plain model from a checkpoint of any sharding
@@ -52,7 +48,7 @@ from recsys_kd.config import to_dict
 from recsys_kd.data.schema import MISSING_ID, OOV_ID, Schema
 from recsys_kd.export.compiled import FORMATS, compile_serving, cxx_compiler, is_compiled_package, load_compiled
 from recsys_kd.export.serving import INPUT_ORDER, ServingModel, example_major_inputs, script_serving
-from recsys_kd.export.tables import STORAGE_DTYPES
+from recsys_kd.export.tables import STORAGE_DTYPES, serving_bytes
 from recsys_kd.io import atomic_file, atomic_write_json, file_crc32
 from recsys_kd.runs import OutputError, TrainOutput, export_record
 from recsys_kd.train.metrics import auc
@@ -107,8 +103,7 @@ def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[Any, Dic
         try:
             module, extra = load_compiled(path, list(EXTRA_FILES))
         except RuntimeError as error:
-            reason = " ".join(str(error).split())[:300]
-            raise ArtifactError(f"{path}: not a loadable compiled (.pt2) artifact ({reason})") from None
+            raise ArtifactError(f"{path}: not a loadable compiled (.pt2) artifact ({' '.join(str(error).split())[:300]})") from None
         return module, _metadata(path, extra)
     extra = {name: "" for name in EXTRA_FILES}
     with warnings.catch_warnings():
@@ -320,22 +315,6 @@ def _serving_metadata(
         "recsys_kd_version": recsys_kd.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": _input_contract(schema, serving, MISSING_ID, OOV_ID),
-    }
-
-
-def serving_bytes(serving: ServingModel) -> Dict[str, int]:
-    """The serving module's sizes: fused table rows, all bytes, the bytes one example gathers from the
-    table (one row per sparse field) and the bytes of everything else (head, projections), which a
-    call reads once whatever its batch size."""
-    tensors = [*serving.buffers(), *serving.parameters()]
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    table = [serving.weight, serving.codes, serving.row_params]
-    row_bytes = sum(t.shape[1] * t.element_size() for t in table if t.shape[0] > 0)
-    return {
-        "fused_table_rows": int(serving.num_embeddings.sum()),
-        "bytes": total,
-        "gathered_bytes_per_example": serving.num_sparse * row_bytes,
-        "head_bytes": total - sum(t.numel() * t.element_size() for t in table),
     }
 
 

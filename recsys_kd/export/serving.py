@@ -52,14 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_kd.export.dagfm_serving import serving_head
-from recsys_kd.export.tables import (
-    STORAGE_DTYPES,
-    field_tables,
-    fused_storage,
-    lookup_buffers,
-    low_rank_projections,
-    stacked_up_projections,
-)
+from recsys_kd.export.tables import (STORAGE_DTYPES, field_tables, fused_storage, lookup_buffers, low_rank_projections,
+                                     stacked_up_projections)
 
 if TYPE_CHECKING:  # pragma: no cover
     from recsys_kd.models.zoo import CTRModel
@@ -231,15 +225,9 @@ class ServingModel(nn.Module):
     def logits_from_rows(
         self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool
     ) -> torch.Tensor:
-        """
-        The model past the input checks: logits [B] of checked inputs.
-
-        Args:
-            dense (torch.Tensor): float32 [B, n_dense], B >= 1.
-            rows (torch.Tensor): int64 [N], the fused-table rows of the ids (``_bag_rows``).
-            offsets (torch.Tensor): int64 [B * F_sparse + 1], the bags.
-            single (bool): every bag holds one id (``rows`` is then [B * F_sparse]; ``offsets`` is unused).
-        """
+        """The model past the input checks: logits [B] of ``dense`` [B >= 1, n_dense], the fused-table
+        ``rows`` [N] of the ids (``_bag_rows``) and the bag ``offsets``, unused when ``single`` (one id
+        per bag, ``rows`` [B * F_sparse])."""
         batch_size = dense.size(0)
         num_features = self.num_sparse
         width = self.table_width
