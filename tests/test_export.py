@@ -490,3 +490,11 @@ assert "torchrec" not in sys.modules and "fbgemm_gpu" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "outputs.pt", weights_only=True), student["probabilities"], **TOL)
+    # score takes either kind: the same AUC from the .pt2 as from the TorchScript artifact
+    from recsys_kd.export.score import score_dataset
+
+    dataset = Path(student["record"]["dataset"])
+    compiled = score_dataset(artifact, dataset, tmp_path / "scores_pt2", split="test", progress=False)
+    scripted = score_dataset(student["artifact"], dataset, tmp_path / "scores_pt", split="test", progress=False)
+    assert compiled["rows"] == scripted["rows"] > 0
+    assert abs(compiled["metrics"]["auc"] - scripted["metrics"]["auc"]) < 1e-6

@@ -150,7 +150,10 @@ class DAGFMServingHead(nn.Module):
         """The broadcast form for a few rows ``[b, F, D]`` -> logits [b]."""
         rows = fields.size(0)
         num_fields, dim = self.num_fields, self.embedding_dim
-        h0 = torch.matmul(self.connection, fields)  # [b, F, D]
+        if rows == 1:  # one mm: matmul would broadcast C into a batched product (~20 us more here)
+            h0 = torch.mm(self.connection, fields.reshape(num_fields, dim)).view(1, num_fields, dim)
+        else:
+            h0 = torch.matmul(self.connection, fields)  # [b, F, D]
         logits = torch.addmv(self.bias, h0.view(rows, -1), self.pooling_small[0])
         h = h0
         for layer in range(self.edges_small.size(0)):
