@@ -11,7 +11,9 @@ TorchScript artifact runs (:func:`~recsys_kd.export.serving._bag_rows`), from th
 ``model.json``. It has the artifact's interface: ``module(dense, ids, offsets) -> probabilities [B]``
 and ``module.forward_logits(...)``.
 
-A DAGFM head takes its compiler form (:func:`~recsys_kd.export.dagfm_serving.compiled_form`). Models
+A DAGFM head takes its compiler form (:func:`~recsys_kd.export.dagfm_serving.compiled_form`: a
+``torch.cond`` between the fused broadcast form for one row and the blocked form), and
+:class:`CompiledServing` hands it batches of at most its block size (``compiled.json``). Models
 whose schema has a multi-hot feature compile the bag-pooling lookup (``embedding_bag`` with
 ``offsets``); single-valued ones a plain gather, and then take one id per bag.
 
@@ -39,6 +41,7 @@ FORMATS = ("torchscript", "aoti")
 SUFFIXES = {"torchscript": ".pt", "aoti": ".pt2"}
 MAX_BATCH = 1 << 20  # the largest batch the compiled graph accepts (its dynamic dimension's bound)
 EXTRA_DIR = "extra"
+COMPILED_FILE = "compiled.json"  # how the package wants to be called: {"block_rows": rows per call, 0: any}
 
 
 class CompilerMissing(RuntimeError):
@@ -86,7 +89,9 @@ def compile_serving(serving: ServingModel, path: Path, extra_files: Dict[str, st
         CompilerMissing: no C++ compiler.
     """
     cxx_compiler()
-    module = _RowsToLogits(compiled_form(copy.deepcopy(serving)).eval(), multi_hot)
+    compiled, block_rows = compiled_form(copy.deepcopy(serving).eval())
+    module = _RowsToLogits(compiled, multi_hot)
+    extra_files = {**extra_files, COMPILED_FILE: json.dumps({"block_rows": 0 if multi_hot else block_rows})}
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     features, rows = serving.num_sparse, 2
     dense = torch.zeros(rows, serving.num_dense_inputs)
@@ -136,6 +141,7 @@ class CompiledServing:
     Args:
         runner: the loaded AOTInductor model (``torch._inductor.aoti_load_package``).
         contract (Dict): ``model.json``'s ``input`` entry (features, ``num_embeddings``, dense width).
+        block_rows (int): call the model on at most this many rows at a time (0: any batch at once).
 
     Example::
 
@@ -143,8 +149,9 @@ class CompiledServing:
         probabilities = module(dense, ids, offsets)  # [B]
     """
 
-    def __init__(self, runner, contract: Dict) -> None:
+    def __init__(self, runner, contract: Dict, block_rows: int = 0) -> None:
         self.runner = runner
+        self.block_rows = block_rows
         sparse = contract["sparse_features"]
         limits = torch.tensor([int(f["num_embeddings"]) for f in sparse], dtype=torch.int64)
         self.sparse_names: List[str] = [f["name"] for f in sparse]
@@ -178,14 +185,20 @@ class CompiledServing:
             return self.runner(dense.contiguous(), rows, offsets)
         if not single:
             raise ValueError("this compiled artifact's features are single-valued: every bag must hold one id")
-        return self.runner(dense.contiguous(), rows)
+        if self.block_rows < 1 or batch_size <= self.block_rows:
+            return self.runner(dense.contiguous(), rows)
+        features = len(self.sparse_names)
+        return torch.cat([self.runner(dense[start: start + self.block_rows].contiguous(),
+                                      rows[start * features: (start + self.block_rows) * features])
+                          for start in range(0, batch_size, self.block_rows)])
 
 
 def load_compiled(path: Union[str, Path], extra_names: List[str]) -> Tuple[CompiledServing, Dict[str, str]]:
     """Loads a ``.pt2`` artifact (torch alone, no compiler): the module and its extra files' texts."""
-    extra = read_extra_files(path, extra_names)
+    extra = read_extra_files(path, [*extra_names, COMPILED_FILE])
     contract = json.loads(extra["model.json"])["input"] if extra.get("model.json") else None
     if contract is None:
         return None, extra  # the caller reports the missing metadata
     runner = torch._inductor.aoti_load_package(str(path))
-    return CompiledServing(runner, contract), extra
+    block_rows = int(json.loads(extra[COMPILED_FILE] or "{}").get("block_rows", 0))
+    return CompiledServing(runner, contract, block_rows), extra

@@ -69,7 +69,6 @@ class DAGFMServingHead(nn.Module):
         self.outer: bool = dagfm._outer
         self.block_rows: int = block_rows
         self.small_batch: int = small_batch
-        self.for_compiler: bool = False  # set by compiled_form(): one traceable form for every batch size
         with torch.no_grad():
             mask = dagfm.edge_mask.float()  # [F, S, 1], 1 where f <= s
             edges = [p.detach().float() * mask for p in dagfm.p]  # [F, S, D], masked edges are zeros
@@ -111,9 +110,7 @@ class DAGFMServingHead(nn.Module):
             torch.Tensor: logits, shape [B].
         """
         batch_size = fields.size(0)
-        if self.for_compiler:
-            logits = self._fused(fields)
-        elif batch_size <= self.small_batch:
+        if batch_size <= self.small_batch:
             logits = self._small(fields)
         elif batch_size <= self.block_rows:
             logits = self._block(fields)
@@ -122,8 +119,12 @@ class DAGFMServingHead(nn.Module):
             for start in range(0, batch_size, self.block_rows):
                 blocks.append(self._block(fields.narrow(0, start, min(self.block_rows, batch_size - start))))
             logits = torch.cat(blocks)
-        if self.mlp is not None and self.output is not None:  # dagfm_plus: the parallel MLP's logit
-            logits = logits + self.output(self.mlp(fields.reshape(batch_size, -1))).squeeze(1)
+        return self._with_mlp(fields, logits)
+
+    def _with_mlp(self, fields: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``dagfm_plus``: the parallel MLP's logit added (the others: ``logits`` as they are)."""
+        if self.mlp is not None and self.output is not None:
+            logits = logits + self.output(self.mlp(fields.reshape(fields.size(0), -1))).squeeze(1)
         return logits
 
     def _block(self, fields: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,7 @@ class DAGFMServingHead(nn.Module):
 
     def _fused(self, fields: torch.Tensor) -> torch.Tensor:
         """The broadcast form with plain sums, for a compiler (Inductor) that fuses each multiply with
-        its reduction into one loop: no ``[B, S, F, D]`` product is materialised."""
+        its reduction into one loop: no ``[B, S, F, D]`` product is materialised (:class:`CompilerDAGFMHead`)."""
         rows = fields.size(0)
         num_fields, dim = self.num_fields, self.embedding_dim
         h0 = torch.matmul(self.connection, fields)  # [b, F, D]
@@ -187,13 +188,48 @@ class DAGFMServingHead(nn.Module):
         return logits
 
 
-def compiled_form(module: nn.Module) -> nn.Module:
-    """Switches every :class:`DAGFMServingHead` inside ``module`` to the form for a compiler
-    (``torch.export`` + AOTInductor): one traceable form for every batch size, no branch on it."""
-    for child in module.modules():
+class CompilerDAGFMHead(nn.Module):
+    """
+    A :class:`DAGFMServingHead` as ``torch.export`` takes it: ``torch.cond`` on the batch size picks the
+    broadcast form with plain sums for one row (a compiler fuses each multiply with its reduction) or
+    the blocked form for more; the caller hands it at most ``block_rows`` rows at a time
+    (:class:`~recsys_kd.export.compiled.CompiledServing` splits larger batches), so every block's
+    intermediates stay in cache. Not scriptable (``torch.cond``); the TorchScript artifact uses the
+    head itself.
+
+    Shapes: ``[B, F, D] -> [B]``.
+
+    Example::
+
+        head = CompilerDAGFMHead(DAGFMServingHead(DAGFMHead(DAGFM(39, 16, 3, "outer")).eval()))
+        logits = head(torch.randn(8, 39, 16))  # [8]
+    """
+
+    def __init__(self, head: DAGFMServingHead) -> None:
+        super().__init__()
+        self.head = head
+        self.block_rows = head.block_rows
+
+    def forward(self, fields: torch.Tensor, first_order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fields [B, F, D] (B <= ``block_rows`` for cache-sized blocks) -> logits [B]."""
+        logits = torch.cond(fields.size(0) <= 1, self.head._fused, self.head._block, (fields,))
+        return self.head._with_mlp(fields, logits)
+
+
+def compiled_form(module: nn.Module) -> Tuple[nn.Module, int]:
+    """
+    The form of ``module`` (a serving module, or a head) for ``torch.export`` + AOTInductor: every
+    :class:`DAGFMServingHead` inside wrapped in a :class:`CompilerDAGFMHead` (in place). Returns the
+    module and the rows per call its callers should keep to (0: any).
+    """
+    if isinstance(module, DAGFMServingHead):
+        return CompilerDAGFMHead(module), module.block_rows
+    block_rows = 0
+    for name, child in list(module.named_children()):
         if isinstance(child, DAGFMServingHead):
-            child.for_compiler = True
-    return module
+            setattr(module, name, CompilerDAGFMHead(child))
+            block_rows = child.block_rows
+    return module, block_rows
 
 
 def serving_head(head: nn.Module) -> Tuple[nn.Module, bool]:
