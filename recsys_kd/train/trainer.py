@@ -101,7 +101,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     torch.manual_seed(config.seed)
     model = build_model(schema, config.model)
     parameters, flops = model.num_parameters(), model.flops_per_example()
-    dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx)
+    dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx, reader_config.batch_size)
     columns = objective.columns()
     train_reader = ParquetReader(dataset, "train", dataclasses.replace(reader_config, extras=list(reader_config.extras) + columns),
                                  ctx.rank, ctx.world_size, side_inputs=objective.side_inputs())
@@ -148,12 +148,13 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     return record
 
 
-def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext):
-    """Collective: shards the task module with its optimizers, starting from its seeded weights (or
-    ``config.init_from``); returns (dmp, combined optimizer, plan)."""
+def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext, batch_size: Optional[int] = None):
+    """Collective: shards the task module with its optimizers (planned for ``batch_size`` rows per
+    rank), starting from its seeded weights (or ``config.init_from``); returns (dmp, combined
+    optimizer, plan)."""
     initial = copy.deepcopy(task.state_dict()) if config.deterministic_init else None
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
-    dmp, plan = shard(task, config.sharding, ctx)
+    dmp, plan = shard(task, config.sharding, ctx, batch_size)
     if initial is not None:
         # DMP re-initialises the tables it shards, rank by rank; loading the seeded full model makes
         # every world size start from identical weights (costs one full copy of the tables).
