@@ -5,9 +5,10 @@ products over the whole batch. On one CPU thread that is slow twice over:
 
 - at batch 4096 the outer layer's edge scores ``[F, F, B]`` (23 MiB at F = 39) and the connection
   product leave the cache: the batched products with inner dimension 16 ran at ~22 GFLOP/s, against
-  ~72 GFLOP/s for the same products on blocks of 256 examples (measured, ``tools/bench_serving.py``
-  prints the model's share of the machine's GEMM rate). So :class:`DAGFMServingHead` runs the whole
-  network block by block (``block_rows`` examples, every intermediate of a block in cache);
+  ~72 GFLOP/s for the same products on blocks of 256 examples (one thread, idle machine;
+  ``tools/bench_serving.py`` prints a model's share of the machine's GEMM rate). So
+  :class:`DAGFMServingHead` runs the whole network block by block (``block_rows`` examples, every
+  intermediate of a block in cache);
 - at batch 1 a batched product of 39 tiny matrices costs ~20 us of call overhead and the pooling,
   concatenation and final Linear are more small ops. Below ``small_batch`` rows the layers run as
   broadcast multiplies with contiguous inner reductions instead, on layouts chosen once at build time.
@@ -16,7 +17,9 @@ Both forms fold the masks into the edge parameters once (``p * mask``; the maske
 and fold the final Linear into each layer's pooling: ``w^T [sum_d h^0, ..., sum_d h^L]`` is
 ``sum_l <w_l (x) 1_D, h^l>``, one matrix-vector product per layer accumulated into the logit, so no
 pooled ``[B, F(L+1)]`` tensor and no concatenation exist. The result equals the training head's up to
-float rounding (``tests/test_export.py`` checks it).
+float rounding (``tests/test_export.py`` checks it). For ``torch.export`` + AOTInductor,
+:class:`CompilerDAGFMHead` picks between a fused broadcast form (one row) and one block with
+``torch.cond`` (:func:`compiled_form`).
 
 Layouts (F fields, D dims, S = F target fields, b rows of a block):
 
