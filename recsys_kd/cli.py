@@ -13,15 +13,20 @@ from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
+from recsys_kd.distributed import PeerFailed
 from recsys_kd.export.artifact import ArtifactError, ParityError
+from recsys_kd.export.compiled import CompilerMissing
 from recsys_kd.runs import (COMPRESS_RECORD, PIPELINE_RECORD, REPORT_FILE, SCORE_RECORD, TRAIN_RECORD, OutputError,
                             TrainOutput, pipeline_record)
+from recsys_kd.stack import StackError, check_stack
 from recsys_kd.train.checkpoint import CheckpointError
+from recsys_kd.train.plan import PlanError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
-# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full)
-USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               InputError, OSError)
+# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full);
+# PeerFailed: another rank's error, which that rank reports in full
+USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, CompilerMissing,
+               TooManyBadRows, InputError, PlanError, StackError, OSError, PeerFailed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -29,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     silence_third_party_warnings()
     try:
+        check_stack()  # a mismatched torch/FBGEMM/TorchRec or a CPU build on a GPU machine: one line, before any work
         return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("RECSYS_KD_TRACEBACK"):
@@ -63,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     _add_score(commands)
     _add_serve(commands)
+    _add_plan(commands)
     report = commands.add_parser("report", help="write RUN_DIR/report.html (curves, AUC against size and latency, "
                                  "AFM spectra, tables) from a finished pipeline run")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the recipe's run_dir (holds pipeline.json)")
@@ -95,6 +102,8 @@ def _prepare(args) -> int:
 
     recipe = _recipe(args)
     record = prepare(recipe.prepare)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(format_table(_split_rows(record)))
     if record["quarantined_total"]:
         print(f"quarantined {record['quarantined_total']} rows: {record['quarantined']} "
@@ -203,8 +212,8 @@ def _export(args) -> int:
     model_name = TrainOutput(source).model_name
     record = export_artifact(source, recipe.export_output(model_name), checkpoint=recipe.export.checkpoint,
                              dtype=recipe.export.dtype, parity_rows=recipe.export.parity_rows,
-                             dataset=recipe.prepare.output)
-    print(json.dumps({key: record[key] for key in ("artifact", "model", "dtype", "size_bytes", "parity",
+                             dataset=recipe.prepare.output, format=recipe.export.format)
+    print(json.dumps({key: record[key] for key in ("artifact", "model", "format", "dtype", "size_bytes", "parity",
                                                     "latency_batch1_ms")}, indent=2))
     return 0
 
@@ -238,6 +247,8 @@ def _score(args) -> int:
         torch.set_num_threads(args.threads)
     record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,
                            vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress, verify=args.verify)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     metrics = record["metrics"] or {}
     print(format_table([{
         "model": record["model"], "split": record["split"], "rows": record["rows"],
@@ -251,9 +262,10 @@ def _score(args) -> int:
 def _add_serve(commands) -> None:
     from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_SIZE,
                                             DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS)
+    from recsys_kd.export.batching import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS
     from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DENSE_ABS, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
 
-    help = "serve a TorchScript artifact over HTTP JSON (POST /predict, GET /health) on localhost"
+    help = "serve an artifact (TorchScript or .pt2) over HTTP JSON (POST /predict, GET /health) on localhost"
     command = commands.add_parser("serve", help=help, description=help)
     command.add_argument("artifact", type=Path, help="the serving artifact (recsys-kd export)")
     command.add_argument("--host", default="127.0.0.1")
@@ -273,6 +285,10 @@ def _add_serve(commands) -> None:
                          help="bound on |dense value| when the dense transform has no range of its own")
     command.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip checking the artifact against the checksum in its export record")
+    command.add_argument("--batch-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+                         help="the longest a model call waits for requests being read to join its batch")
+    command.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
+                         help="the most rows of one batched model call")
     command.set_defaults(handler=_serve)
 
 
@@ -294,17 +310,69 @@ def _serve(args) -> int:
            args.max_connections) < 1:
         raise ConfigError("--max-body-bytes, --max-instances, --threads, --workers, --queue-size, --backlog and "
                           "--max-connections must be >= 1")
-    if not (args.request_timeout > 0 and args.max_dense_abs > 0):
-        raise ConfigError("--request-timeout and --max-dense-abs must be > 0")
+    if not (args.request_timeout > 0 and args.max_dense_abs > 0) or args.batch_wait_ms < 0 or args.max_batch_rows < 1:
+        raise ConfigError("--request-timeout and --max-dense-abs must be > 0, --batch-wait-ms >= 0, --max-batch-rows >= 1")
     if not args.artifact.exists():
         raise FileNotFoundError(f"artifact {args.artifact} not found")
     try:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
               max_instances=args.max_instances, threads=args.threads, workers=args.workers,
               queue_size=args.queue_size, backlog=args.backlog, max_connections=args.max_connections,
-              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify)
+              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify,
+              batch_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
+    return 0
+
+
+def _add_plan(commands) -> None:
+    help = ("plan the recipe's model for a cluster with torchrec's planner, on the meta device at full table size: "
+            "the plan, memory per rank, all-to-all bytes per step; one error line when it does not fit")
+    command = commands.add_parser("plan", help=help, description=help)
+    command.add_argument("--config", "-c", type=Path, help="recipe YAML (its model, optimizer and sharding)")
+    command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    command.add_argument("--world-size", type=int, required=True, help="ranks in the cluster")
+    command.add_argument("--local-world-size", type=int, help="ranks per host (default: LOCAL_WORLD_SIZE, the GPUs "
+                                                              "here, else world size)")
+    command.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    command.add_argument("--hbm-gb", type=float, help="GiB of memory per GPU (default: this machine's GPU)")
+    command.add_argument("--host-memory-gb", type=float, help="GiB of memory per host (default: this machine's)")
+    command.add_argument("--batch-size", type=int, help="rows per rank per step (default: the recipe's reader.batch_size)")
+    command.add_argument("--sizes", type=Path, help="size file (configs/sizes/*.yaml); default: the schema of the "
+                                                    "recipe's prepared dataset (prepare.output)")
+    command.add_argument("--stage", choices=("train", "distill", "finetune"), default="train",
+                         help="whose model to plan (default: train)")
+    command.add_argument("--torchrec-stats", action="store_true",
+                         help="print torchrec's own planner statistics table first (its dry-run report)")
+    command.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    import torch
+
+    from recsys_kd.data.schema import Schema
+    from recsys_kd.train.plan import GIB, load_sizes, plan_cluster, plan_rows
+    from recsys_kd.train.sharding import machine_topology
+
+    recipe = _recipe(args)
+    config = getattr(recipe, args.stage)
+    if config is None:
+        raise ConfigError(f"{args.config}: no {args.stage!r} section")
+    schema = load_sizes(args.sizes) if args.sizes else Schema.load(Path(recipe.prepare.output))
+    gib = lambda value: None if value is None else int(value * GIB)
+    try:
+        topology = machine_topology(
+            args.world_size, torch.device(args.device), args.batch_size or recipe.reader.batch_size,
+            local_world_size=args.local_world_size, hbm_bytes=gib(args.hbm_gb), host_memory_bytes=gib(args.host_memory_gb),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    plan = plan_cluster(schema, config, topology, torchrec_stats=args.torchrec_stats)
+    rows = plan_rows(plan)
+    print(plan.headline(schema.name))
+    print(format_table(rows["tables"]))
+    print(format_table(rows["ranks"]))
+    print("\n".join(plan.summary()))
     return 0
 
 
@@ -313,6 +381,8 @@ def _pipeline(args) -> int:
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     for name, stage in record["stages"].items():
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")
