@@ -344,7 +344,7 @@ def main() -> None:
     parser.add_argument("--fuxictr-venv", type=Path, help="default: <workdir>/fuxictr-venv")
     parser.add_argument("--criteo-rows", type=int, default=500_000, help="synthetic rows (80/10/10 split)")
     parser.add_argument("--criteo-table-rows", type=int, default=1_000_000)
-    parser.add_argument("--criteo-steps", type=int, default=20, help="timed steps of the Criteo-like shape")
+    parser.add_argument("--criteo-steps", type=int, default=10, help="timed steps of the Criteo-like shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--epochs", type=int, default=3, help="MovieLens epochs before the test AUC")
     parser.add_argument("--seed", type=int, default=2022, help="seed of round 1; round r uses seed + r - 1")
