@@ -30,6 +30,7 @@ from recsys_kd.data import split as splitting
 from recsys_kd.data.criteo import CriteoOptions
 from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
 from recsys_kd.data.ids import VocabularyCounter
+from recsys_kd.data.movielens import MovieLensOptions
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
 from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, SourceChunk
@@ -69,6 +70,7 @@ class PrepareConfig:
     ids: IdConfig = field(default_factory=IdConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     criteo: CriteoOptions = field(default_factory=CriteoOptions)
+    movielens: MovieLensOptions = field(default_factory=MovieLensOptions)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_bad_fraction: Optional[float] = 0.01
     row_group_rows: int = 65536
@@ -179,7 +181,7 @@ def open_source(config: PrepareConfig) -> RawSource:
     if config.format == "movielens":
         from recsys_kd.data.movielens import MovieLensSource
 
-        return MovieLensSource(inputs)
+        return MovieLensSource(inputs, config.movielens, block_bytes=config.block_bytes)
     from recsys_kd.data.synthetic import SyntheticSource
 
     return SyntheticSource(config.synthetic)
