@@ -21,6 +21,7 @@ from recsys_kd.data.quarantine import Quarantine
 INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 without overflow
 HEX = r"^[0-9a-fA-F]{1,16}$"
 TOKEN = r"^[\x21-\x7e]+$"  # printable ASCII without spaces or separators
+NUMBER = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"  # decimal, as Arrow parses it (no nan/inf)
 
 
 def invalid_mask(column: pa.Array, pattern: str, allow_empty: bool) -> np.ndarray:

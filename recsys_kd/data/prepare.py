@@ -30,12 +30,14 @@ from recsys_kd.data import split as splitting
 from recsys_kd.data.criteo import CriteoOptions
 from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
 from recsys_kd.data.ids import VocabularyCounter
+from recsys_kd.data.libsvm import LibSVMOptions
 from recsys_kd.data.movielens import MovieLensOptions
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
-from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, SourceChunk
+from recsys_kd.data.schema import RESERVED_IDS, IdRule, Schema, SparseFeature, SplitInfo
+from recsys_kd.data.source import LABEL, InputError, RawSource, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.data.table_spec import TableOptions
 from recsys_kd.io import atomic_write_json, naming, prefetch, staged_directory
 from recsys_kd.memory import pin_mmap_threshold
 from recsys_kd.runs import PREPARE_RECORD, QUARANTINE_FILE
@@ -64,13 +66,15 @@ class IdConfig:
 class PrepareConfig:
     """Where the raw data is, how to turn it into ids and splits, and where the dataset goes."""
 
-    format: Literal["criteo", "avazu", "movielens", "synthetic"] = "synthetic"
+    format: Literal["criteo", "avazu", "movielens", "table", "libsvm", "synthetic"] = "synthetic"
     inputs: List[str] = field(default_factory=list)
     output: str = "runs/data"
     ids: IdConfig = field(default_factory=IdConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     criteo: CriteoOptions = field(default_factory=CriteoOptions)
     movielens: MovieLensOptions = field(default_factory=MovieLensOptions)
+    table: TableOptions = field(default_factory=TableOptions)
+    libsvm: LibSVMOptions = field(default_factory=LibSVMOptions)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_bad_fraction: Optional[float] = 0.01
     row_group_rows: int = 65536
@@ -182,6 +186,14 @@ def open_source(config: PrepareConfig) -> RawSource:
         from recsys_kd.data.movielens import MovieLensSource
 
         return MovieLensSource(inputs, config.movielens, block_bytes=config.block_bytes)
+    if config.format == "table":
+        from recsys_kd.data.table import TableSource
+
+        return TableSource(_expand(inputs), config.table, config.split, block_bytes=config.block_bytes)
+    if config.format == "libsvm":
+        from recsys_kd.data.libsvm import LibSVMSource
+
+        return LibSVMSource(_expand(inputs), config.libsvm, block_bytes=config.block_bytes)
     from recsys_kd.data.synthetic import SyntheticSource
 
     return SyntheticSource(config.synthetic)
@@ -247,7 +259,7 @@ def _write_pass(config, source, staging, quarantine, kept_rows, rules: IdRules):
                 name: SplitWriter(staging, name, arrow_schema, config.row_group_rows, config.rows_per_part)
                 for name in splitting.SPLITS
             }
-        assignment = _assign(config.split, table, position, kept_rows, ranks)
+        assignment = splitting.assign(config.split, table, position, kept_rows, ranks)
         position += table.num_rows
         for index, name in enumerate(splitting.SPLITS):
             mask = assignment == index
@@ -256,18 +268,6 @@ def _write_pass(config, source, staging, quarantine, kept_rows, rules: IdRules):
     for writer in writers.values():
         writer.close()
     return writers
-
-
-def _assign(split: SplitConfig, table: pa.Table, position: int, kept_rows: Optional[int], ranks) -> np.ndarray:
-    if split.method == "random":
-        return splitting.assign_random(table.column(ROW_ID).to_numpy(), split.seed, split.fractions)
-    if split.method == "day":
-        if DAY not in table.column_names:
-            raise InputError("split.method 'day' needs a source with days (Criteo day_N files, Avazu hours)")
-        return splitting.assign_day(table.column(DAY).to_numpy(), split.valid_days, split.test_days)
-    positions = np.arange(position, position + table.num_rows, dtype=np.int64)
-    order = ranks[positions] if ranks is not None else positions
-    return splitting.assign_by_rank(order, kept_rows, split.fractions)
 
 
 def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa.Array]) -> Schema:
@@ -285,14 +285,13 @@ def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa
             rule = IdRule(kind="hash", seed=config.ids.seed + feature_salt(name))
             size = config.ids.sizes.get(name, config.ids.num_embeddings)
         sparse.append(SparseFeature(name=name, num_embeddings=size, id_rule=rule, multi_hot=name in info.multi_hot))
-    dense_transform = "log1p(max(v, 0))" if info.name == "criteo" and info.dense else "none"
     return Schema(
         name=info.name,
         label=LABEL,
         dense=list(info.dense),
         sparse=sparse,
         extra=list(info.extra),
-        dense_transform=dense_transform,
+        dense_transform=info.dense_transform,
         source={"format": config.format, "inputs": json.dumps(info.inputs)},
     )
 
