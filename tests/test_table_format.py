@@ -8,6 +8,7 @@ import math
 import random
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -306,31 +307,25 @@ def test_missing_column_and_unknown_format_are_one_line_errors(tmp_path):
         run_table(tmp_path, [tmp_path / "lists.parquet"], "z", TableOptions(sparse=["user"]))
 
 
-def test_table_recipe_from_the_command_line(tmp_path, rows):
-    """The worked example of docs/prepare.md, as a user runs it."""
-    write_delimited(tmp_path / "clicks.csv", rows, ",")
-    recipe = tmp_path / "my_logs.yaml"
-    recipe.write_text(f"""
-run_dir: {tmp_path}/run
-prepare:
-  format: table
-  inputs: [{tmp_path}/clicks.csv]
-  output: {tmp_path}/run/data
-  table:
-    label: {{column: clicked}}
-    dense:
-      - {{column: price, transform: log}}
-      - {{column: score, transform: standardize}}
-      - {{column: age, transform: bucketize, boundaries: [18, 25, 35, 50, 65]}}
-    sparse: [user, city]
-    multi_hot:
-      - {{column: tags, separator: "|", max_length: 3}}
-    time: {{column: ts, unit: seconds}}
-  ids: {{rule: vocab}}
-  progress: false
-""")
-    assert main(["prepare", "-c", str(recipe)]) == 0
-    assert dataset_content(tmp_path / "run" / "data")[0].sparse_names == ["user", "city", "age", "tags"]
+def test_the_worked_example_of_the_docs_runs(tmp_path, rows):
+    """docs/prepare.md's recipe for a user's own CSV, run as a user runs it, on logs of its columns."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "prepare.md").read_text()
+    section = docs[docs.index("## Your own logs"):]
+    sample = section.split("```\n", 2)[1]
+    recipe = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_logs.yaml").write_text(recipe)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [f"{r['clicked']},u{r['user']},i{r['age'] * 7 % 50},{text(r['price'])},{abs(r['score'])},{r['age']},"
+             f"{'|'.join(r['tags'])},{r['ts']},{text(r['city'])}" for r in rows]
+    (logs / "clicks.csv").write_text(sample + "\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "data"
+    assert main(["prepare", "-c", str(tmp_path / "my_logs.yaml"), f"prepare.inputs=[{logs}]",
+                 f"prepare.output={output}", "prepare.progress=false"]) == 0
+    schema = Schema.load(output)
+    assert schema.dense == ["price", "dwell_s"]
+    assert schema.sparse_names == ["user", "item", "city", "age", "tags"] and schema.feature("tags").multi_hot
+    assert sum(info.rows for info in schema.splits.values()) == len(rows) + 2
 
 
 # --- libSVM / libFM ---------------------------------------------------------------------------------
