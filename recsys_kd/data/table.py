@@ -292,7 +292,8 @@ class TableSource:
                 records = np.arange(start, start + batch.num_rows, dtype=np.int64)
 
                 def text(index: int, columns=columns) -> str:
-                    return json.dumps({name: column[index].as_py() for name, column in columns.items()})
+                    values = {name: column[index].as_py() for name, column in columns.items()}
+                    return json.dumps(values, ensure_ascii=False, default=lambda raw: raw.decode("utf-8", "replace"))
 
                 progress = size * (start + batch.num_rows) // max(rows, 1) - size * start // max(rows, 1)
                 yield _Block(str(path), columns, records, records + 1, text, progress, start + batch.num_rows)
