@@ -170,6 +170,19 @@ def test_dense_transforms_match_numpy(rows, csv_dataset):
     assert [vocab[i - 2] for i in table["age"]] == buckets
 
 
+@pytest.mark.parametrize("method", ["permutation", "sequential"])
+def test_standardize_statistics_come_from_the_training_rows_of_count_based_splits(tmp_path, rows, method):
+    write_delimited(tmp_path / "logs.csv", rows, ",")
+    options = spec(dense=[DenseColumn("score", transform="standardize")], time=None)
+    _, dataset = run_table(tmp_path, [tmp_path / "logs.csv"], method, options, split=SplitConfig(method=method, seed=3))
+    train = read_split(dataset, "train").to_pydict()
+    scores = np.array([rows[i]["score"] for i in train["row_id"]])
+    if method == "sequential":
+        assert train["row_id"] == list(range(int(0.8 * len(rows))))
+    expected = (scores - scores.mean()) / scores.std()
+    np.testing.assert_allclose(train["score"], expected.astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
 def test_clip_none_and_hash_ids(tmp_path, rows):
     write_delimited(tmp_path / "logs.csv", rows, ",")
     options = spec(dense=[DenseColumn("score", transform="clip", min=-10, max=40), DenseColumn("price")], time=None)
