@@ -463,3 +463,7 @@ def test_a_model_trains_on_ml100k_with_genres(tmp_path, ml100k_folder):
     record = json.loads((out / "train.json").read_text())
     assert 0.6 < record["test"]["auc"] < 1
     assert record["parameters"]["embedding"] >= sum(f.num_embeddings for f in schema.sparse) * 16
+    # score reads raw MovieLens logs for this schema with its genres (the converter options prepare used)
+    from recsys_kd.export.score import _open_raw
+
+    assert _open_raw(schema, ml100k_folder).info.sparse == schema.sparse_names
