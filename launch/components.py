@@ -2,6 +2,7 @@
 
 Components: ``train``, ``infer``, ``distill``, ``compress``, ``prepare``, ``synthesize``, ``pipeline``. Each returns an ``AppDef`` built by ``torchx.components.dist.ddp``: one role whose
 replicas (nodes) each run ``torchrun ... -m recsys_kd.cli <stage> --config X.yaml [key.sub=value ...]``.
+Every stage but ``synthesize`` runs on N ranks (``-j NxM``).
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, which ``recsys_kd.distributed`` reads.
 
     torchx run -s local_cwd launch/components.py:train -j 1x2 --config configs/movielens.yaml train.epochs=1
@@ -33,6 +34,7 @@ def train(
     name: str = "recsys-kd/train",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -52,7 +54,8 @@ def train(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -65,8 +68,8 @@ def train(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "train", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "train", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -79,6 +82,7 @@ def infer(
     name: str = "recsys-kd/infer",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -98,7 +102,8 @@ def infer(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -109,8 +114,8 @@ def infer(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "infer", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "infer", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -123,6 +128,7 @@ def distill(
     name: str = "recsys-kd/distill",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -142,7 +148,8 @@ def distill(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -153,8 +160,8 @@ def distill(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "distill", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "distill", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -167,6 +174,7 @@ def compress(
     name: str = "recsys-kd/compress",
     cpu: int = 2,
     gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
@@ -186,7 +194,8 @@ def compress(
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
         cpu: CPUs per node (replica)
-        gpu: GPUs per node (replica); with GPUs nproc_per_node should equal this and NCCL is used
+        gpu: GPUs per node (replica); with GPUs it must equal nproc_per_node (one process per GPU)
+        device: cpu or cuda; cuda needs --gpu equal to nproc_per_node (the stage then uses NCCL)
         memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: environment variables ``K1=v1,K2=v2``; OMP_NUM_THREADS defaults to 1 per process
@@ -197,8 +206,8 @@ def compress(
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "compress", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        "compress", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port, mounts=mounts,
     )
 
@@ -206,6 +215,7 @@ def compress(
 def prepare(
     *overrides: str,
     config: str,
+    j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "recsys-kd/prepare",
     cpu: int = 2,
@@ -213,25 +223,35 @@ def prepare(
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
-    """Converts raw logs to a Parquet dataset (``recsys-kd prepare``): one process on one node.
+    """Converts raw logs to a Parquet dataset (``recsys-kd prepare``) on nnodes x nproc_per_node
+    processes: input files and byte ranges of plain files are dealt to the ranks, and the dataset is
+    the one a single process writes (row_ids, ids, splits, quarantine). The output must be on storage
+    every node sees.
 
     Args:
         overrides: recipe overrides ``key.sub=value`` (e.g. ``prepare.output=runs/x/data``)
         config: recipe YAML, relative to the job's working directory (e.g. configs/movielens.yaml)
+        j: {nnodes}x{nproc_per_node}, e.g. 1x1 (one process), 1x4 or 8x2
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
-        cpu: CPUs for the process; OMP_NUM_THREADS defaults to this
-        memMB: memory in MB
+        cpu: CPUs per node (replica); OMP_NUM_THREADS defaults to this over nproc_per_node
+        memMB: memory per node (replica) in MB
         h: a registered named resource (overrides cpu and memMB)
         env: environment variables ``K1=v1,K2=v2``
-        max_retries: scheduler retries after a failure (prepare writes its outputs atomically)
+        max_retries: scheduler retries after a failure (prepare writes its outputs atomically; a
+            retry starts over)
+        rdzv_backend: torchrun rendezvous backend; keep c10d (the only one reliable with torchx)
+        rdzv_port: port of the c10d store on the first node (multi-node jobs only)
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "prepare", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, threads=cpu, mounts=mounts,
+        "prepare", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, rdzv_backend=rdzv_backend, rdzv_port=rdzv_port,
+        threads=_threads_per_process(cpu, j), mounts=mounts,
     )
 
 
@@ -269,39 +289,56 @@ def synthesize(
 def pipeline(
     *overrides: str,
     config: str,
+    j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "recsys-kd/pipeline",
     cpu: int = 2,
+    gpu: int = 0,
+    device: str = "cpu",
     memMB: int = 8192,
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
-    """Runs every available stage of a recipe in order (synthesize, prepare, read back, train),
-    skipping finished ones (``recsys-kd pipeline``): one process on one node, because its data
-    stages are not rank-aware; to train on several processes run the ``prepare`` and ``train``
-    components instead.
+    """Runs every available stage of a recipe in order, skipping finished ones (``recsys-kd
+    pipeline``), on nnodes x nproc_per_node processes: every stage on every rank with its share of
+    the work, except synthesize and export (one file, one artifact per model), which rank 0 runs
+    while the others wait. Outputs must be on storage every node sees.
 
     Args:
         overrides: recipe overrides ``key.sub=value``
         config: recipe YAML (e.g. configs/movielens.yaml)
+        j: {nnodes}x{nproc_per_node}, e.g. 1x1 (one process), 1x2 or 2x1
         image: container image with the project installed (Kubernetes); local_cwd ignores it
         name: job name, ``{experiment}/{run}``
-        cpu: CPUs for the process; OMP_NUM_THREADS defaults to this
-        memMB: memory in MB
-        h: a registered named resource (overrides cpu and memMB)
+        cpu: CPUs per node (replica); OMP_NUM_THREADS defaults to this over nproc_per_node
+        gpu: GPUs per node (replica); with --device cuda it must equal nproc_per_node
+        device: cpu or cuda; cuda needs --gpu equal to the processes per node (NCCL)
+        memMB: memory per node (replica) in MB
+        h: a registered named resource (overrides cpu, gpu and memMB)
         env: environment variables ``K1=v1,K2=v2``
         max_retries: scheduler retries after a failure; finished stages are skipped on the retry
             and an unfinished train resumes from its last checkpoint
-        max_restarts: torchrun restarts of the process after it fails (every scheduler, local included)
+        max_restarts: torchrun restarts of the workers after one fails (every scheduler, local included)
+        rdzv_backend: torchrun rendezvous backend; keep c10d (the only one reliable with torchx)
+        rdzv_port: port of the c10d store on the first node (multi-node jobs only)
         mounts: volume/bind mounts (Kubernetes, docker), ``type=bind,src=/host,dst=/job[,readonly]``
     """
     return _stage_app(
-        "pipeline", config, overrides, j="1x1", image=image, name=name, cpu=cpu, gpu=0, memMB=memMB, h=h,
-        env=env, max_retries=max_retries, max_restarts=max_restarts, threads=cpu, mounts=mounts,
+        "pipeline", config, overrides, j=j, image=image, name=name, cpu=cpu, gpu=gpu, device=device, memMB=memMB,
+        h=h, env=env, max_retries=max_retries, max_restarts=max_restarts, rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port, threads=_threads_per_process(cpu, j), mounts=mounts,
     )
+
+
+def _threads_per_process(cpu: int, j: str) -> int:
+    """The node's CPUs shared by its processes (``j`` = {nnodes}x{nproc_per_node})."""
+    processes = int(j.split("x")[-1]) if "x" in j else 1
+    return max(1, cpu // max(1, processes))
 
 
 def _stage_app(
@@ -316,6 +353,7 @@ def _stage_app(
     gpu: int,
     memMB: int,
     h: Optional[str],
+    device: str = "cpu",
     env: Optional[Dict[str, str]],
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -330,6 +368,7 @@ def _stage_app(
         raise ValueError(f"{stage}: overrides must be key.sub=value, got {bad}")
     if max_retries < 0 or max_restarts < 0:
         raise ValueError(f"{stage}: max_retries and max_restarts must be >= 0")
+    _check_gpus(stage, j, gpu, device, named_resource=h is not None)
     env = dict(env or {})
     env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     env.setdefault("PYTHONUNBUFFERED", "1")  # a killed rank's last lines still reach the log
@@ -349,3 +388,17 @@ def _stage_app(
         assert command.startswith("torchrun "), command
         role.args[-1] = f"torchrun --max_restarts {max_restarts} " + command[len("torchrun "):]
     return app
+
+
+def _check_gpus(stage: str, j: str, gpu: int, device: str, named_resource: bool) -> None:
+    """One process per GPU: on cuda, the GPUs per node must equal the processes per node; without
+    this, ``-j 2x8`` and no ``--gpu`` gets nodes without GPUs and trains on their CPUs."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{stage}: --device must be cpu or cuda, got {device!r}")
+    nproc = int(j.rpartition("x")[2]) if "x" in j else None
+    if named_resource:
+        return  # the named resource sets the GPUs; torchx checks nproc against it
+    if device == "cuda" and gpu != nproc:
+        raise ValueError(f"{stage}: --device cuda runs one process per GPU: -j {j} needs --gpu {nproc}, got --gpu {gpu}")
+    if gpu and gpu != nproc:
+        raise ValueError(f"{stage}: --gpu {gpu} with {nproc} processes per node (-j {j}): give one GPU per process")

@@ -13,14 +13,18 @@ from recsys_kd.config import ConfigError
 from recsys_kd.data.quarantine import TooManyBadRows
 from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
+from recsys_kd.distributed import PeerFailed
 from recsys_kd.export.artifact import ArtifactError, ParityError
 from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
+from recsys_kd.stack import StackError, check_stack
 from recsys_kd.train.checkpoint import CheckpointError
+from recsys_kd.train.plan import PlanError
 from recsys_kd.warnings_filter import silence_third_party_warnings
 
-# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full)
+# OSError: the files, disks and network around a run (not found, exists, permission, read-only, full);
+# PeerFailed: another rank's error, which that rank reports in full
 USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               InputError, OSError)
+               InputError, PlanError, StackError, OSError, PeerFailed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,6 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     silence_third_party_warnings()
     try:
+        check_stack()  # a mismatched torch/FBGEMM/TorchRec or a CPU build on a GPU machine: one line, before any work
         return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("RECSYS_KD_TRACEBACK"):
@@ -62,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("pipeline", "run every available stage from one recipe, skipping finished ones", _pipeline)
     _add_score(commands)
     _add_serve(commands)
+    _add_plan(commands)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
     inspect.set_defaults(handler=_inspect)
@@ -90,6 +96,8 @@ def _prepare(args) -> int:
 
     recipe = _recipe(args)
     record = prepare(recipe.prepare)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(format_table(_split_rows(record)))
     if record["quarantined_total"]:
         print(f"quarantined {record['quarantined_total']} rows: {record['quarantined']} "
@@ -233,6 +241,8 @@ def _score(args) -> int:
         torch.set_num_threads(args.threads)
     record = score_dataset(args.artifact, args.input, args.output, split=args.split, batch_size=args.batch_size,
                            vocab_dir=args.vocab, overwrite=args.overwrite, progress=args.progress, verify=args.verify)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     metrics = record["metrics"] or {}
     print(format_table([{
         "model": record["model"], "split": record["split"], "rows": record["rows"],
@@ -303,11 +313,64 @@ def _serve(args) -> int:
     return 0
 
 
+def _add_plan(commands) -> None:
+    help = ("plan the recipe's model for a cluster with torchrec's planner, on the meta device at full table size: "
+            "the plan, memory per rank, all-to-all bytes per step; one error line when it does not fit")
+    command = commands.add_parser("plan", help=help, description=help)
+    command.add_argument("--config", "-c", type=Path, help="recipe YAML (its model, optimizer and sharding)")
+    command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    command.add_argument("--world-size", type=int, required=True, help="ranks in the cluster")
+    command.add_argument("--local-world-size", type=int, help="ranks per host (default: LOCAL_WORLD_SIZE, the GPUs "
+                                                              "here, else world size)")
+    command.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    command.add_argument("--hbm-gb", type=float, help="GiB of memory per GPU (default: this machine's GPU)")
+    command.add_argument("--host-memory-gb", type=float, help="GiB of memory per host (default: this machine's)")
+    command.add_argument("--batch-size", type=int, help="rows per rank per step (default: the recipe's reader.batch_size)")
+    command.add_argument("--sizes", type=Path, help="size file (configs/sizes/*.yaml); default: the schema of the "
+                                                    "recipe's prepared dataset (prepare.output)")
+    command.add_argument("--stage", choices=("train", "distill", "finetune"), default="train",
+                         help="whose model to plan (default: train)")
+    command.add_argument("--torchrec-stats", action="store_true",
+                         help="print torchrec's own planner statistics table first (its dry-run report)")
+    command.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    import torch
+
+    from recsys_kd.data.schema import Schema
+    from recsys_kd.train.plan import GIB, load_sizes, plan_cluster, plan_rows
+    from recsys_kd.train.sharding import machine_topology
+
+    recipe = _recipe(args)
+    config = getattr(recipe, args.stage)
+    if config is None:
+        raise ConfigError(f"{args.config}: no {args.stage!r} section")
+    schema = load_sizes(args.sizes) if args.sizes else Schema.load(Path(recipe.prepare.output))
+    gib = lambda value: None if value is None else int(value * GIB)
+    try:
+        topology = machine_topology(
+            args.world_size, torch.device(args.device), args.batch_size or recipe.reader.batch_size,
+            local_world_size=args.local_world_size, hbm_bytes=gib(args.hbm_gb), host_memory_bytes=gib(args.host_memory_gb),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    plan = plan_cluster(schema, config, topology, torchrec_stats=args.torchrec_stats)
+    rows = plan_rows(plan)
+    print(plan.headline(schema.name))
+    print(format_table(rows["tables"]))
+    print(format_table(rows["ranks"]))
+    print("\n".join(plan.summary()))
+    return 0
+
+
 def _pipeline(args) -> int:
     from recsys_kd.pipeline import artifact_rows, model_rows, run_pipeline, summary_rows
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     for name, stage in record["stages"].items():
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")

@@ -7,6 +7,13 @@ artifact -> score the test split with each artifact alone.
 
 Each stage writes a JSON record; the pipeline's own record (``<run_dir>/pipeline.json``) collects
 them with the result table.
+
+On N ranks (``torchrun --nproc_per_node N -m recsys_kd.cli pipeline ...``, or the torchx component)
+every stage runs on every rank with its share of the work (prepare, read back, train, infer,
+distill, compress, score), except two made by one process by design: ``synthesize`` (one file of
+demo logs) and ``export`` (one artifact per model), which rank 0 runs while the others wait for its
+verdict. Whether a stage is skipped is rank 0's decision, shared, so the ranks always agree; rank 0
+writes ``pipeline.json``.
 """
 
 from __future__ import annotations
@@ -15,13 +22,14 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from recsys_kd.config import to_dict
 from recsys_kd.data.prepare import PrepareConfig, describe_inputs, open_source, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import write_criteo_tsv
+from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome, launched_context
 from recsys_kd.io import atomic_write_json
 from recsys_kd.recipe import Recipe, SynthesizeConfig
 from recsys_kd.runs import COMPRESS_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput, export_record
@@ -31,13 +39,17 @@ _RUNTIME_KEYS = ("progress", "overwrite", "verify_checkpoints")
 
 
 def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
+    """Runs every stage of ``recipe`` on this process's rank (or alone); returns the record, which
+    rank 0 writes as ``<run_dir>/pipeline.json``."""
     started = time.time()
+    ranks = launched_context(recipe.train.backend)
     run_dir = Path(recipe.run_dir)
     stages: Dict[str, Any] = {}
     if recipe.synthesize is not None:
-        stages["synthesize"] = synthesize(recipe.synthesize, progress=recipe.prepare.progress)
+        stages["synthesize"] = from_rank(0, lambda: synthesize(recipe.synthesize, progress=recipe.prepare.progress))
     stages["prepare"] = prepare_if_needed(recipe.prepare)
-    stages["read_back"] = read_back(Path(recipe.prepare.output), recipe.reader, progress=recipe.prepare.progress)
+    stages["read_back"] = read_back(Path(recipe.prepare.output), recipe.reader, progress=recipe.prepare.progress,
+                                    ranks=ranks)
     stages["train"] = train_if_needed(recipe)
     if recipe.infer.teachers:
         stages["infer"] = infer_stage(recipe)
@@ -45,10 +57,10 @@ def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
         stages.update(distill_if_needed(recipe))
     if recipe.compress is not None:
         stages["compress"] = compress_if_needed(recipe)
-    stages["export"] = export_all(recipe)
+    stages["export"] = from_rank(0, lambda: export_all(recipe))  # one artifact per model: one process
     stages["score"] = score_all(recipe, stages["export"])
-    record = {"stages": stages, "seconds": round(time.time() - started, 3)}
-    atomic_write_json(run_dir / "pipeline.json", record)
+    record = {"stages": stages, "world_size": ranks.world_size, "seconds": round(time.time() - started, 3)}
+    from_rank(0, lambda: atomic_write_json(run_dir / "pipeline.json", record))
     return record
 
 
@@ -71,15 +83,23 @@ def synthesize(config: SynthesizeConfig, progress: bool = True) -> Dict[str, Any
 
 def prepare_if_needed(config: PrepareConfig) -> Dict[str, Any]:
     """Runs ``prepare`` unless its output holds a record of the same config over the same inputs."""
+    previous = from_rank(0, lambda: _prepared(config))
+    if previous is not None:
+        return {**previous, "skipped": True}
+    config.overwrite = True
+    return {**prepare(config), "skipped": False}
+
+
+def _prepared(config: PrepareConfig) -> Optional[Dict[str, Any]]:
+    """The record of an earlier prepare of the same config over the same inputs, or None."""
     record_path = Path(config.output) / PREPARE_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         same_config = _stable(previous.get("config", {})) == _stable(to_dict(config))
         same_inputs = previous.get("inputs") == describe_inputs(open_source(config).info.inputs)
         if same_config and same_inputs:
-            return {**previous, "skipped": True}
-    config.overwrite = True
-    return {**prepare(config), "skipped": False}
+            return previous
+    return None
 
 
 def train_if_needed(recipe: Recipe) -> Dict[str, Any]:
@@ -117,14 +137,23 @@ def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
 
     config = resolve_compress(recipe)
     config.progress = recipe.train.progress
+    previous = from_rank(0, lambda: _compressed(config))
+    if previous is not None:
+        return {**previous, "skipped": True}
+    return {**compress(config, recipe.reader), "skipped": False}
+
+
+def _compressed(config) -> Optional[Dict[str, Any]]:
+    """The record of an earlier compression of the same config, or None (a run of another config is
+    removed)."""
     output = Path(config.output)
     record_path = output / COMPRESS_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
         if _stable(previous.get("config", {})) == _stable(to_dict(config)):
-            return {**previous, "skipped": True}
+            return previous
         shutil.rmtree(output)
-    return {**compress(config, recipe.reader), "skipped": False}
+    return None
 
 
 def resolve_compress(recipe: Recipe):
@@ -182,9 +211,9 @@ def score_all(recipe: Recipe, exported: Dict[str, Any]) -> Dict[str, Any]:
     for role, record in exported.items():
         artifact = Path(record["artifact"])
         output = Path(recipe.run_dir) / "scores" / artifact.stem
-        previous = output / SCORE_RECORD
-        if previous.exists() and previous.stat().st_mtime >= artifact.stat().st_mtime:
-            scored[role] = {**json.loads(previous.read_text()), "skipped": True}
+        previous = from_rank(0, lambda: _scored(artifact, output))
+        if previous is not None:
+            scored[role] = {**previous, "skipped": True}
             continue
         result = score_dataset(artifact, recipe.prepare.output, output, split="test", overwrite=True,
                                progress=recipe.train.progress)
@@ -192,36 +221,63 @@ def score_all(recipe: Recipe, exported: Dict[str, Any]) -> Dict[str, Any]:
     return scored
 
 
+def _scored(artifact: Path, output: Path) -> Optional[Dict[str, Any]]:
+    """The record of an earlier score of this artifact (unchanged since), or None."""
+    previous = output / SCORE_RECORD
+    if previous.exists() and previous.stat().st_mtime >= artifact.stat().st_mtime:
+        return json.loads(previous.read_text())
+    return None
+
+
 def _train_config_if_needed(config, recipe: Recipe, stage=None) -> Dict[str, Any]:
     """Runs ``stage`` (the trainer, or the distill stage) unless ``config.output`` holds a finished
     record of the same config and reader."""
     from recsys_kd.train.trainer import train
 
-    record_path = Path(config.output) / TRAIN_RECORD
-    if record_path.exists():
-        previous = json.loads(record_path.read_text())
-        if _stable(previous.get("config", {})) == _stable(to_dict(config)) and previous.get("reader") == to_dict(recipe.reader):
-            return {**previous, "skipped": True}
+    def finished() -> Optional[Dict[str, Any]]:
+        record_path = Path(config.output) / TRAIN_RECORD
+        if record_path.exists():
+            previous = json.loads(record_path.read_text())
+            if _stable(previous.get("config", {})) == _stable(to_dict(config)) and previous.get("reader") == to_dict(recipe.reader):
+                return previous
+        return None
+
+    previous = from_rank(0, finished)
+    if previous is not None:
+        return {**previous, "skipped": True}
     return {**(stage or train)(config, Path(recipe.prepare.output), recipe.reader), "skipped": False}
 
 
-def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True) -> Dict[str, Any]:
-    """Streams every split once through the reader; checks the row counts against the schema."""
+def read_back(dataset: Path, reader_config: ReaderConfig, progress: bool = True,
+              ranks: Optional[DistributedContext] = None) -> Dict[str, Any]:
+    """Streams every split once through the reader, each rank its share; checks the rows all ranks
+    read against the schema."""
+    rank, world_size = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
+
+    def read() -> Dict[str, Any]:
+        schema = Schema.load(dataset)
+        result: Dict[str, Any] = {}
+        for split in schema.splits:
+            reader = ParquetReader(dataset, split, reader_config, rank=rank, world_size=world_size)
+            started = time.time()
+            rows = positives = 0
+            for batch in reader:
+                rows += batch.batch_size
+                positives += int(batch.labels.sum().item())
+            result[split] = {"rows": rows, "positives": positives, "seconds": time.time() - started}
+        return result
+
+    per_rank = gather_outcome(read)
     schema = Schema.load(dataset)
     result: Dict[str, Any] = {}
     for split, info in schema.splits.items():
-        reader = ParquetReader(dataset, split, reader_config, rank=0, world_size=1)
-        started = time.time()
-        rows = positives = 0
-        for batch in reader:
-            rows += batch.batch_size
-            positives += int(batch.labels.sum().item())
-        seconds = time.time() - started
+        rows = sum(r[split]["rows"] for r in per_rank)
+        seconds = max(r[split]["seconds"] for r in per_rank)
         if rows != info.rows:
             raise RuntimeError(f"read back {dataset}/{split}: read {rows} rows, schema says {info.rows}")
         result[split] = {
             "rows": rows,
-            "positives": positives,
+            "positives": sum(r[split]["positives"] for r in per_rank),
             "seconds": round(seconds, 3),
             "rows_per_second": round(rows / max(seconds, 1e-9), 1),
         }

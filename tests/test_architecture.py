@@ -4,7 +4,7 @@ written reason, and nothing the project ships cites files outside the repository
 Layers, lowest first; a module may import from its own layer or lower ones, never higher, not even
 inside a function:
 
-    io, config, distributed, runs, memory, warnings_filter  <-  data  <-  models  <-  train
+    io, config, distributed, runs, memory, warnings_filter, stack  <-  data  <-  models  <-  train
         <-  {distill, compress, export}  <-  {recipe, pipeline}  <-  cli
 """
 
@@ -16,7 +16,7 @@ from typing import Dict, List, Set
 PROJECT = Path(__file__).resolve().parents[1]
 PACKAGE = PROJECT / "recsys_kd"
 LAYERS = [
-    {"io", "config", "distributed", "runs", "memory", "warnings_filter"},
+    {"io", "config", "distributed", "runs", "memory", "warnings_filter", "stack"},
     {"data"},
     {"models"},
     {"train"},

@@ -85,6 +85,16 @@ def test_overrides_must_be_key_value() -> None:
         components.train("--max_steps=3", config=CONFIG)
 
 
+@pytest.mark.parametrize("name", ["prepare", "pipeline"])
+def test_data_stages_run_on_n_ranks_when_asked(name: str) -> None:
+    app = getattr(components, name)("prepare.output=runs/x/data", config=CONFIG, j="2x3", cpu=6)
+    role = app.roles[0]
+    assert role.name == name and role.num_replicas == 2 and role.env["OMP_NUM_THREADS"] == "2"
+    command = torchrun_command(app)
+    assert option(command, "--nnodes") == "2" and option(command, "--nproc_per_node") == "3"
+    assert stage_args(command) == [name, "--config", CONFIG, "prepare.output=runs/x/data"]
+
+
 @pytest.mark.parametrize("name", ["prepare", "pipeline", "synthesize"])
 def test_single_process_stages(name: str) -> None:
     app = getattr(components, name)("prepare.output=runs/x/data", config=CONFIG, cpu=4)
@@ -250,3 +260,68 @@ def test_torchx_max_restarts_resumes_after_a_rank_dies(tmp_path: Path, movielens
     assert "resumed from" in output and "exitcode: -9" in output, output[-6000:]
     record = json.loads((out / "train.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 80
+
+
+def test_torchxconfig_scheduler_sections_are_valid() -> None:
+    """The slurm and kubernetes sections are live (not commented out) and hold only options the
+    schedulers accept, with values of the right type."""
+    from torchx.runner.config import apply
+    from torchx.schedulers import get_scheduler_factories
+
+    factories = get_scheduler_factories()
+    for scheduler, required in (("slurm", {"partition", "time"}), ("kubernetes", {"queue", "namespace"})):
+        cfg: dict = {}
+        apply(scheduler=scheduler, cfg=cfg, dirs=[str(PROJECT)])
+        assert required <= set(cfg), (scheduler, cfg)
+        options = factories[scheduler]("recsys-kd").run_opts()
+        assert set(cfg) <= set(options._opts), (scheduler, set(cfg) - set(options._opts))
+        options.resolve(cfg)  # raises on a wrong type or a missing required option
+
+
+@pytest.mark.parametrize("name", ["train", "infer", "distill", "compress"])
+def test_cuda_needs_one_gpu_per_process(name: str) -> None:
+    component = getattr(components, name)
+    with pytest.raises(ValueError, match=r"--device cuda runs one process per GPU: -j 2x8 needs --gpu 8, got --gpu 0"):
+        component(config=CONFIG, j="2x8", device="cuda")
+    with pytest.raises(ValueError, match=r"--gpu 4 with 8 processes per node"):
+        component(config=CONFIG, j="2x8", gpu=4)
+    app = component(config=CONFIG, j="2x8", gpu=8, device="cuda")
+    assert app.roles[0].resource.gpu == 8 and option(torchrun_command(app), "--nproc_per_node") == "8"
+
+
+def test_cuda_check_on_the_torchx_command_line() -> None:
+    with pytest.raises(ValueError, match="needs --gpu 8"):
+        materialize_appdef(components.train, ["-j", "2x8", "--device", "cuda", "--config", CONFIG])
+    app = materialize_appdef(components.train, ["-j", "2x8", "--device", "cuda", "--gpu", "8", "--config", CONFIG])
+    assert app.roles[0].resource.gpu == 8
+
+
+def test_pipeline_takes_a_gpu() -> None:
+    app = components.pipeline(config=CONFIG, gpu=1, device="cuda")
+    assert app.roles[0].resource.gpu == 1
+    assert components.pipeline(config=CONFIG).roles[0].resource.gpu == 0
+    with pytest.raises(ValueError, match="needs --gpu 1"):
+        components.pipeline(config=CONFIG, device="cuda")
+
+
+
+def _commands(path: Path, prefix: str) -> List[List[str]]:
+    """The shell commands in ``path`` starting with ``prefix`` (after indentation), continuation lines
+    joined, comments dropped."""
+    text = path.read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip().split("  #")[0]) for line in text.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_readme_and_launch_doc_gpu_commands_are_exact() -> None:
+    """The torchx and plan commands of the README and docs/launch.md parse as written: the component
+    accepts its arguments (GPU check included), the CLI its options."""
+    launches = _commands(PROJECT / "README.md", "torchx run -s slurm") + [
+        command for command in _commands(PROJECT / "docs" / "launch.md", "torchx run -s") if "--gpu" in command]
+    assert len(launches) == 3  # README's Slurm, the doc's Slurm and Kubernetes
+    for launch in launches:
+        component = next(i for i, word in enumerate(launch) if word.startswith("launch/components.py:"))
+        app = materialize_appdef(components.train, launch[component + 1:])
+        assert app.roles[0].resource.gpu == 8, launch
+    (plan,) = _commands(PROJECT / "README.md", ".venv/bin/recsys-kd plan")
+    parsed = cli._parser().parse_args(plan[1:])
+    assert parsed.command == "plan" and parsed.world_size == 64 and parsed.sizes.exists()

@@ -62,3 +62,64 @@ def test_tiny_pipeline_runs_every_stage_and_the_artifacts_agree(tmp_path):
         assert again[name]["skipped"], name
     assert all(entry["skipped"] for entry in again["export"].values())
     assert all(entry["skipped"] for entry in again["score"].values())
+
+
+def two_rank_recipe(root: Path) -> Path:
+    """Generated rows dealt in chunks of 1000 and a sequential split: each rank's rows of each split
+    are whole row groups of 200, so a 2-rank dataset has the 1-process row groups, and 2 ranks with
+    per-rank batches of 200 read the 1-process batches of 400 (the same training, within float
+    rounding)."""
+    quick = {"epochs": 1, "max_steps": 6, "progress": False, "eval_batch_size": 2048,
+             "sharding": {"type": "table_wise"}}  # the planner's choice depends on the world size
+    return write_recipe(root / "ranks.yaml", {
+        "run_dir": str(root / "run"),
+        "prepare": {"format": "synthetic", "output": str(root / "run" / "data"), "progress": False,
+                    "synthetic": {"rows": 4000, "seed": 3, "max_vocab": 200, "chunk_rows": 1000},
+                    "split": {"method": "sequential"}, "row_group_rows": 200},
+        "reader": {"batch_size": 400, "shuffle": False},
+        "train": {"model": {"name": "deepfm", "mlp_layers": [16], **TINY}, **quick},
+        "infer": {"teachers": [{"name": "deepfm", "train_output": str(root / "run" / "train" / "deepfm")}],
+                  "batch_size": 512},
+        "distill": {"model": {"name": "dnn", "mlp_layers": [16, 16], **TINY},
+                    "distill": {"teachers": ["deepfm"], "loss": {"hard": 0.5, "mse": 1.0}}, **quick},
+        "compress": {"methods": ["afm"], "batch_size": 1000, "steps": [{"what": "mlp", "ranks": {1: 4}}],
+                     "finetune": {"epochs": 1}},
+    })
+
+
+@pytest.mark.slow  # ~60 s on the shared 2-core machine: two whole pipelines
+@pytest.mark.multiprocess
+def test_a_two_rank_pipeline_ends_with_the_one_process_tables(tmp_path):
+    import json
+
+    from recsys_kd.runs import PREPARE_RECORD
+    from tests.helpers import read_all
+    from tests.trainrun import run_stage
+
+    one_root, two_root = tmp_path / "one", tmp_path / "two"
+    one_root.mkdir()
+    two_root.mkdir()
+    one = run_pipeline(load_recipe(two_rank_recipe(one_root)))
+    assert run_stage("pipeline", two_rank_recipe(two_root), 2, ["reader.batch_size=200"], timeout=600) == [0, 0]
+    two = json.loads((two_root / "run" / "pipeline.json").read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert set(two["stages"]) == set(one["stages"])
+    prepared = json.loads((two_root / "run" / "data" / PREPARE_RECORD).read_text())
+    assert prepared["world_size"] == 2 and all(rank["rows"] for rank in prepared["ranks"])
+    assert read_all(two_root / "run" / "data").equals(read_all(one_root / "run" / "data"))  # exact
+    assert two["stages"]["read_back"] == {
+        split: {**counts, "seconds": two["stages"]["read_back"][split]["seconds"],
+                "rows_per_second": two["stages"]["read_back"][split]["rows_per_second"]}
+        for split, counts in one["stages"]["read_back"].items()}
+    for table in (model_rows, artifact_rows):
+        rows_one, rows_two = (sorted(table(record), key=lambda row: str(row.get("artifact"))) for record in (one, two))
+        rows_one, rows_two = list(rows_one), list(rows_two)  # pipeline.json's stages are in key order
+        assert len(rows_one) == len(rows_two) > 0
+        for a, b in zip(rows_one, rows_two):
+            for key, value in a.items():
+                if key in ("test auc", "test logloss", "scored test auc"):
+                    assert b[key] == pytest.approx(value, abs=5e-5), (a["stage" if "stage" in a else "artifact"], key)
+                elif "/s" not in key and "latency" not in key and "parity" not in key and "MiB" not in key:
+                    assert b[key] == value, key
+    for role, scored in two["stages"]["score"].items():
+        assert scored["world_size"] == 2 and scored["rows"] == one["stages"]["score"][role]["rows"]

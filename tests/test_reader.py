@@ -199,9 +199,25 @@ def test_resume_mid_epoch_yields_the_remaining_batches(dataset: Path, shuffle: b
 
 
 def test_resume_requires_the_same_stream(dataset: Path) -> None:
-    state = ParquetReader(dataset, "train", ReaderConfig(batch_size=40)).state_dict()
-    with pytest.raises(ValueError, match="batch_size"):
-        ParquetReader(dataset, "train", ReaderConfig(batch_size=64)).load_state_dict(state)
+    state = ParquetReader(dataset, "train", ReaderConfig(batch_size=40, shuffle=True)).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        ParquetReader(dataset, "train", ReaderConfig(batch_size=40, shuffle=True, seed=1)).load_state_dict(state)
+
+
+def test_resume_with_another_batch_size_continues_the_same_rows(dataset: Path) -> None:
+    """A position counts rows: resumed with batches of 64 instead of 40, the reader hands out the
+    rest of the same row stream."""
+    config = ReaderConfig(batch_size=40, shuffle=True, shuffle_window_row_groups=2, seed=3)
+    expected = row_ids(list(ParquetReader(dataset, "train", config)))
+    interrupted = ParquetReader(dataset, "train", config)
+    batches = iter(interrupted)
+    for _ in range(5):
+        next(batches)
+    resumed = ParquetReader(dataset, "train", ReaderConfig(batch_size=64, shuffle=True, shuffle_window_row_groups=2, seed=3))
+    resumed.load_state_dict(interrupted.state_dict())
+    assert resumed.remaining_batches() == -(-(513 - 200) // 64)
+    rest = list(resumed)
+    assert len(rest) == -(-(513 - 200) // 64) and np.array_equal(row_ids(rest), expected[200:])
 
 
 def per_worker(batches: Sequence[Batch]) -> Dict[int, List[Batch]]:

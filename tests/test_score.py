@@ -26,6 +26,7 @@ from recsys_kd.models import ModelConfig, build_model
 from recsys_kd.train import checkpoint
 from recsys_kd.train.metrics import auc, logloss
 from tests.helpers import fake_train_output, read_split
+from tests.ranks import call_on_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,3 +199,54 @@ def test_score_cli(setup, tmp_path, capsys) -> None:
     assert "no split 'nope'" in capsys.readouterr().err
     assert main(["score", str(artifact), str(dataset), str(tmp_path / "x"), "--batch-size", "0"]) == 2
     assert "--batch-size and --threads must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_score_what_one_process_scores(setup, tmp_path) -> None:
+    dataset = tmp_path / "parts"  # the hashed dataset's features, in parts of 600 rows
+    prepare(PrepareConfig(format="criteo", inputs=[str(setup["raw"])], output=str(dataset), progress=False,
+                          ids=IdConfig(rule="hash", num_embeddings=200), split=SplitConfig(method="random", seed=1),
+                          row_group_rows=300, rows_per_part=600))
+    lines = setup["raw"].read_bytes().splitlines(keepends=True)
+    for index in (3, 1700, 2900):
+        lines[index] = b"7" + lines[index][1:]  # label 7: quarantined
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(b"".join(lines))
+    runs = {
+        "dataset": {"artifact": setup["artifacts"]["hashed"], "source": dataset, "split": "train", "batch_size": 128},
+        "raw": {"artifact": setup["artifacts"]["vocab"], "source": raw, "vocab_dir": setup["vocab"], "rows_per_part": 700},
+    }
+    assert len(Schema.load(dataset).split("train").files) >= 4
+    calls = {name: {**arguments, "out_dir": tmp_path / "two" / name, "progress": False} for name, arguments in runs.items()}
+    assert call_on_ranks("recsys_kd.export.score:score_dataset", calls, tmp_path / "ranks") == {
+        name: ["ok", "ok"] for name in runs}
+    for name, arguments in runs.items():
+        one = score_dataset(**arguments, out_dir=tmp_path / "one" / name, progress=False)
+        two = json.loads((tmp_path / "two" / name / "score.json").read_text())
+        assert one["world_size"] == 1 and two["world_size"] == 2 and all(r["rows"] > 0 for r in two["ranks"])
+        assert two["rows"] == one["rows"] == sum(r["rows"] for r in two["ranks"])
+        assert two["quarantined"] == one["quarantined"]
+        assert two["metrics"]["rows"] == one["metrics"]["rows"] and two["metrics"]["positives"] == one["metrics"]["positives"]
+        scores_one, scores_two = _scores(tmp_path / "one" / name, ""), _scores(tmp_path / "two" / name, "")
+        assert scores_two.column("row_id").equals(scores_one.column("row_id"))  # the same rows, in input order
+        if name == "dataset":  # the same batches: the same probabilities, histograms and sums
+            assert scores_two.equals(scores_one)
+            assert two["metrics"]["auc"] == one["metrics"]["auc"]
+            assert two["metrics"]["logloss"] == pytest.approx(one["metrics"]["logloss"], rel=1e-12)
+        else:  # batches cut at other rows: probabilities within float32 rounding of the batch's matmuls
+            difference = np.abs(scores_two.column(PROBABILITY).to_numpy() - scores_one.column(PROBABILITY).to_numpy())
+            assert difference.max() < 1e-6
+            assert two["metrics"]["auc"] == pytest.approx(one["metrics"]["auc"], abs=one["metrics"]["auc_max_error"])
+            assert two["metrics"]["logloss"] == pytest.approx(one["metrics"]["logloss"], rel=1e-9)
+        if name == "dataset":  # outputs mirror the input parts, whichever rank scored them
+            names = [Path(p["path"]).name for p in two["parts"]]
+            assert names == [Path(p["path"]).name for p in one["parts"]]
+            for part in one["parts"]:
+                mirrored = Path(part["path"].replace(str(tmp_path / "one"), str(tmp_path / "two")))
+                assert pq.read_table(mirrored).equals(pq.read_table(part["path"]))
+                assert pq.ParquetFile(mirrored).num_row_groups == pq.ParquetFile(part["path"]).num_row_groups
+        else:
+            assert one["quarantined"] == {"bad_label": 3}
+            assert (tmp_path / "two" / name / "quarantine.jsonl").read_bytes() == (
+                tmp_path / "one" / name / "quarantine.jsonl").read_bytes()
+        assert not [p for p in (tmp_path / "two" / name).rglob("*") if p.name.startswith(".")]

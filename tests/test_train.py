@@ -76,18 +76,19 @@ def test_train_cli_resume_and_plain_loader(movielens, capsys):
     assert auc(batch.labels.numpy(), probabilities) == pytest.approx(second["test"]["auc"], abs=1e-6)
 
 
-def test_checkpoint_from_another_world_size_is_refused(movielens, tmp_path):
+def test_checkpoint_missing_a_rank_state_is_refused(movielens, tmp_path, capsys):
+    """A checkpoint of 4 ranks (its rank_0.json says) that holds one rank's state cannot be resumed:
+    the error names the missing rank (loaded unverified: verified, the changed file is damage)."""
     source = TrainOutput(movielens / "dnn")
     step = source.latest()
-    rank_file = step / "rank_0.json"
-    state = json.loads(rank_file.read_text())
+    state = json.loads((step / "rank_0.json").read_text())
     forged = tmp_path / "checkpoints"
     import shutil
 
     shutil.copytree(source.checkpoints, forged)
     (forged / step.name / "rank_0.json").write_text(json.dumps({**state, "world_size": 4}))
-    out = tmp_path
-    code = main(["train", "-c", "configs/movielens.yaml", f"prepare.output={movielens / 'data'}", f"train.output={out}",
+    code = main(["train", "-c", "configs/movielens.yaml", f"prepare.output={movielens / 'data'}", f"train.output={tmp_path}",
                  "train.model.name=dnn", "train.model.mlp_layers=[64,32]", "train.epochs=3", "train.progress=false",
-                 "train.sharding.type=table_wise"])
+                 "train.sharding.type=table_wise", "train.verify_checkpoints=false"])
     assert code == 2
+    assert "no state for rank 1 of the 4 that wrote it (rank_1.json is missing)" in capsys.readouterr().err

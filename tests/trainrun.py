@@ -43,18 +43,48 @@ def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = 
     ``fault``: ``point=rank:index`` kills that rank there (tests/faults/__main__.py). Returns the exit codes in
     rank order."""
     port = free_port()
+    entry = ["tests.faults", fault] if fault else ["recsys_kd.cli"]
+    command = [sys.executable, "-m", *entry, stage, "--config", str(config), *overrides]
+    processes = [subprocess.Popen(command, env=_rank_env(rank, world_size, port), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) for rank in range(world_size)]
+    codes = _wait(processes, timeout)
+    if any(codes) and not fault:
+        for rank, p in enumerate(processes):
+            print(f"--- rank {rank} exit {p.returncode}\n" + p.stdout.read().decode(errors="replace")[-4000:])
+    return codes
+
+
+def run_train_jobs(jobs: Path, world_size: int, timeout: float = 240) -> List[int]:
+    """``python -m tests.train_jobs JOBS`` (several train runs, some stopped) on ``world_size``
+    processes, each writing its output to ``JOBS.rank<r>.log`` (a pipe nobody reads during many runs
+    could fill up); the exit codes in rank order."""
+    port = free_port()
+    logs = [Path(jobs).with_suffix(f".rank{rank}.log") for rank in range(world_size)]
     processes = []
-    for rank in range(world_size):
-        process_env = {
-            **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            # tests.faults is importable wherever pytest was started from
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
-        }
-        entry = ["tests.faults", fault] if fault else ["recsys_kd.cli"]
-        command = [sys.executable, "-m", *entry, stage, "--config", str(config), *overrides]
-        processes.append(subprocess.Popen(command, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for rank, log in enumerate(logs):
+        with open(log, "wb") as output:
+            processes.append(subprocess.Popen([sys.executable, "-m", "tests.train_jobs", str(jobs)],
+                                              env=_rank_env(rank, world_size, port), stdout=output, stderr=subprocess.STDOUT))
+    codes = _wait(processes, timeout)
+    if any(codes):
+        for rank, log in enumerate(logs):
+            print(f"--- rank {rank} exit {codes[rank]}\n" + log.read_text(errors="replace")[-4000:])
+    return codes
+
+
+def _rank_env(rank: int, world_size: int, port: int) -> Dict[str, str]:
+    """The environment torchrun gives rank ``rank``, one intra-op thread each."""
+    return {
+        **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        # tests.* is importable wherever pytest was started from
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def _wait(processes: List[subprocess.Popen], timeout: float) -> List[int]:
+    """Waits for every process; when one fails (or the time is up), kills the others, as torchrun does."""
     deadline = time.time() + timeout
     while any(p.poll() is None for p in processes):
         if any(p.poll() not in (None, 0) for p in processes) or time.time() > deadline:
@@ -62,11 +92,7 @@ def run_stage(stage: str, config: Path, world_size: int, overrides: List[str] = 
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.1)
-    codes = [p.returncode for p in processes]
-    if any(codes) and not fault:
-        for rank, p in enumerate(processes):
-            print(f"--- rank {rank} exit {p.returncode}\n" + p.stdout.read().decode(errors="replace")[-4000:])
-    return codes
+    return [p.returncode for p in processes]
 
 
 def train_on_synthetic(root: Path, models: Dict[str, Dict], rows: int, seed: int, max_steps: int) -> Path:

@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--peers", help="print the peer figures of this split beside ours (tools/peers.py)")
+    parser.add_argument("--tag", default="", help="a variant's name: its runs go under compare/<tag>/, apart from "
+                        "the runs of other overrides")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     args = parser.parse_args()
     from peers import peer
@@ -46,7 +48,7 @@ def main() -> None:
         for seed in args.seeds:
             recipe = load_recipe(args.config, [*args.overrides, f"train.model.name={name}", f"train.seed={seed}",
                                                "train.progress=false"])
-            output = Path(recipe.run_dir) / "compare" / name / f"seed_{seed}"
+            output = Path(recipe.run_dir) / "compare" / args.tag / name / f"seed_{seed}"
             record_path = output / TRAIN_RECORD
             if record_path.exists():
                 record = json.loads(record_path.read_text())
@@ -54,12 +56,14 @@ def main() -> None:
                 recipe.train.output = str(output)
                 record = train(recipe.train, Path(recipe.prepare.output), recipe.reader)
             results.append(record)
-            print(f"{name} seed {seed}: test auc {record['test']['auc']:.4f} logloss {record['test']['logloss']:.4f}",
+            print(f"{name} seed {seed}: valid auc {record['best_valid']:.4f} test auc {record['test']['auc']:.4f} logloss {record['test']['logloss']:.4f}",
                   flush=True)
+        valid = [r["best_valid"] for r in results]
         aucs = [r["test"]["auc"] for r in results]
         losses = [r["test"]["logloss"] for r in results]
         rows.append({
             "model": name,
+            "valid AUC mean": f"{statistics.mean(valid):.5f}",
             "test AUC mean ± std": f"{statistics.mean(aucs):.4f} ± {statistics.stdev(aucs) if len(aucs) > 1 else 0.0:.4f}",
             "min-max": f"{min(aucs):.4f}-{max(aucs):.4f}",
             **({"peer test AUC": peer(args.peers, name)} if args.peers else {}),

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,8 +39,9 @@ import pyarrow.compute as pc
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, one_line, read_delimited
-from recsys_kd.data.source import DAY, LABEL, InputError, SourceChunk, SourceInfo
+from recsys_kd.data.rawtext import RawBlock, one_line, read_delimited, section_blocks
+from recsys_kd.data.sections import DealtFiles
+from recsys_kd.data.source import DAY, LABEL, InputError, Section, SourceChunk, SourceInfo
 
 HEADER = (
     "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
@@ -123,7 +124,7 @@ def has_header(path: Path) -> bool:
     return first_line.startswith(HEADER_PREFIX)
 
 
-class AvazuSource:
+class AvazuSource(DealtFiles):
     """Streams validated Avazu rows from one or more files, in the order given.
 
     Example::
@@ -145,17 +146,13 @@ class AvazuSource:
     def progress_total(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
-        row_base = 0
-        for path in self.files:
-            last_line_end = 0
-            blocks = read_delimited(
-                path, COLUMNS, ",", quarantine, skip_header=has_header(path), block_bytes=self.block_bytes
-            )
-            for block in blocks:
-                yield SourceChunk(self._convert(block, row_base, quarantine), block.size)
-                last_line_end = block.line_end
-            row_base += last_line_end
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
+        def read(path: Path, section: Optional[Section]) -> Iterator[RawBlock]:
+            return read_delimited(path, COLUMNS, ",", quarantine, skip_header=has_header(path),
+                                  block_bytes=self.block_bytes, section=section)
+
+        for block, row_base in section_blocks(self.files, sections, read):
+            yield SourceChunk(self._convert(block, row_base, quarantine), block.size)
 
     def _convert(self, block: RawBlock, row_base: int, quarantine: Optional[Quarantine]) -> pa.Table:
         """The block's valid rows as output columns; the others go to the quarantine."""

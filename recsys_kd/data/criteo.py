@@ -13,15 +13,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Literal, Optional, Tuple
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, read_delimited
-from recsys_kd.data.source import DAY, LABEL, SourceChunk, SourceInfo
+from recsys_kd.data.rawtext import RawBlock, read_delimited, section_blocks
+from recsys_kd.data.sections import DealtFiles
+from recsys_kd.data.source import DAY, LABEL, Section, SourceChunk, SourceInfo
 
 INTEGER_FEATURES = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL_FEATURES = [f"C{i}" for i in range(1, 27)]
@@ -36,7 +37,7 @@ class CriteoOptions:
     integers: Literal["log", "bucketize"] = "log"
 
 
-class CriteoSource:
+class CriteoSource(DealtFiles):
     """Streams validated Criteo rows from one or more files, in the order given.
 
     Example::
@@ -63,19 +64,17 @@ class CriteoSource:
     def progress_total(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
-        row_base = 0
-        for path in self.files:
-            day_match = DAY_FILE.search(path.name)
-            last_line_end = 0
-            for block in read_delimited(path, COLUMNS, "\t", quarantine, block_bytes=self.block_bytes):
-                table, lines = self._validated(block, quarantine)
-                out = self._convert(table, row_base + lines)
-                if day_match:
-                    out = out.append_column(DAY, pa.array(np.full(out.num_rows, int(day_match.group(1)), np.int32)))
-                yield SourceChunk(out, block.size)
-                last_line_end = block.line_end
-            row_base += last_line_end
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
+        def read(path: Path, section: Optional[Section]) -> Iterator[RawBlock]:
+            return read_delimited(path, COLUMNS, "\t", quarantine, block_bytes=self.block_bytes, section=section)
+
+        for block, row_base in section_blocks(self.files, sections, read):
+            day_match = DAY_FILE.search(Path(block.file).name)
+            table, lines = self._validated(block, quarantine)
+            out = self._convert(table, row_base + lines)
+            if day_match:
+                out = out.append_column(DAY, pa.array(np.full(out.num_rows, int(day_match.group(1)), np.int32)))
+            yield SourceChunk(out, block.size)
 
     def _validated(self, block: RawBlock, quarantine: Optional[Quarantine]) -> Tuple[pa.Table, np.ndarray]:
         """The block's rows that pass every field check, and their line numbers."""

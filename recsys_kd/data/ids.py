@@ -129,20 +129,40 @@ class VocabularyCounter:
     def _compact(self) -> None:
         for name, tables in self._pending.items():
             if len(tables) > 1:
-                merged = pa.concat_tables(tables).group_by("value").aggregate([("count", "sum")])
-                self._pending[name] = [merged.rename_columns(["value", "count"])]
+                self._pending[name] = [sum_counts(tables)]
         self._pending_rows = 0
+
+    def counts(self, name: str) -> pa.Table:
+        """Every value of feature ``name`` seen so far with its count, (value, count), in no order."""
+        self._compact()
+        tables = self._pending[name]
+        return tables[0] if tables else empty_counts()
 
     def vocabulary(self, name: str, min_count: int) -> pa.Table:
         """Values seen at least ``min_count`` times, most frequent first (ties by value), as a
         table (value, count); the value in row r gets id r + RESERVED_IDS."""
-        self._compact()
-        tables = self._pending[name]
-        if not tables:
-            return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-        counts = tables[0]
-        counts = counts.filter(pc.greater_equal(counts.column("count"), min_count))
-        return counts.sort_by([("count", "descending"), ("value", "ascending")])
+        return vocabulary_order(self.counts(name), min_count)
+
+
+def empty_counts() -> pa.Table:
+    return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+
+
+def sum_counts(tables: List[pa.Table]) -> pa.Table:
+    """(value, count) tables -> one with each value once and its counts summed."""
+    filled = [table for table in tables if table.num_rows]
+    if not filled:  # keeps the values' type when there is one
+        return tables[0] if tables else empty_counts()
+    merged = pa.concat_tables(filled).group_by("value").aggregate([("count", "sum")])
+    return merged.rename_columns(["value", "count"])
+
+
+def vocabulary_order(counts: pa.Table, min_count: int) -> pa.Table:
+    """The vocabulary of unique (value, count) rows: those with count >= ``min_count``, most frequent
+    first, ties by value; row r gets id r + RESERVED_IDS. The order depends only on the counts, so
+    counts summed over ranks give one process's vocabulary."""
+    counts = counts.filter(pc.greater_equal(counts.column("count"), min_count))
+    return counts.sort_by([("count", "descending"), ("value", "ascending")])
 
 
 def vocab_ids(values: pa.Array, vocabulary: pa.Array) -> np.ndarray:

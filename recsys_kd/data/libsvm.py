@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Literal, Optional, Tuple
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -42,8 +42,9 @@ import pyarrow.compute as pc
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import LINE, WHOLE_LINE, RawBlock, one_line, read_lines
-from recsys_kd.data.source import LABEL, InputError, SourceChunk, SourceInfo
+from recsys_kd.data.rawtext import LINE, WHOLE_LINE, RawBlock, one_line, read_lines, section_blocks
+from recsys_kd.data.sections import DealtFiles
+from recsys_kd.data.source import LABEL, InputError, Section, SourceChunk, SourceInfo
 
 INDEX = r"^[0-9]{1,18}$"
 FEATURES = "features"
@@ -83,7 +84,7 @@ class _Tokens:
     reasons: List[Tuple[str, np.ndarray]]
 
 
-class LibSVMSource:
+class LibSVMSource(DealtFiles):
     """Streams validated rows of libSVM / libFM files.
 
     Example::
@@ -116,17 +117,12 @@ class LibSVMSource:
     def progress_total(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
-        row_base = 0
-        for path in self.files:
-            last_line_end = 0
-            for block in self._blocks(path, quarantine):
-                yield SourceChunk(self._convert(block, row_base, quarantine), block.size)
-                last_line_end = block.line_end
-            row_base += last_line_end
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
+        def read(path: Path, section: Optional[Section]) -> Iterator[RawBlock]:
+            return read_lines(path, quarantine, block_bytes=self.block_bytes, section=section)
 
-    def _blocks(self, path: Path, quarantine: Optional[Quarantine]) -> Iterator[RawBlock]:
-        return read_lines(path, quarantine, block_bytes=self.block_bytes)
+        for block, row_base in section_blocks(self.files, sections, read):
+            yield SourceChunk(self._convert(block, row_base, quarantine), block.size)
 
     # ---------------------------------------------------------------------------- before converting
 
@@ -150,7 +146,7 @@ class LibSVMSource:
         """Every field number of the valid rows of the input (a pass before converting)."""
         found: set = set()
         for path in self.files:
-            for block in self._blocks(path, None):
+            for block in read_lines(path, None, block_bytes=self.block_bytes):
                 tokens = self._tokens(block.table.column(LINE).combine_chunks())
                 good = ~tokens.bad[tokens.row]
                 found.update(np.unique(tokens.field[good]).tolist())

@@ -50,7 +50,7 @@ import collections
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Counter, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import Counter, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -59,8 +59,9 @@ import pyarrow.csv as pacsv
 
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import RawBlock, one_line, read_delimited
-from recsys_kd.data.source import LABEL, InputError, SourceChunk, SourceInfo
+from recsys_kd.data.rawtext import RawBlock, count_lines, one_line, read_delimited, section_blocks
+from recsys_kd.data.sections import deal_files
+from recsys_kd.data.source import LABEL, InputError, Section, SourceChunk, SourceInfo
 
 USER_ID = "user_id"
 ITEM_ID = "item_id"
@@ -281,7 +282,13 @@ class MovieLensSource:
     def progress_total(self) -> int:
         return os.path.getsize(self.files.ratings)
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
+    def deal(self, world_size: int) -> List[List[Section]]:
+        return deal_files([self.files.ratings], world_size)
+
+    def count_lines(self, section: Section) -> int:
+        return count_lines(self.files.ratings, section)
+
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
         if self.files.layout == "grouplens":
             names, delimiter, header = GROUPLENS_RATING_FIELDS, ":", False
         elif self.files.layout == "grouplens-100k":
@@ -292,12 +299,14 @@ class MovieLensSource:
             if missing:
                 raise InputError(f"{self.files.ratings}: no column {', '.join(missing)} in the header")
         dropped: Counter[str] = collections.Counter()
-        blocks = read_delimited(
-            self.files.ratings, names, delimiter, quarantine, skip_header=header, block_bytes=self.block_bytes
-        )
-        for block in blocks:
+
+        def read(path: Path, section: Optional[Section]) -> Iterator[RawBlock]:
+            return read_delimited(path, names, delimiter, quarantine, skip_header=header, block_bytes=self.block_bytes,
+                                  section=section)
+
+        for block, _ in section_blocks([self.files.ratings], sections, read):  # row_id: the line in the one file
             yield SourceChunk(self._convert(block, delimiter, quarantine, dropped), block.size)
-        # Replaced, not added to, at the end of each full pass: a second pass counts the same rows.
+        # Replaced, not added to, at the end of each pass: a second pass counts the same rows.
         self.dropped_by_rule = dict(sorted(dropped.items()))
 
     def _convert(

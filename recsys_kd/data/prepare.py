@@ -8,19 +8,32 @@ Everything is built in a staged directory renamed into place at the end, so a cr
 partial dataset under the final name; a rerun removes the staging directories killed runs left
 (``.<name>.XXXXXXXX.tmp`` beside the output). When too many rows are refused, the quarantine is kept
 beside the output as ``<name>.quarantine.jsonl`` (removed by the next successful run).
+
+On N ranks (torchrun / torchx; the output on storage every rank sees) the same steps run on every
+rank over its share of the input: files and byte ranges of plain files cut at line starts
+(:mod:`~recsys_kd.data.sections`), placed by a count of their lines so row_ids and quarantined line
+numbers are one process's. Hash ids need nothing more; vocabulary counts meet in hash-partitioned
+files (:mod:`~recsys_kd.data.vocabularies`) and are ordered as one process orders them; count-based splits
+use the global count and each rank's offset in it. Each rank writes its parts and quarantine in its
+own folder of rank 0's staging directory; rank 0 moves them into the one-process layout (parts
+numbered in rank order, so in input order), writes schema and record (``world_size``, each rank's
+rows and seconds) and alone renames the directory into place. Every step ends in one collective
+carrying every rank's verdict, so a failure on any rank fails all of them, at the same step.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Literal, Optional
+from typing import Counter, Dict, Iterable, Iterator, List, Literal, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -32,15 +45,19 @@ from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
 from recsys_kd.data.ids import VocabularyCounter
 from recsys_kd.data.libsvm import LibSVMOptions
 from recsys_kd.data.movielens import MovieLensOptions
-from recsys_kd.data.quarantine import Quarantine
+from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
 from recsys_kd.data.schema import RESERVED_IDS, IdRule, Schema, SparseFeature, SplitInfo
-from recsys_kd.data.source import LABEL, InputError, RawSource, SourceChunk
+from recsys_kd.data.sections import placed_sections
+from recsys_kd.data.source import LABEL, InputError, RawSource, Section, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.data.table_spec import TableOptions
-from recsys_kd.io import atomic_write_json, naming, prefetch, staged_directory
+from recsys_kd.data.vocabularies import VOCAB_SCRATCH, write_vocabularies
+from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome, launched_context
+from recsys_kd.io import atomic_file, atomic_write_json, naming, prefetch, staged_directory
 from recsys_kd.memory import pin_mmap_threshold
 from recsys_kd.runs import PREPARE_RECORD, QUARANTINE_FILE
+
 
 
 @dataclass
@@ -93,65 +110,237 @@ class PrepareConfig:
 
 
 def prepare(config: PrepareConfig) -> Dict:
-    """Runs the stage; returns (and writes as ``prepare.json``) the record of what it did."""
+    """Runs the stage, on this process's rank of a launched job (torchrun / torchx) or alone; returns
+    the record, which rank 0 writes as ``prepare.json``."""
     started = time.time()
     pin_mmap_threshold()
-    source = open_source(config)
+    ranks = launched_context()
     output = Path(config.output)
-    remove_stale_staging(output)
+    opened: Dict[str, RawSource] = {}
+
+    def open_and_stage() -> Optional[str]:
+        """Every rank opens the source; rank 0 makes the staging directory."""
+        opened["source"] = open_source(config)
+        return str(_staging(publishing, output, config.overwrite)) if ranks.is_main else None
+
     try:
-        with staged_directory(output, overwrite=config.overwrite) as staging:
-            record = _build(config, source, staging, output, started)
+        with contextlib.ExitStack() as publishing:
+            staging = Path(gather_outcome(open_and_stage)[0])
+            source = opened["source"]
+            record = _build(config, source, staging, output, started, ranks)
+            from_rank(0, publishing.close)  # the rename into place; every rank learns whether it worked
     except OSError as error:
         named = naming(error, output)
         if named is error:
             raise
         raise named from error
-    kept_quarantine(output).unlink(missing_ok=True)  # a failed run's, now outdated
+    if ranks.is_main:
+        kept_quarantine(output).unlink(missing_ok=True)  # a failed run's, now outdated
     return record
 
 
-def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path, started: float) -> Dict:
-    """The dataset, built in ``staging``; returns the record."""
-    quarantine = Quarantine(staging / QUARANTINE_FILE)
+def _staging(publishing: contextlib.ExitStack, output: Path, overwrite: bool) -> Path:
+    """Rank 0's staging directory, renamed into place when ``publishing`` closes without an error."""
+    remove_stale_staging(output)
+    return publishing.enter_context(staged_directory(output, overwrite=overwrite))
+
+
+@dataclass
+class _Rank:
+    """This rank's share: its sections (None: the whole input, one process) and where it writes: the
+    staging directory itself when alone, else its own ``.rank-RRRRR`` folder in it."""
+
+    rank: int
+    world_size: int
+    sections: Optional[List[Section]]
+    directory: Path
+    started: float
+
+    @property
+    def quarantine(self) -> Path:
+        return self.directory / QUARANTINE_FILE
+
+
+def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path, started: float,
+           ranks: DistributedContext) -> Dict:
+    """The dataset, built in ``staging`` by every rank; returns the record.
+
+    Each step is local work followed by one collective that carries every rank's result and verdict
+    (:func:`~recsys_kd.distributed.gather_outcome`), so all ranks take the same steps and fail together.
+    """
+    me = _Rank(ranks.rank, ranks.world_size, None, staging, started)
+    if ranks.world_size > 1:
+        me.directory = staging / f".rank-{ranks.rank:05d}"
+        me.sections = placed_sections(source, me.rank, me.world_size)
     keep_at = kept_quarantine(output)
     counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
-    kept_rows = None
+    kept_rows = first_position = None
+    quarantined: Dict[str, int] = {}
     if counter is not None or config.split.needs_count:
-        kept_rows = _count_pass(config, source, quarantine, counter)
-        quarantine.check(kept_rows + quarantine.total, config.max_bad_fraction, keep_at)
-    vocabularies = _write_vocabularies(staging, counter, config) if counter is not None else {}
-    schema = _schema(config, source, vocabularies)  # its splits are known after the write pass
-    rules = IdRules(schema, vocabularies)
-    writers = _write_pass(config, source, staging, quarantine if kept_rows is None else None, kept_rows, rules)
-    quarantine.close()
-    rows_seen = sum(w.rows for w in writers.values()) + quarantine.total
-    quarantine.check(rows_seen, config.max_bad_fraction, keep_at)
-    if not writers:
-        why = f"all {quarantine.total} refused" if quarantine.total else "empty, or a header alone"
+        counted = gather_outcome(lambda: _count_pass(config, source, me, counter))
+        kept_rows = sum(c["rows"] for c in counted)
+        first_position = sum(c["rows"] for c in counted[: me.rank])
+        quarantined = _summed(c["quarantined"] for c in counted)
+        _check_bad_rows(quarantined, kept_rows, config, me, keep_at)
+    if counter is not None:
+        min_counts = {name: _min_count(config, name) for name in counter.features}
+        write_vocabularies(counter, min_counts, staging, me.rank, me.world_size)
+    written = gather_outcome(lambda: _write_pass(config, source, staging, me, kept_rows, first_position))
+    if kept_rows is None:
+        quarantined = _summed(w["quarantined"] for w in written)
+    rows = sum(w["rows"] for w in written)
+    _check_bad_rows(quarantined, rows, config, me, keep_at)
+    if rows == 0:
+        why = f"all {sum(quarantined.values())} refused" if quarantined else "empty, or a header alone"
         raise InputError(f"prepare: no rows to convert in {', '.join(source.info.inputs) or source.info.name} ({why})")
-    schema = schema.replace(splits={
-        name: SplitInfo(files=writer.files, rows=writer.rows, positives=writer.positives, checksums=writer.checksums)
-        for name, writer in writers.items()
-    })
+    return from_rank(0, lambda: _finish(config, source, staging, output, written, quarantined, started))
+
+
+def _count_pass(config: PrepareConfig, source: RawSource, me: _Rank, counter: Optional[VocabularyCounter]) -> Dict:
+    """The first pass: counts kept rows (and values, for vocabularies); fills this rank's quarantine."""
+    quarantine = Quarantine(me.quarantine)
+    rows = 0
+    for chunk in _chunks(config, source, quarantine, me, "count"):
+        rows += chunk.table.num_rows
+        if counter is not None and chunk.table.num_rows:
+            counter.update(chunk.table)
+    quarantine.close()
+    return {"rows": rows, "quarantined": quarantine.summary()}
+
+
+def _check_bad_rows(quarantined: Dict[str, int], kept_rows: int, config: PrepareConfig, me: _Rank, keep_at: Path) -> None:
+    """Every rank raises TooManyBadRows when the refused share of all ranks' rows is too high (the same
+    verdict everywhere, from gathered counts); rank 0 first keeps the quarantine beside the output."""
+    rows_seen = kept_rows + sum(quarantined.values())
+    error = too_many_bad_rows(quarantined, rows_seen, config.max_bad_fraction, keep_at)
+    if error is not None:
+        if me.rank == 0:
+            _merge_quarantine(me, keep_at)
+        raise error
+
+
+def _merge_quarantine(me: _Rank, target: Path) -> None:
+    """The ranks' quarantines, in rank order (so in input order), as one file at ``target``."""
+    if me.world_size == 1:
+        os.replace(me.quarantine, target)
+        return
+    with atomic_file(target) as temp, open(temp, "wb") as merged:
+        for rank in range(me.world_size):
+            part = me.directory.parent / f".rank-{rank:05d}" / QUARANTINE_FILE
+            if part.exists():
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, merged)
+
+
+def _min_count(config: PrepareConfig, name: str) -> int:
+    return config.ids.min_counts.get(name, config.ids.min_count)
+
+
+def _write_pass(config: PrepareConfig, source: RawSource, staging: Path, me: _Rank, kept_rows: Optional[int],
+                first_position: Optional[int]) -> Dict:
+    """The second pass: ids and splits, this rank's rows written as Parquet parts in its directory
+    (the quarantine filled here when no count pass did). Returns what the record and schema need."""
+    from recsys_kd.data.writer import SplitWriter
+
+    vocabularies = {
+        name: pq.read_table(staging / vocab_file(name), columns=["value"]).column("value").combine_chunks()
+        for name in _vocab_features(source)
+    } if config.ids.rule == "vocab" else {}
+    rules = IdRules(_schema(config, source, vocabularies), vocabularies)
+    quarantine = Quarantine(me.quarantine) if kept_rows is None else None
+    ranks = splitting.permutation_ranks(kept_rows, config.split.seed) if config.split.method == "permutation" else None
+    writers: Dict[str, SplitWriter] = {}
+    position = first_position or 0
+    for chunk in _chunks(config, source, quarantine, me, "write"):
+        table = chunk.table
+        if table.num_rows == 0:
+            continue
+        converted = rules.apply(table)
+        if not writers:
+            writers = {
+                name: SplitWriter(me.directory, name, converted.schema, config.row_group_rows, config.rows_per_part)
+                for name in splitting.SPLITS
+            }
+        assignment = splitting.assign(config.split, table, position, kept_rows, ranks)
+        position += table.num_rows
+        for index, name in enumerate(splitting.SPLITS):
+            mask = assignment == index
+            if mask.any():
+                writers[name].write(converted.filter(pa.array(mask)))
+    for writer in writers.values():
+        writer.close()
+    if quarantine is not None:
+        quarantine.close()
+    return {
+        "splits": {name: {"files": w.files, "rows": w.rows, "positives": w.positives, "checksums": w.checksums}
+                   for name, w in writers.items()},
+        "rows": sum(w.rows for w in writers.values()),
+        "quarantined": quarantine.summary() if quarantine is not None else {},
+        "dropped_by_rule": dict(source.dropped_by_rule),
+        "seconds": round(time.time() - me.started, 3),
+    }
+
+
+def _finish(config: PrepareConfig, source: RawSource, staging: Path, output: Path, written: List[Dict],
+            quarantined: Dict[str, int], started: float) -> Dict:
+    """Rank 0: the ranks' parts and quarantines gathered into the dataset's layout, schema.json and
+    the record."""
+    world_size = len(written)
+    splits = {name: _gathered_split(staging, name, written) for name in splitting.SPLITS}
+    if world_size > 1:
+        _merge_quarantine(_Rank(0, world_size, None, staging / ".rank-00000", started), staging / QUARANTINE_FILE)
+        for scratch in [staging / VOCAB_SCRATCH, *staging.glob(".rank-*")]:
+            shutil.rmtree(scratch, ignore_errors=True)
+    vocabularies = {name: pq.read_table(staging / vocab_file(name), columns=["value"]).column("value")
+                    for name in _vocab_features(source)} if config.ids.rule == "vocab" else {}
+    schema = _schema(config, source, vocabularies).replace(splits=splits)
     schema.save(staging)
     record = {
         "stage": "prepare",
         "output": str(output),
         "inputs": describe_inputs(source.info.inputs),
         "config": to_dict(config),
-        "rows": {name: writer.rows for name, writer in writers.items()},
-        "positives": {name: writer.positives for name, writer in writers.items()},
-        "quarantined": quarantine.summary(),
-        "quarantined_total": quarantine.total,
-        "dropped_by_rule": dict(source.dropped_by_rule),
+        "rows": {name: info.rows for name, info in splits.items()},
+        "positives": {name: info.positives for name, info in splits.items()},
+        "quarantined": dict(sorted(quarantined.items())),
+        "quarantined_total": sum(quarantined.values()),
+        "dropped_by_rule": _summed(w["dropped_by_rule"] for w in written),
         "features": {"dense": len(schema.dense), "sparse": len(schema.sparse)},
         "num_embeddings": schema.num_embeddings,
+        "world_size": world_size,
+        "ranks": [{"rank": rank, "rows": w["rows"], "seconds": w["seconds"]} for rank, w in enumerate(written)],
         "seconds": round(time.time() - started, 3),
     }
     record["rows_per_second"] = round(sum(record["rows"].values()) / max(record["seconds"], 1e-9), 1)
     atomic_write_json(staging / PREPARE_RECORD, record)
     return record
+
+
+def _gathered_split(staging: Path, name: str, written: List[Dict]) -> SplitInfo:
+    """One split's parts: alone, as written; on N ranks, each rank's parts moved, in rank order, to
+    ``<split>/part-NNNNN.parquet`` (so reading the parts in order reads the rows in input order)."""
+    pieces = [w["splits"].get(name) for w in written]
+    if len(written) == 1:
+        piece = pieces[0] or {"files": [], "rows": 0, "positives": 0, "checksums": {}}
+        return SplitInfo(files=piece["files"], rows=piece["rows"], positives=piece["positives"], checksums=piece["checksums"])
+    files: List[str] = []
+    checksums: Dict[str, str] = {}
+    for rank, piece in enumerate(pieces):
+        for relative in (piece or {}).get("files", []):
+            moved = f"{name}/part-{len(files):05d}.parquet"
+            (staging / name).mkdir(exist_ok=True)
+            os.replace(staging / f".rank-{rank:05d}" / relative, staging / moved)
+            files.append(moved)
+            checksums[moved] = piece["checksums"][relative]
+    return SplitInfo(files=files, rows=sum(p["rows"] for p in pieces if p), positives=sum(p["positives"] for p in pieces if p),
+                     checksums=checksums)
+
+
+def _summed(counts: Iterable[Dict[str, int]]) -> Dict[str, int]:
+    total: Counter[str] = collections.Counter()
+    for count in counts:
+        total.update(count)
+    return dict(sorted(total.items()))
 
 
 def kept_quarantine(output: Path) -> Path:
@@ -210,64 +399,18 @@ def _vocab_features(source: RawSource) -> List[str]:
     return [name for name in source.info.sparse if name not in source.info.identity_sizes]
 
 
-def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quarantine], label: str) -> Iterator[SourceChunk]:
+def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quarantine], me: _Rank, label: str) -> Iterator[SourceChunk]:
+    """This rank's chunks (its sections, or the whole input), with a progress bar on rank 0."""
+    total = source.progress_total() if me.sections is None else sum(section.size for section in me.sections)
     with tqdm(
-        total=source.progress_total(), desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
-        unit_scale=True, disable=not config.progress, mininterval=1.0,
+        total=total, desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
+        unit_scale=True, disable=not config.progress or me.rank != 0, mininterval=1.0,
     ) as bar:
-        for chunk in prefetch(source.chunks(quarantine), depth=1):
+        # alone, the source's whole input: a source that cannot be dealt needs no sections argument
+        chunks = source.chunks(quarantine) if me.sections is None else source.chunks(quarantine, me.sections)
+        for chunk in prefetch(chunks, depth=1):
             bar.update(chunk.progress)
             yield chunk
-
-
-def _count_pass(config: PrepareConfig, source: RawSource, quarantine: Quarantine, counter: Optional[VocabularyCounter]) -> int:
-    rows = 0
-    for chunk in _chunks(config, source, quarantine, "count"):
-        rows += chunk.table.num_rows
-        if counter is not None and chunk.table.num_rows:
-            counter.update(chunk.table)
-    return rows
-
-
-def _write_vocabularies(staging: Path, counter: VocabularyCounter, config: PrepareConfig) -> Dict[str, pa.Array]:
-    vocabularies = {}
-    for name in counter.features:
-        table = counter.vocabulary(name, config.ids.min_counts.get(name, config.ids.min_count))
-        table = table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64) + RESERVED_IDS))
-        path = staging / vocab_file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path, compression="zstd")
-        vocabularies[name] = table.column("value").combine_chunks()
-    return vocabularies
-
-
-def _write_pass(config, source, staging, quarantine, kept_rows, rules: IdRules):
-    from recsys_kd.data.writer import SplitWriter
-
-    ranks = splitting.permutation_ranks(kept_rows, config.split.seed) if config.split.method == "permutation" else None
-    arrow_schema = None
-    writers: Dict[str, SplitWriter] = {}
-    position = 0
-    for chunk in _chunks(config, source, quarantine, "write"):
-        table = chunk.table
-        if table.num_rows == 0:
-            continue
-        converted = rules.apply(table)
-        if arrow_schema is None:
-            arrow_schema = converted.schema
-            writers = {
-                name: SplitWriter(staging, name, arrow_schema, config.row_group_rows, config.rows_per_part)
-                for name in splitting.SPLITS
-            }
-        assignment = splitting.assign(config.split, table, position, kept_rows, ranks)
-        position += table.num_rows
-        for index, name in enumerate(splitting.SPLITS):
-            mask = assignment == index
-            if mask.any():
-                writers[name].write(converted.filter(pa.array(mask)))
-    for writer in writers.values():
-        writer.close()
-    return writers
 
 
 def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa.Array]) -> Schema:

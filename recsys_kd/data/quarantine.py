@@ -10,7 +10,7 @@ import collections
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 
 # Characters JSON leaves raw in strings that str.splitlines() (and so many line readers) breaks lines at
@@ -19,6 +19,21 @@ LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "
 
 class TooManyBadRows(ValueError):
     """The share of quarantined rows passed ``max_bad_fraction``."""
+
+
+def too_many_bad_rows(
+    counts: Mapping[str, int], rows_seen: int, max_bad_fraction: Optional[float], where: Path
+) -> Optional[TooManyBadRows]:
+    """The error to raise when the refused rows (``counts`` per reason) are more than
+    ``max_bad_fraction`` of ``rows_seen`` (None: never), naming ``where`` they are kept; else None."""
+    total = sum(counts.values())
+    if max_bad_fraction is None or rows_seen == 0 or total / rows_seen <= max_bad_fraction:
+        return None
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(counts.items()))
+    return TooManyBadRows(
+        f"{total} of {rows_seen} rows ({total / rows_seen:.2%}) were refused, more than "
+        f"max_bad_fraction={max_bad_fraction:g} ({reasons}); see {where}"
+    )
 
 
 class Quarantine:
@@ -57,19 +72,14 @@ class Quarantine:
         """Raises TooManyBadRows when bad / seen exceeds ``max_bad_fraction`` (None: never). With
         ``keep_at``, the file is first moved there (out of a staging directory about to be removed),
         and the error names it there."""
-        if max_bad_fraction is None or rows_seen == 0:
+        error = too_many_bad_rows(self.counts, rows_seen, max_bad_fraction, keep_at or self.path)
+        if error is None:
             return
-        fraction = self.total / rows_seen
-        if fraction > max_bad_fraction:
-            if keep_at is not None:
-                self.close()
-                os.replace(self.path, keep_at)
-                self.path = Path(keep_at)
-            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.counts.items()))
-            raise TooManyBadRows(
-                f"{self.total} of {rows_seen} rows ({fraction:.2%}) were refused, more than "
-                f"max_bad_fraction={max_bad_fraction:g} ({reasons}); see {self.path}"
-            )
+        if keep_at is not None:
+            self.close()
+            os.replace(self.path, keep_at)
+            self.path = Path(keep_at)
+        raise error
 
     def summary(self) -> Dict[str, int]:
         return dict(sorted(self.counts.items()))

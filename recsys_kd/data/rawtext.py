@@ -8,7 +8,10 @@ non-UTF-8 bytes cannot crash the parse; converters validate values themselves). 
 ``field_too_long`` without being parsed, since Arrow's parser refuses rows longer than its block; one
 longer than the buffer is skipped as it streams past, so memory stays bounded by the block size.
 ``.gz``/``.bz2`` inputs are decompressed on the fly; a truncated or unreadable input is a
-:class:`~recsys_kd.data.source.InputError` naming the file.
+:class:`~recsys_kd.data.source.InputError` naming the file. A plain file can be read from a byte range
+that starts at a line start (a :class:`~recsys_kd.data.source.Section` dealt to one rank), its lines
+numbered from the section's first line; :func:`count_lines` counts a range's lines by the same rule
+(a line ends at ``\n``; a last line without one counts too) at memory speed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.source import InputError
+from recsys_kd.data.source import InputError, Section
 
 NEWLINE = 10
 CARRIAGE_RETURN = 13
@@ -57,23 +60,26 @@ def read_delimited(
     skip_header: bool = False,
     block_bytes: int = 16 << 20,
     encoding: str = "utf-8",
+    section: Optional[Section] = None,
 ) -> Iterator[RawBlock]:
     """Yields blocks of well-formed rows of ``path``; malformed lines are reported to ``quarantine``
     (reason ``wrong_column_count``) when it is given, and skipped either way.
 
     ``encoding`` other than UTF-8 (e.g. ISO-8859-1 for GroupLens MovieLens) is transcoded to UTF-8
-    before parsing.
+    before parsing. ``section``: only its bytes (a plain file's; a compressed file is read whole), lines
+    numbered from its ``first_line``; ``skip_header`` then applies only to a section starting the file.
     """
     separator = ord(delimiter)
     name = str(path)
     transcode = encoding.lower().replace("-", "") not in ("utf8", "ascii")
-    line_base = 0
+    line_base = section.first_line if section is not None else 0
+    skip_header = skip_header and (section is None or section.start == 0)
     # One reusable buffer: allocating a fresh block-sized bytes object per block fragments the C
     # heap until peak memory creeps up with the input size.
     buffer = np.empty(block_bytes, dtype=np.uint8)
     filled = 0
     first = True
-    with _opened(path) as stream:
+    with _opened(path, section) as stream:
         while True:
             if filled == len(buffer):  # a single line longer than the buffer
                 if filled > MAX_LINE_BYTES:
@@ -119,37 +125,109 @@ LINE = "line"
 
 
 def read_lines(
-    path: Path, quarantine: Optional[Quarantine], block_bytes: int = 16 << 20
+    path: Path, quarantine: Optional[Quarantine], block_bytes: int = 16 << 20, section: Optional[Section] = None
 ) -> Iterator[RawBlock]:
     """:func:`read_delimited` for line-based formats: each block's ``table`` has one binary column,
     ``line``, the whole line (without its line ending)."""
-    return read_delimited(path, [LINE], WHOLE_LINE, quarantine, block_bytes=block_bytes)
+    return read_delimited(path, [LINE], WHOLE_LINE, quarantine, block_bytes=block_bytes, section=section)
 
 
 class _Stream:
     """An Arrow input stream whose read errors (a truncated .gz, an I/O error) are InputErrors naming
-    the file."""
+    the file; with ``limit``, it ends after that many bytes."""
 
-    def __init__(self, stream, name: str) -> None:
-        self.stream, self.name = stream, name
+    def __init__(self, stream, name: str, limit: Optional[int] = None) -> None:
+        self.stream, self.name, self.remaining = stream, name, limit
 
     def readinto(self, view: memoryview) -> int:
+        if self.remaining is not None:
+            view = view[: self.remaining]
+            if not len(view):
+                return 0
         try:
-            return self.stream.readinto(view)
+            read = self.stream.readinto(view)
         except (OSError, EOFError, pa.ArrowInvalid) as error:
             raise InputError(f"{self.name}: cannot read on (truncated or corrupt?): {one_line(error)}") from error
+        if self.remaining is not None:
+            self.remaining -= read
+        return read
+
+
+def is_compressed(path: Path) -> bool:
+    """Whether ``path`` is read through a decompressor (by its extension, as Arrow detects it): such a
+    file cannot be entered in the middle, so it is dealt whole."""
+    try:
+        return pa.Codec.detect(str(path)) is not None
+    except (ValueError, TypeError):  # no codec for this extension
+        return False
 
 
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[_Stream]:
+def _opened(path: Path, section: Optional[Section] = None) -> Iterator[_Stream]:
+    ranged = section is not None and not is_compressed(path)
     try:
-        stream = pa.input_stream(str(path), compression="detect")
+        stream = pa.input_stream(str(path), compression=None if ranged else "detect")
+        if ranged:
+            stream.seek(section.start)
     except FileNotFoundError:
         raise
     except (OSError, pa.ArrowInvalid) as error:
         raise InputError(f"{path}: cannot open: {one_line(error)}") from error
     with stream:
-        yield _Stream(stream, str(path))
+        yield _Stream(stream, str(path), section.size if ranged else None)
+
+
+def count_lines(path: Path, section: Optional[Section] = None, block_bytes: int = 16 << 20) -> int:
+    """The lines :func:`read_delimited` numbers in ``path`` (or in ``section`` of it): its newlines,
+    plus a last line without one."""
+    buffer = bytearray(block_bytes)
+    lines, last = 0, NEWLINE
+    with _opened(path, section) as stream:
+        while True:
+            read = stream.readinto(memoryview(buffer))
+            if read == 0:
+                break
+            lines += buffer.count(b"\n", 0, read)
+            last = buffer[read - 1]
+    return lines + (last != NEWLINE)
+
+
+def line_start(path: Path, offset: int) -> int:
+    """The first line start at or after byte ``offset`` of plain file ``path`` (its size when none)."""
+    if offset <= 0:
+        return 0
+    with open(path, "rb") as handle:
+        handle.seek(offset - 1)
+        position = offset - 1
+        while True:
+            block = handle.read(1 << 16)
+            if not block:
+                return position
+            found = block.find(b"\n")
+            if found >= 0:
+                return position + found + 1
+            position += len(block)
+
+
+def section_blocks(
+    files: Sequence[Path],
+    sections: Optional[Sequence[Section]],
+    read: Callable[[Path, Optional[Section]], Iterator[RawBlock]],
+) -> Iterator[Tuple[RawBlock, int]]:
+    """``read``'s blocks of every file in order (``sections`` None), or of the given sections, each
+    with the row_id of its file's line 0: a row's row_id is that plus its line number."""
+    if sections is not None:
+        for section in sections:
+            for block in read(Path(files[section.file]), section):
+                yield block, section.first_row - section.first_line
+        return
+    row_base = 0
+    for path in files:
+        line_end = 0
+        for block in read(Path(path), None):
+            yield block, row_base
+            line_end = block.line_end
+        row_base += line_end
 
 
 def _skip_line(stream, buffer: np.ndarray) -> Tuple[int, int]:

@@ -16,6 +16,14 @@ A consumer's position is the number of rows of its stream handed out this epoch.
 whole windows by their footer row counts and re-reads only the window holding the position, so a
 resumed reader yields exactly the batches an uninterrupted one would have yielded next.
 
+Resuming on another number of ranks or workers (:meth:`ParquetReader.load_state_dicts`, given every
+rank's state) remaps the epoch's rest instead: from each old consumer's position, the windows it had
+not finished (the one it was in keeps its permutation and skips the rows already handed out) are
+interleaved by their place in each old consumer's stream (as consumers reading in step reach them),
+and dealt round-robin to the new consumers. Every row of the epoch is then read exactly once, before and after, and when the windows
+are single row groups read in order, the new ranks' batches hold the rows the old ranks' would have
+held. The remapped windows are part of the saved state, so a remapped epoch resumes and remaps again.
+
 Sparse ids are checked against ``num_embeddings`` per row group as it is read (min/max per column;
 the offending row is looked up only on failure), so a bad id stops the reader before any batch
 holding it reaches an embedding lookup.
@@ -64,9 +72,11 @@ from recsys_kd.memory import pin_mmap_threshold
 # per multi-hot feature, the (values, offsets) arrays of each row group read so far
 _ListParts = Tuple[List[np.ndarray], List[np.ndarray]]
 
-# state_dict keys that fix the row stream: resuming under different values would replay other rows.
-_STREAM_KEYS = ("rank", "world_size", "num_workers", "batch_size", "shuffle", "shuffle_window_row_groups", "seed",
-                "drop_last", "split_rows")
+# state_dict keys that fix which rows an epoch holds and how they are ordered: resuming under
+# different values would replay other rows. The batch size is not one: a position counts rows.
+_SETTINGS_KEYS = ("shuffle", "shuffle_window_row_groups", "seed", "drop_last", "split_rows")
+# and those that fix which of them this consumer reads: load_state_dicts remaps a change of them
+_LAYOUT_KEYS = ("rank", "world_size", "num_workers")
 
 
 class IdRangeError(SchemaError):
@@ -109,6 +119,19 @@ class _Unit:
     file: int
     row_group: int
     rows: int
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Units read together, their rows permuted by a generator seeded with ``seed`` (None: file order);
+    the first ``skip`` rows of that order were handed out before a change of world size."""
+
+    units: Tuple[int, ...]
+    seed: Optional[Tuple[int, ...]]
+    skip: int = 0
+
+    def to_json(self) -> List[Any]:
+        return [list(self.units), None if self.seed is None else list(self.seed), self.skip]
 
 
 class ParquetReader(IterableDataset):
@@ -193,6 +216,8 @@ class ParquetReader(IterableDataset):
         self._epoch = 0
         self._consumed = [0] * num_workers
         self._resume_from: Optional[List[int]] = None
+        # per worker, the windows of the current epoch's rest remapped from another layout; None: dealt as usual
+        self._remapped: Optional[List[List[_Window]]] = None
 
     # ----- position -----------------------------------------------------------------------------
 
@@ -208,12 +233,15 @@ class ParquetReader(IterableDataset):
             self._epoch = epoch
             self._consumed = [0] * self.num_workers
             self._resume_from = None
+            self._remapped = None
 
     def state_dict(self) -> Dict[str, Any]:
-        """The position: epoch and rows handed out per worker, plus what fixes the row stream."""
+        """The position: epoch and rows handed out per worker, plus what fixes the row stream;
+        ``windows``, per worker, the streams of an epoch remapped from another layout (else None)."""
         return {
             "epoch": self._epoch,
             "rows_consumed": list(self._consumed),
+            "windows": None if self._remapped is None else [[w.to_json() for w in ws] for ws in self._remapped],
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
@@ -226,25 +254,94 @@ class ParquetReader(IterableDataset):
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continues from ``state`` at the next ``iter()``; the stream settings must match."""
+        """Continues from ``state`` (of this rank, same layout) at the next ``iter()``; the stream
+        settings must match. The batch size may differ: the position counts rows."""
+        self._check_settings(state, _SETTINGS_KEYS + _LAYOUT_KEYS)
+        epoch = int(state["epoch"])
+        streams = [self._stream_of(state, worker) for worker in range(self.num_workers)]
+        consumed = [self._position(state, worker, stream) for worker, stream in enumerate(streams)]
+        self._epoch = epoch
+        self._remapped = None if state.get("windows") is None else streams
+        self._consumed = consumed
+        self._resume_from = list(consumed)
+
+    def load_state_dicts(self, states: Sequence[Dict[str, Any]]) -> None:
+        """Continues the epoch that ``states`` (every rank's state, in rank order, of a run on any
+        number of ranks and workers) describe, at the next ``iter()``.
+
+        Same layout: this rank's state is loaded (:meth:`load_state_dict`). Otherwise the rows no
+        old consumer handed out are dealt to this layout's consumers (see the module docstring):
+        every row of the epoch is read exactly once, before or after.
+
+        Raises:
+            ValueError: the states disagree, do not match this reader's settings, or (``drop_last``,
+                whose dropped rows depend on the layout) come from another layout.
+        """
+        if len(states) == self.world_size and states[self.rank].get("num_workers") == self.num_workers:
+            self.load_state_dict(states[self.rank])
+            return
+        for rank, state in enumerate(states):
+            self._check_settings(state, _SETTINGS_KEYS)
+            if (state.get("rank"), state.get("world_size"), state.get("epoch")) != (rank, len(states), states[0].get("epoch")):
+                raise ValueError(f"reader state {rank} of {len(states)}: has rank {state.get('rank')!r}, world_size "
+                                 f"{state.get('world_size')!r}, epoch {state.get('epoch')!r}; not one run's states")
+        if self.config.drop_last:
+            raise ValueError(f"reader state of {len(states)} ranks: with drop_last, the rows an epoch drops depend on "
+                             "the ranks; finish the epoch on as many ranks, or set drop_last false")
+        remaining: List[Tuple[int, int, _Window]] = []  # (index in its old stream, old consumer, window)
+        for state in states:
+            for worker in range(int(state["num_workers"])):
+                stream = self._stream_of(state, worker)
+                position, start = self._position(state, worker, stream), 0
+                for index, window in enumerate(stream):
+                    rows = self._window_rows(window)
+                    if start + rows > position:
+                        skip = window.skip + max(position - start, 0)
+                        remaining.append((index, state["rank"] * state["num_workers"] + worker,
+                                          _Window(window.units, window.seed, skip)))
+                    start += rows
+        remaining.sort(key=lambda item: item[:2])  # interleaved as old consumers reading in step reach them
+        consumers, first = self.world_size * self.num_workers, self.rank * self.num_workers
+        self._epoch = int(states[0]["epoch"])
+        self._remapped = [[window for _, _, window in remaining[first + worker :: consumers]]
+                          for worker in range(self.num_workers)]
+        self._consumed = [0] * self.num_workers
+        self._resume_from = [0] * self.num_workers
+
+    def _check_settings(self, state: Dict[str, Any], keys: Sequence[str]) -> None:
         current = self.state_dict()
-        for key in _STREAM_KEYS:
+        for key in keys:
             if state.get(key) != current[key]:
                 raise ValueError(
                     f"reader state has {key}={state.get(key)!r} but this reader has {current[key]!r}; "
                     "resuming would replay different rows"
                 )
-        epoch = int(state["epoch"])
-        consumed = [int(rows) for rows in state["rows_consumed"]]
-        for worker, rows in enumerate(consumed):
-            available = self._rows(worker, epoch)
-            if not 0 <= rows <= available:
-                raise ValueError(
-                    f"reader state: worker {worker} consumed {rows} rows of epoch {epoch}, which has {available}"
-                )
-        self._epoch = epoch
-        self._consumed = consumed
-        self._resume_from = list(consumed)
+
+    def _stream_of(self, state: Dict[str, Any], worker: int) -> List[_Window]:
+        """The windows consumer ``worker`` of the run that saved ``state`` reads in its epoch."""
+        if state.get("windows") is None:
+            return self._dealt_windows(int(state["epoch"]), int(state["rank"]), int(state["world_size"]),
+                                       int(state["num_workers"]), worker)
+        try:
+            stream = [_Window(tuple(int(u) for u in units), None if seed is None else tuple(int(s) for s in seed), int(skip))
+                      for units, seed, skip in state["windows"][worker]]
+        except (TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"reader state: the windows of worker {worker} are malformed ({error})") from None
+        for window in stream:
+            if not window.units or not all(0 <= u < len(self._units) for u in window.units) \
+                    or not 0 <= window.skip < sum(self._units[u].rows for u in window.units):
+                raise ValueError(f"reader state: worker {worker} has a window {window.to_json()} outside this split")
+        return stream
+
+    def _position(self, state: Dict[str, Any], worker: int, stream: List[_Window]) -> int:
+        """Rows ``worker`` of ``state`` handed out, checked against its stream."""
+        rows, available = int(state["rows_consumed"][worker]), sum(self._window_rows(w) for w in stream)
+        if not 0 <= rows <= available:
+            raise ValueError(
+                f"reader state: rank {state['rank']} worker {worker} consumed {rows} rows of epoch {state['epoch']}, "
+                f"which has {available}"
+            )
+        return rows
 
     def begin_pass(self) -> List[int]:
         """Positions the pass now starting begins at (one per worker); consumes a loaded position.
@@ -278,17 +375,25 @@ class ParquetReader(IterableDataset):
     # ----- sizes ---------------------------------------------------------------------------------
 
     def num_rows(self, worker: Optional[int] = None) -> int:
-        """Rows this rank (or one of its workers) reads in the current epoch, from footers."""
+        """Rows this rank (or one of its workers) reads in the current epoch, from footers (after a
+        remap to another layout: its share of the epoch's rest)."""
         workers = range(self.num_workers) if worker is None else [worker]
-        return sum(self._rows(w, self._epoch) for w in workers)
+        return sum(self._rows(w) for w in workers)
 
     def num_batches(self) -> int:
         """Batches this rank yields in the current epoch (over all its workers).
 
         Varies by rank and, when shuffling, by epoch: row groups differ in size.
         """
+        return self._batches([0] * self.num_workers)
+
+    def remaining_batches(self) -> int:
+        """Batches the next ``iter()`` yields: those after a loaded position, else :meth:`num_batches`."""
+        return self._batches(self._resume_from or [0] * self.num_workers)
+
+    def _batches(self, start: Sequence[int]) -> int:
         size = self.config.batch_size
-        rows = [self.num_rows(worker) for worker in range(self.num_workers)]
+        rows = [self.num_rows(worker) - start[worker] for worker in range(self.num_workers)]
         if self.config.drop_last:
             return sum(n // size for n in rows)
         return sum(-(-n // size) for n in rows)
@@ -362,16 +467,29 @@ class ParquetReader(IterableDataset):
             if not ok:
                 raise SchemaError(f"{path}: column {name!r} has type {actual}, expected {expected}")
 
-    def _consumer_units(self, worker: int, epoch: int) -> List[int]:
-        """Unit indices consumer (rank, worker) reads in ``epoch``, in reading order."""
+    def _dealt_windows(self, epoch: int, rank: int, world_size: int, num_workers: int, worker: int) -> List[_Window]:
+        """The windows consumer (rank, worker) of a layout reads in ``epoch``, in reading order."""
         order = np.arange(len(self._units))
         if self.config.shuffle:
             order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self._units))
-        consumers = self.world_size * self.num_workers
-        return order[self.rank * self.num_workers + worker :: consumers].tolist()
+        units = order[rank * num_workers + worker :: world_size * num_workers].tolist()
+        size = self.config.shuffle_window_row_groups if self.config.shuffle else 1
+        return [
+            _Window(tuple(units[i : i + size]), (self.config.seed, epoch, rank, worker, i // size) if self.config.shuffle else None)
+            for i in range(0, len(units), size)
+        ]
 
-    def _rows(self, worker: int, epoch: int) -> int:
-        return sum(self._units[u].rows for u in self._consumer_units(worker, epoch))
+    def _stream(self, worker: int) -> List[_Window]:
+        """This rank's ``worker``'s windows of the current epoch."""
+        if self._remapped is not None:
+            return self._remapped[worker]
+        return self._dealt_windows(self._epoch, self.rank, self.world_size, self.num_workers, worker)
+
+    def _window_rows(self, window: _Window) -> int:
+        return sum(self._units[u].rows for u in window.units) - window.skip
+
+    def _rows(self, worker: int) -> int:
+        return sum(self._window_rows(window) for window in self._stream(worker))
 
     def _windows(self, worker: int, start: int) -> Iterator[Tuple[RowBlock, int]]:
         """(window rows in stream order, first row to use) for the stream from row ``start``.
@@ -379,24 +497,21 @@ class ParquetReader(IterableDataset):
         Windows wholly before ``start`` are skipped by their footer row counts, unread. A yielded
         block is overwritten by the next window: callers copy what they keep.
         """
-        units = self._consumer_units(worker, self._epoch)
-        size = self.config.shuffle_window_row_groups if self.config.shuffle else 1
-        windows = [units[i : i + size] for i in range(0, len(units), size)]
-        rows = [sum(self._units[u].rows for u in window) for window in windows]
+        windows = self._stream(worker)
+        rows = [self._window_rows(window) for window in windows]
         ends = np.cumsum(rows)
         first = int(np.searchsorted(ends, start, side="right"))
         if first == len(windows):
             return
-        read_buffer, shuffle_buffer = self._window_buffers(max(rows[first:]))
+        read_buffer, shuffle_buffer = self._window_buffers(max(rows[i] + windows[i].skip for i in range(first, len(windows))))
         offset = start - (int(ends[first - 1]) if first else 0)
-        for index in range(first, len(windows)):
-            block = self._read(windows[index], read_buffer.head(rows[index]))
-            if shuffle_buffer is not None:
-                seed = [self.config.seed, self._epoch, self.rank, worker, index]
-                order = np.random.default_rng(seed).permutation(len(block))
+        for window in windows[first:]:
+            block = self._read(window.units, read_buffer.head(self._window_rows(window) + window.skip))
+            if shuffle_buffer is not None and window.seed is not None:
+                order = np.random.default_rng(list(window.seed)).permutation(len(block))
                 # one gather per window is ~1.5x cheaper than a gather per batch
                 block = block.take(order, shuffle_buffer.head(len(block)))
-            yield block, offset
+            yield block, window.skip + offset
             offset = 0
 
     def __getstate__(self) -> Dict[str, Any]:

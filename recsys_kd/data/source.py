@@ -1,7 +1,9 @@
 """What a converter provides to ``prepare``: validated rows as Arrow tables, in a fixed order.
 
 A source is read once or twice (a second pass when vocabularies or a count-based split need one);
-both passes must yield identical rows, and only the pass given a quarantine reports bad rows.
+both passes must yield identical rows, and only the pass given a quarantine reports bad rows. On N
+ranks each rank reads the :class:`Section` s dealt to it (:meth:`RawSource.deal`), numbered as one
+process numbers them, so every row keeps its row_id and every refused line its line number.
 
 Columns of each yielded table:
     row_id   int64    unique, increasing source row index (physical line across the input files)
@@ -14,7 +16,7 @@ Columns of each yielded table:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, Dict, Iterator, List, Optional, Protocol
+from typing import Collection, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -52,6 +54,24 @@ class SourceInfo:
     dense_transform: str = "none"
 
 
+@dataclass(frozen=True)
+class Section:
+    """A piece of a source's input read by one rank: units [start, end) of input ``file`` (an index
+    into the files the source deals: bytes cut at line starts, or rows for generated data).
+    ``first_line`` is the 0-based number, within its file, of the section's first line; ``first_row``
+    that line's row_id (the lines of the earlier files plus ``first_line``)."""
+
+    file: int
+    start: int
+    end: int
+    first_line: int = 0
+    first_row: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
 class RawSource(Protocol):
     info: SourceInfo
     dropped_by_rule: Dict[str, int]
@@ -59,5 +79,13 @@ class RawSource(Protocol):
     def progress_total(self) -> int:
         """Total progress units (input bytes, or rows for generated data)."""
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
-        """Validated rows in a fixed order; bad rows go to ``quarantine`` when given."""
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
+        """Validated rows in a fixed order; bad rows go to ``quarantine`` when given. ``sections``:
+        only these (placed: ``first_line`` and ``first_row`` set), in order; None: the whole input."""
+
+    def deal(self, world_size: int) -> List[List[Section]]:
+        """The input cut into ``world_size`` contiguous spans, rank r's sections at index r, in input
+        order (``first_line`` and ``first_row`` not yet known: 0)."""
+
+    def count_lines(self, section: Section) -> int:
+        """Lines (or generated rows) in ``section``, as :meth:`chunks` numbers them."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,8 @@ from tqdm import tqdm
 from recsys_kd.data.ids import splitmix64
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.schema import MISSING_ID, RESERVED_IDS
-from recsys_kd.data.source import LABEL, SourceChunk, SourceInfo
+from recsys_kd.data.sections import deal_rows
+from recsys_kd.data.source import LABEL, Section, SourceChunk, SourceInfo
 from recsys_kd.io import atomic_file
 
 TRUE_LOGIT = "true_logit"
@@ -160,8 +161,11 @@ def _draw(config: SyntheticConfig, truth: GroundTruth, rng: np.random.Generator,
     return {"ranks": ranks, "dense": dense, "true_logit": logit, "label": labels}
 
 
-def _chunks(config: SyntheticConfig, truth: GroundTruth) -> Iterator[Dict[str, np.ndarray]]:
-    for index, start in enumerate(range(0, config.rows, config.chunk_rows)):
+def _chunks(config: SyntheticConfig, truth: GroundTruth, first: int = 0, end: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+    """The chunks of rows [first, end) (whole chunks: ``first`` is a chunk start)."""
+    end = config.rows if end is None else end
+    for start in range(first, end, config.chunk_rows):
+        index = start // config.chunk_rows
         rows = min(config.chunk_rows, config.rows - start)
         chunk = _draw(config, truth, np.random.default_rng([config.seed, 0xDA7A, index]), rows)
         chunk["row_id"] = np.arange(start, start + rows, dtype=np.int64)
@@ -197,8 +201,15 @@ class SyntheticSource:
     def progress_total(self) -> int:
         return self.config.rows
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
-        for chunk in _chunks(self.config, self.truth):
+    def deal(self, world_size: int) -> List[List[Section]]:
+        return deal_rows(self.config.rows, self.config.chunk_rows, world_size)
+
+    def count_lines(self, section: Section) -> int:
+        return section.size
+
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
+        ranges = [(0, self.config.rows)] if sections is None else [(s.start, s.end) for s in sections]
+        for chunk in (chunk for first, end in ranges for chunk in _chunks(self.config, self.truth, first, end)):
             columns = {"row_id": pa.array(chunk["row_id"]), LABEL: pa.array(chunk["label"])}
             for name, values in zip(self.info.dense, chunk["dense"]):
                 columns[name] = pa.array(np.log1p(np.nan_to_num(values)).astype(np.float32))

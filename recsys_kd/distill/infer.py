@@ -103,7 +103,7 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
     schema = Schema.load(dataset)
     teachers, records = _build_teachers(config, schema)
     ensemble = TeacherEnsemble(teachers, hints=config.hints)
-    dmp, plan = shard(ensemble, config.sharding, ctx)
+    dmp, plan = shard(ensemble, config.sharding, ctx, config.batch_size)
     _load_teachers(dmp, config)
     dmp.eval()
     started, rows_scored = time.time(), 0

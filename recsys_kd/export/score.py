@@ -27,6 +27,14 @@ are renamed into place only once every one is complete and the bad-row check pas
 written last. A failed run publishes no part; a rerun removes the temporaries a killed run left
 (``<split>/.part-*.tmp``, ``.score.json.*.tmp``), its own output's only.
 
+On N ranks (torchrun / torchx; ``out_dir`` on storage every rank sees) each rank scores its share:
+dataset part i on rank i mod N, its output part mirroring it as above; raw logs in the byte ranges
+``prepare`` would deal (:func:`~recsys_kd.data.sections.placed_sections`: same row_ids), each rank's
+parts named in rank order when published, so in input order. The bad-row check and the metrics are
+over all ranks' rows (the AUC histograms and row counts summed exactly, the logloss sums in float64),
+each step ends with every rank's verdict (a failure anywhere withdraws every rank's parts), and rank 0
+gathers the quarantines and writes ``score.json`` (``world_size``, each rank's rows and seconds).
+
 Memory is bounded by ``batch_size`` and one row group, never by the data size. AUC and logloss are
 streamed (:class:`~recsys_kd.train.metrics.StreamingMetrics`): the AUC from histograms of the
 probabilities, with the largest error this can cause stated in the record (``auc_max_error``); the
@@ -36,18 +44,25 @@ Example::
 
     record = score_dataset("runs/demo/artifacts/dagfm_outer.pt", "runs/demo/data", "runs/demo/scores/test")
     record["metrics"]["auc"], record["rows_per_second"]
+
+Longer than 500 lines because one flow serves two inputs (a dataset split, raw logs) on one rank or N,
+with every step's verdict shared; its input readers, batch conversion and publishing steps read best
+beside that flow.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -55,11 +70,14 @@ from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.id_rules import IdRules, vocab_features
 from recsys_kd.data.integrity import verify_dataset_part
 from recsys_kd.data.parts import PartWriter, part_schema, read_row_group, row_groups
-from recsys_kd.data.quarantine import Quarantine
+from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.data.sections import placed_sections
+from recsys_kd.data.source import Section
+from recsys_kd.distributed import from_rank, gather_outcome, launched_context, sum_arrays_over_ranks
 from recsys_kd.export.artifact import ArtifactError, load_artifact
 from recsys_kd.export.serving import example_major_inputs
-from recsys_kd.io import atomic_write_json, naming
+from recsys_kd.io import atomic_file, atomic_write_json, naming
 from recsys_kd.runs import QUARANTINE_FILE, SCHEMA_FILE, SCORE_RECORD
 from recsys_kd.train import hooks
 from recsys_kd.train.metrics import StreamingMetrics
@@ -69,7 +87,7 @@ PROBABILITY = "probability"
 RAW_FORMATS = ("criteo", "avazu", "movielens")
 _OUTPUT_SCHEMA = part_schema([PROBABILITY])
 # what killed runs leave: PartWriter's and atomic_write_json's temporaries
-_STALE_PARTS = re.compile(r"\.part-\d+\.parquet(\.json)?\..+\.tmp")
+_STALE_PARTS = re.compile(r"\.part-(r\d+-)?\d+\.parquet(\.json)?\..+\.tmp")  # r: a rank's raw part
 _STALE_RECORD = re.compile(rf"\.{re.escape(SCORE_RECORD)}\..+\.tmp")
 
 
@@ -142,30 +160,37 @@ def score_dataset(
     """
     started = time.perf_counter()
     artifact, source, out_dir = Path(artifact), Path(source), Path(out_dir)
-    _check_arguments(artifact, source, out_dir, batch_size, overwrite)
-    module, metadata = load_artifact(artifact, verify=verify)
-    schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
-    remove_stale_temporaries(out_dir)
-    # an interrupted rerun must not leave the old record claiming parts this run replaced
-    (out_dir / SCORE_RECORD).unlink(missing_ok=True)
-    if (source / SCHEMA_FILE).exists():
-        scored = _dataset_input(schema, source, split, verify)
-    else:
-        scored = _raw_input(schema, source, out_dir, vocab_dir, rows_per_part)
+    ranks = launched_context()
+    from_rank(0, lambda: _clear_output(artifact, source, out_dir, batch_size, overwrite))
+    # each step's failure on any rank fails every rank there (gather_outcome), none waits for another
+    loaded: Dict[str, Any] = {}
+    gather_outcome(lambda: loaded.update(_opened(artifact, source, split, vocab_dir, verify, ranks.rank, ranks.world_size)))
+    module, metadata, schema = loaded["module"], loaded["metadata"], loaded["schema"]
+    if "raw_source" in loaded:
+        sections = placed_sections(loaded["raw_source"], ranks.rank, ranks.world_size) if ranks.world_size > 1 else None
+        gather_outcome(lambda: loaded.update(input=_raw_input(loaded["raw_source"], loaded["rules"], sections, source,
+                                                              out_dir, vocab_dir, rows_per_part, ranks.rank, ranks.world_size)))
+    scored = loaded["input"]
     metrics = StreamingMetrics()
     writers: List[PartWriter] = []
     try:
-        _score(module, schema, scored, out_dir, batch_size, metrics, progress, writers)
-        rows = sum(writer.rows for writer in writers)
+        counted = gather_outcome(lambda: _scored_here(module, schema, scored, out_dir, batch_size, metrics, progress,
+                                                        writers, ranks.rank, started))
+        rows = sum(c["rows"] for c in counted)
+        quarantined = _summed([c["quarantined"] for c in counted])
         if scored.quarantine is not None:
-            scored.quarantine.check(rows + scored.quarantine.total, max_bad_fraction)
-        parts = [writer.publish() for writer in writers]
+            _check_bad_rows(quarantined, rows, max_bad_fraction, out_dir, ranks.rank, ranks.world_size)
+        parts = _in_input_order(gather_outcome(lambda: _published(writers, scored, out_dir, counted, ranks.rank)),
+                                scored.split == RAW_SPLIT)
     except BaseException as error:
         for writer in writers:
             writer.withdraw()
         if isinstance(error, OSError) and naming(error, out_dir) is not error:
             raise naming(error, out_dir) from error
         raise
+    metrics.positives, metrics.negatives, metric_rows, loss_sum = sum_arrays_over_ranks(
+        [metrics.positives, metrics.negatives, np.array([metrics.rows], np.int64), np.array([metrics.loss_sum])])
+    metrics.rows, metrics.loss_sum = int(metric_rows[0]), float(loss_sum[0])
     record = {
         "stage": "score",
         "artifact": str(artifact),
@@ -176,15 +201,107 @@ def score_dataset(
         "split": scored.split,
         "parts": parts,
         "rows": rows,
-        "quarantined": scored.quarantine.summary() if scored.quarantine is not None else {},
+        "quarantined": quarantined if scored.quarantine is not None else {},
         "metrics": metrics.result(),
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
+        "world_size": ranks.world_size,
+        "ranks": [{"rank": rank, "rows": c["rows"], "seconds": c["seconds"]} for rank, c in enumerate(counted)],
     }
+    return from_rank(0, lambda: _write_record(record, out_dir, scored, ranks.world_size, started))
+
+
+def _clear_output(artifact: Path, source: Path, out_dir: Path, batch_size: int, overwrite: bool) -> None:
+    """Rank 0, before any rank writes: the arguments checked; what killed runs left removed, and the old
+    record (an interrupted rerun must not leave it claiming parts this run replaced)."""
+    _check_arguments(artifact, source, out_dir, batch_size, overwrite)
+    remove_stale_temporaries(out_dir)
+    (out_dir / SCORE_RECORD).unlink(missing_ok=True)
+
+
+def _opened(artifact: Path, source: Path, split: str, vocab_dir: Optional[Union[str, Path]], verify: bool, rank: int,
+            world_size: int) -> Dict[str, Any]:
+    """The artifact's module, metadata and schema; and this rank's dataset ``input``, or the ``raw_source``
+    and its id ``rules``."""
+    module, metadata = load_artifact(artifact, verify=verify)
+    schema = from_dict(Schema, metadata["schema"], source=f"{artifact}:schema.json")
+    opened = {"module": module, "metadata": metadata, "schema": schema}
+    if (source / SCHEMA_FILE).exists():
+        return {**opened, "input": _dataset_input(schema, source, split, verify, rank, world_size)}
+    return {**opened, "raw_source": _open_raw(schema, source), "rules": _id_rules(schema, vocab_dir)}
+
+
+def _scored_here(module, schema: Schema, scored: "_Input", out_dir: Path, batch_size: int, metrics: StreamingMetrics,
+                 progress: bool, writers: List[PartWriter], rank: int, started: float) -> Dict[str, Any]:
+    """This rank's share scored into finished, unpublished parts; what the other ranks need to know."""
+    _score(module, schema, scored, out_dir, batch_size, metrics, progress and rank == 0, writers, rank)
+    return {"rows": sum(writer.rows for writer in writers), "parts": len(writers),
+            "quarantined": scored.quarantine.summary() if scored.quarantine is not None else {},
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _check_bad_rows(quarantined: Dict[str, int], rows: int, max_bad_fraction: Optional[float], out_dir: Path,
+                    rank: int, world_size: int) -> None:
+    """Every rank raises TooManyBadRows when too large a share of all ranks' rows was refused (the same
+    verdict everywhere); rank 0 first gathers the ranks' quarantines into ``quarantine.jsonl``."""
+    error = too_many_bad_rows(quarantined, rows + sum(quarantined.values()), max_bad_fraction, out_dir / QUARANTINE_FILE)
+    if error is not None:
+        if rank == 0:
+            _merge_quarantines(out_dir, world_size)
+        raise error
+
+
+def _published(writers: List[PartWriter], scored: "_Input", out_dir: Path, counted: List[Dict[str, Any]],
+               rank: int) -> List[Dict[str, Any]]:
+    """Publishes this rank's parts. Raw logs: on N ranks each rank numbered its parts on its own
+    (``raw/part-rRRRRR-KKKKK``); they are named here in rank order, so in input order."""
+    if scored.split == RAW_SPLIT and len(counted) > 1:
+        first = sum(c["parts"] for c in counted[:rank])
+        for index, writer in enumerate(writers):
+            writer.final = out_dir / _raw_part(first + index)
+    return [writer.publish() for writer in writers]
+
+
+def _in_input_order(parts: List[List[Dict[str, Any]]], raw: bool) -> List[Dict[str, Any]]:
+    """Every rank's published parts in input order: raw logs' rank after rank; a dataset's dealt round
+    robin (part i on rank i mod N), so taken round robin."""
+    if raw:
+        return [part for rank_parts in parts for part in rank_parts]
+    return [part for round_parts in itertools.zip_longest(*parts) for part in round_parts if part is not None]
+
+
+def _write_record(record: Dict[str, Any], out_dir: Path, scored: "_Input", world_size: int, started: float) -> Dict[str, Any]:
+    if scored.quarantine is not None and world_size > 1:
+        _merge_quarantines(out_dir, world_size)
     seconds = time.perf_counter() - started
-    record.update(seconds=round(seconds, 3), rows_per_second=round(rows / max(seconds, 1e-9), 1))
+    record.update(seconds=round(seconds, 3), rows_per_second=round(record["rows"] / max(seconds, 1e-9), 1))
     atomic_write_json(out_dir / SCORE_RECORD, record)
     return record
+
+
+def _quarantine_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    """Where a rank writes the raw rows it refused: ``quarantine.jsonl`` alone, else its own part of it."""
+    return out_dir / (QUARANTINE_FILE if world_size == 1 else f".{QUARANTINE_FILE}.rank-{rank:05d}")
+
+
+def _merge_quarantines(out_dir: Path, world_size: int) -> None:
+    """N ranks: their quarantines, in rank order (so in input order), as ``quarantine.jsonl``."""
+    if world_size == 1:
+        return
+    with atomic_file(out_dir / QUARANTINE_FILE) as temp, open(temp, "wb") as merged:
+        for rank in range(world_size):
+            part = _quarantine_path(out_dir, rank, world_size)
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, merged)
+            part.unlink()
+
+
+def _summed(counts: List[Dict[str, int]]) -> Dict[str, int]:
+    total: Dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items()))
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
@@ -209,27 +326,31 @@ def _check_arguments(artifact: Path, source: Path, out_dir: Path, batch_size: in
         raise FileExistsError(f"{out_dir / SCORE_RECORD} exists (a finished score run); pass overwrite to replace it")
 
 
-def _dataset_input(schema: Schema, dataset: Path, split: str, verify: bool = True) -> _Input:
-    """A prepared dataset's split, checked against the artifact's features (and its parts against their
-    checksums, with ``verify``)."""
+def _dataset_input(schema: Schema, dataset: Path, split: str, verify: bool = True, rank: int = 0,
+                   world_size: int = 1) -> _Input:
+    """A prepared dataset's split, checked against the artifact's features; this rank's parts (part i on
+    rank i mod N), checked against their checksums with ``verify``."""
     dataset_schema = Schema.load(dataset)
     check_same_features(schema, dataset_schema, dataset)
-    for relative in dataset_schema.split(split).files if verify else ():
+    files = dataset_schema.split(split).files[rank::world_size]
+    for relative in files if verify else ():
         verify_dataset_part(dataset, split, dataset_schema.split(split), relative)
-    return _Input(_dataset_chunks(dataset, dataset_schema, split), split, dataset_schema.split(split).rows, "row",
+    rows = dataset_schema.split(split).rows if world_size == 1 else sum(pq.ParquetFile(dataset / f).metadata.num_rows for f in files)
+    return _Input(_dataset_chunks(dataset, dataset_schema, files), split, rows, "row",
                   {"kind": "dataset", "path": str(dataset), "split": split})
 
 
-def _raw_input(schema: Schema, source: Path, out_dir: Path, vocab_dir: Optional[Union[str, Path]],
-               rows_per_part: int) -> _Input:
-    """Raw logs, read by the converter of the artifact's dataset format and given ids by its id rules."""
-    raw_source = _open_raw(schema, source)
-    rules = _id_rules(schema, vocab_dir)
+def _raw_input(raw_source, rules: IdRules, sections: Optional[List[Section]], source: Path, out_dir: Path,
+               vocab_dir: Optional[Union[str, Path]], rows_per_part: int, rank: int = 0, world_size: int = 1) -> _Input:
+    """Raw logs (this rank's ``sections`` of them, or all), read by the converter of the artifact's
+    dataset format and given ids by its id ``rules``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    quarantine = Quarantine(out_dir / QUARANTINE_FILE)
+    quarantine = Quarantine(_quarantine_path(out_dir, rank, world_size))
     described = {"kind": "raw", "path": str(source), "format": raw_source.info.name, "files": raw_source.info.inputs,
                  "vocab_dir": str(vocab_dir) if vocab_dir else None}
-    return _Input(_raw_chunks(raw_source, rules, quarantine, rows_per_part), RAW_SPLIT, raw_source.progress_total(),
+    total = raw_source.progress_total() if sections is None else sum(section.size for section in sections)
+    part_name = _raw_part if world_size == 1 else lambda part: f"{RAW_SPLIT}/part-r{rank:05d}-{part:05d}.parquet"
+    return _Input(_raw_chunks(raw_source, sections, rules, quarantine, rows_per_part, part_name), RAW_SPLIT, total,
                   "B", described, quarantine)
 
 
@@ -242,6 +363,7 @@ def _score(
     metrics: StreamingMetrics,
     progress: bool,
     writers: List[PartWriter],
+    rank: int = 0,
 ) -> None:
     """Scores the input's chunks in batches of at most ``batch_size`` rows, writing each output part as
     its chunks come; appends the parts' writers to ``writers``, each part finished but not published
@@ -254,7 +376,7 @@ def _score(
             if not writers or writers[-1].final != out_dir / chunk.part:
                 if writers:
                     writers[-1].finish()
-                hooks.reached("score_part", 0, len(writers) + 1)
+                hooks.reached("score_part", rank, len(writers) + 1)
                 writers.append(PartWriter(out_dir / chunk.part, _OUTPUT_SCHEMA))
             for start in range(0, chunk.table.num_rows, batch_size):
                 row_ids, labels, inputs = batch_inputs(chunk.table.slice(start, batch_size), schema, sparse_limits,
@@ -366,10 +488,11 @@ def _numpy(table: pa.Table, name: str, origin: str) -> np.ndarray:
     return column.to_numpy()
 
 
-def _dataset_chunks(dataset: Path, schema: Schema, split: str) -> Iterator[_Chunk]:
-    """The split's row groups in order, each as the output part that mirrors its input part."""
+def _dataset_chunks(dataset: Path, schema: Schema, files: List[str]) -> Iterator[_Chunk]:
+    """The row groups of the split's parts ``files``, in order, each as the output part that mirrors
+    its input part."""
     columns = [ROW_ID, schema.label, *schema.dense, *schema.sparse_names]
-    for relative in schema.split(split).files:
+    for relative in files:
         path = dataset / relative
         for group in range(row_groups(path)):
             table = read_row_group(path, group, columns)
@@ -417,17 +540,24 @@ def _id_rules(schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> IdRules:
         raise ArtifactError(str(error)) from None
 
 
-def _raw_chunks(raw_source, rules: IdRules, quarantine: Quarantine, rows_per_part: int) -> Iterator[_Chunk]:
-    """The converter's chunks as id tables, cut into output parts of at most ``rows_per_part`` rows."""
+def _raw_part(part: int) -> str:
+    return f"{RAW_SPLIT}/part-{part:05d}.parquet"
+
+
+def _raw_chunks(raw_source, sections: Optional[List[Section]], rules: IdRules, quarantine: Quarantine,
+                rows_per_part: int, part_name: Callable[[int], str]) -> Iterator[_Chunk]:
+    """The converter's chunks (of ``sections``, or all) as id tables, cut into output parts of at most
+    ``rows_per_part`` rows, part k at ``part_name(k)``."""
     part, rows_in_part, group = 0, 0, 0
     origin = ", ".join(raw_source.info.inputs)
-    for chunk in raw_source.chunks(quarantine):
+    chunks = raw_source.chunks(quarantine) if sections is None else raw_source.chunks(quarantine, sections)
+    for chunk in chunks:
         table = rules.apply(chunk.table)
         while table.num_rows:
             if rows_in_part >= rows_per_part:
                 part, rows_in_part, group = part + 1, 0, 0
             take = min(table.num_rows, rows_per_part - rows_in_part)
             piece, table = table.slice(0, take), table.slice(take)
-            yield _Chunk(piece, f"{RAW_SPLIT}/part-{part:05d}.parquet", group, origin, chunk.progress if not table.num_rows else 0)
+            yield _Chunk(piece, part_name(part), group, origin, chunk.progress if not table.num_rows else 0)
             rows_in_part += take
             group += 1

@@ -12,6 +12,11 @@ finished, so a crash (of any rank, at any moment) never leaves a partial checkpo
 name; ``latest`` is replaced atomically after the rename. :func:`load_model` rebuilds the plain model
 of a stage output from any of its checkpoints.
 
+A checkpoint loads on any number of ranks under any sharding plan: DCP reshards its tensors, and
+:func:`load` hands every writing rank's JSON state to the caller, which remaps what depends on the
+ranks (the trainer: the reader position). :func:`check_state_fits` first names what cannot carry
+over, such as a table data-parallel on one side and sharded on the other.
+
 Reading a checkpoint never runs code from it: DCP's ``.metadata`` is a pickle, read here by an
 unpickler that resolves only the types DCP metadata holds (:data:`METADATA_GLOBALS`), and non-tensor
 values go through torch's weights-only unpickler; every ``dcp.load`` of the package goes through
@@ -105,33 +110,87 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
     return final
 
 
-def load(path: Path, state: Dict[str, Any], verify: bool = True) -> Dict[str, Any]:
-    """Collective: loads DCP tensors into ``state`` in place; returns this rank's JSON state.
+def load(path: Path, state: Dict[str, Any], verify: bool = True) -> List[Dict[str, Any]]:
+    """Collective: loads DCP tensors into ``state`` in place, resharded by DCP to this process
+    group's plan and number of ranks; returns the JSON state of every rank that wrote the checkpoint,
+    in rank order (as many as wrote it, whatever their number now: the caller remaps what depends
+    on it, such as reader positions).
 
     Raises:
         CheckpointIntegrityError: a file is missing or damaged (``verify``), on every rank.
-        CheckpointError: written by another number of ranks, or unsafe to read.
+        CheckpointError: a rank's state is missing, or the checkpoint is unsafe to read.
     """
     path = Path(path)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    rank_state, problem = None, None
+    rank_states, problem = [], None
     try:
-        rank_state = _rank_state(path, rank, world_size)
+        rank_states = _rank_states(path)
     except CheckpointError as error:
         problem = error
     _raise_on_every_rank(problem)
     verify_collective(path, verify)
+    problem = None
+    try:
+        check_state_fits(path, state)
+    except CheckpointError as error:
+        problem = error
+    _raise_on_every_rank(problem)
     dcp_load(state, path)
-    return rank_state
+    return rank_states
 
 
-def load_latest(output: TrainOutput, state: Dict[str, Any], verify: bool = True) -> Optional[Tuple[Path, Dict[str, Any]]]:
+def check_state_fits(path: Path, state: Dict[str, Any]) -> None:
+    """Refuses, naming the tensor, a checkpoint that lacks a tensor of ``state`` or stores it with
+    another shape (DCP's own error speaks of its internals). Resharding changes neither: what does is
+    another model, or a table whose optimizer changed. A data-parallel table trains with the dense
+    optimizer and a sharded one with the fused table optimizer, and the ``auto`` planner may choose
+    data-parallel for a small table on one number of ranks and not on another; the message names
+    every such table and the sharding type that resumes it exactly."""
+    stored = read_metadata(path).state_dict_metadata
+    changed: Dict[str, bool] = {}  # table -> whether it was sharded when the checkpoint was written
+    for key, value in _flat_tensors(state):
+        if key not in stored:
+            table = re.match(r"optimizer\.state\.(.+\.embedding_bags\.(t_[^.]+)\.weight)\.", key)
+            if table is None:
+                raise CheckpointError(f"{path}: holds no {key}; was it written for another model?")
+            prefix = f"optimizer.state.{table.group(1)}.{table.group(2)}."  # the fused optimizer's state names
+            changed[table.group(2)] = any(name.startswith(prefix) for name in stored)
+            continue
+        saved = getattr(stored[key], "size", None)
+        if saved is not None and tuple(saved) != tuple(value.size()):
+            hint = ("; row-wise Adagrad keeps a value per row and column shard, so a column-wise table resumes with "
+                    "as many column shards" if key.endswith(".momentum1") and len(saved) == 1 else "")
+            raise CheckpointError(f"{path}: {key} has shape {list(saved)} there and {list(value.size())} in this run{hint}")
+    if changed:
+        kinds = {table: "table_wise" if sharded else "data_parallel" for table, sharded in changed.items()}
+        raise CheckpointError(
+            f"{path}: the optimizer state of {', '.join(sorted(changed))} cannot carry over: each table was data-parallel "
+            "(dense optimizer) or sharded (fused table optimizer) when the checkpoint was written and is the other in "
+            "this run's plan (the auto planner may choose data-parallel for a small table on one number of ranks and "
+            "not on another); resume with train.sharding.tables={"
+            + ", ".join(f"{table}: {kind}" for table, kind in sorted(kinds.items())) + "}"
+            + " (or another sharded type than table_wise)" * any(changed.values())
+        )
+
+
+def _flat_tensors(state: Dict[str, Any], prefix: str = "") -> List[Tuple[str, torch.Tensor]]:
+    """(DCP's flattened key, tensor) of every tensor in the nested dicts of ``state``."""
+    found: List[Tuple[str, torch.Tensor]] = []
+    for key, value in state.items():
+        if isinstance(value, dict):
+            found.extend(_flat_tensors(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            found.append((f"{prefix}{key}", value))
+    return found
+
+
+def load_latest(output: TrainOutput, state: Dict[str, Any],
+                verify: bool = True) -> Optional[Tuple[Path, List[Dict[str, Any]]]]:
     """
     Collective, to resume: loads the newest intact step checkpoint into ``state`` (see :func:`load`).
 
     Starts from the one ``latest`` names; when a file of it is damaged (:class:`CheckpointIntegrityError`)
     it warns on stderr and tries the previous complete ``step_*`` one, and so on. Returns (its path,
-    this rank's JSON state), or None when there is no step checkpoint yet.
+    every writing rank's JSON state), or None when there is no step checkpoint yet.
 
     Raises:
         CheckpointError: no step checkpoint is intact, or one is refused for another reason.
@@ -361,22 +420,27 @@ def _warn_unverified(path: Path) -> None:
                   "loaded without verification", CheckpointWarning, stacklevel=3)
 
 
-def _rank_state(path: Path, rank: int, world_size: int) -> Dict[str, Any]:
-    """This rank's JSON state; refuses a checkpoint of another number of ranks."""
-    rank_file = path / f"rank_{rank}.json"
-    if not rank_file.exists():
-        raise CheckpointError(f"{path}: no state for rank {rank}; was it written by another number of ranks?")
-    try:
-        rank_state = json.loads(rank_file.read_text())
-        written_by = rank_state["world_size"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged ({error!r})") from None
-    if written_by != world_size:
-        raise CheckpointError(
-            f"{path} was written by {written_by} ranks, this run has {world_size}; "
-            "resuming on another number of ranks is not supported yet"
-        )
-    return rank_state
+def _rank_states(path: Path) -> List[Dict[str, Any]]:
+    """The JSON state of every rank that wrote the checkpoint (each names how many did)."""
+    states: List[Dict[str, Any]] = []
+    written_by = 1  # until rank_0.json says
+    while len(states) < written_by:
+        rank_file = path / f"rank_{len(states)}.json"
+        if not rank_file.exists():
+            raise CheckpointError(f"{path}: no state for rank {len(states)} of the {written_by} that wrote it "
+                                  f"({rank_file.name} is missing)")
+        try:
+            state = json.loads(rank_file.read_text())
+            world_size = state["world_size"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged ({error!r})") from None
+        if not states and isinstance(world_size, int) and world_size >= 1:
+            written_by = world_size
+        if world_size != written_by:
+            raise CheckpointIntegrityError(f"checkpoint {path}: {rank_file.name} is damaged (world_size {world_size!r}, "
+                                           f"{written_by} ranks wrote the checkpoint)")
+        states.append(state)
+    return states
 
 
 def _raise_on_every_rank(problem: Optional[CheckpointError]) -> None:

@@ -25,7 +25,7 @@ METADATA = ".metadata"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, unsafe to read, or was written by another number of ranks."""
+    """A checkpoint is missing, incomplete, or unsafe to read."""
 
 
 def _metadata_globals() -> Dict[Tuple[str, str], Any]:

@@ -4,11 +4,19 @@ wrapped in DistributedModelParallel (train, infer and compress all call it).
 On CPU torchrec's EBC sharder allows data_parallel, table_wise, column_wise and table_column_wise;
 row_wise and table_row_wise work on CPU too (the 2-process tests check they match one process) but
 are not in its allow-list, so :class:`EmbeddingBagCollectionSharderAnyDevice` adds them.
+
+The planner sees the cluster through :class:`ClusterTopology`: ranks per host, HBM per GPU, host
+memory per rank and the per-rank batch size, read from the machine (:func:`machine_topology`) or
+given (``recsys-kd plan``). Without it torchrec assumes every rank on one host and 32 GiB of HBM, and
+a ``table_row_wise`` plan for 2 hosts x 8 GPUs would spread a table's rows over both hosts while the
+runtime (which reads LOCAL_WORLD_SIZE) keeps them on one.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
@@ -22,6 +30,10 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_kd.distributed import DistributedContext
+
+# torchrec's planner default (torchrec.distributed.planner.constants.BATCH_SIZE), used when no batch size is known
+DEFAULT_PLANNER_BATCH_SIZE = 512
+MEMINFO = Path("/proc/meminfo")
 
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
@@ -74,9 +86,103 @@ def data_parallel_tables(model: nn.Module, config: ShardingConfig) -> List[str]:
     return [name for name, table in table_configs(model).items() if config.type_of(name, table.embedding_dim) == "data_parallel"]
 
 
-def make_plan(model: nn.Module, config: ShardingConfig, device: torch.device, world_size: int) -> ShardingPlan:
-    """Plans every table with the configured type (or the planner's choice) and the kernel that type
-    needs: dense for data_parallel (plain DDP parameters, any optimizer), fused otherwise."""
+@dataclass(frozen=True)
+class ClusterTopology:
+    """The cluster a plan is made for. ``hbm_bytes``: memory of one GPU (None on CPU);
+    ``ddr_bytes``: host memory per rank (the host's memory / ``local_world_size``); ``batch_size``:
+    rows per rank per step; ``sources``: where each value came from (flag, env, machine, default),
+    for the printout."""
+
+    world_size: int
+    local_world_size: int
+    device: Literal["cpu", "cuda"]
+    hbm_bytes: Optional[int]
+    ddr_bytes: int
+    batch_size: int
+    sources: Dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.local_world_size < 1 or self.batch_size < 1:
+            raise ValueError(f"world size, local world size and batch size must be >= 1, got "
+                             f"{self.world_size}, {self.local_world_size}, {self.batch_size}")
+        if self.world_size % self.local_world_size:
+            raise ValueError(f"world size {self.world_size} is not a multiple of the local world size "
+                             f"{self.local_world_size} (ranks per host)")
+
+    @property
+    def hosts(self) -> int:
+        return self.world_size // self.local_world_size
+
+    def host_of(self, rank: int) -> int:
+        return rank // self.local_world_size
+
+    def planner_topology(self) -> Topology:
+        """torchrec's ``Topology`` for this cluster."""
+        return Topology(
+            world_size=self.world_size, compute_device=self.device, local_world_size=self.local_world_size,
+            hbm_cap=self.hbm_bytes if self.device == "cuda" else None, ddr_cap=self.ddr_bytes,
+        )
+
+
+def machine_topology(
+    world_size: int,
+    device: torch.device,
+    batch_size: Optional[int] = None,
+    *,
+    local_world_size: Optional[int] = None,
+    hbm_bytes: Optional[int] = None,
+    host_memory_bytes: Optional[int] = None,
+) -> ClusterTopology:
+    """The topology of the machine this runs on, each value overridable: ranks per host from the
+    argument, else LOCAL_WORLD_SIZE (torchrun sets it), else the visible GPUs (cuda), else
+    ``world_size``; HBM from the argument, else the GPU's properties; host memory from the argument,
+    else /proc/meminfo; the batch size from the argument, else torchrec's default.
+
+    Example::
+
+        machine_topology(16, torch.device("cuda", 0), 4096)  # on each of 2 hosts with 8 GPUs
+    """
+    sources = {}
+    if local_world_size is not None:
+        local, sources["local_world_size"] = local_world_size, "given"
+    elif os.environ.get("LOCAL_WORLD_SIZE"):
+        local, sources["local_world_size"] = int(os.environ["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE"
+    elif device.type == "cuda" and torch.cuda.is_available():
+        local, sources["local_world_size"] = min(world_size, torch.cuda.device_count()), "visible GPUs"
+    else:
+        local, sources["local_world_size"] = world_size, "one host"
+    hbm = None
+    if device.type == "cuda":
+        if hbm_bytes is not None:
+            hbm, sources["hbm"] = hbm_bytes, "given"
+        elif torch.cuda.is_available():
+            hbm, sources["hbm"] = torch.cuda.get_device_properties(device).total_memory, "GPU properties"
+        else:
+            raise ValueError("no GPU here to read the HBM size from: give it (recsys-kd plan --hbm-gb)")
+    if host_memory_bytes is not None:
+        host, sources["ddr"] = host_memory_bytes, "given"
+    else:
+        host, sources["ddr"] = host_memory(), str(MEMINFO)
+    if batch_size is not None:
+        sources["batch_size"] = "given"
+    else:
+        batch_size, sources["batch_size"] = DEFAULT_PLANNER_BATCH_SIZE, "torchrec default"
+    return ClusterTopology(world_size, local, "cuda" if device.type == "cuda" else "cpu", hbm,
+                           host // max(1, local), batch_size, sources)
+
+
+def host_memory() -> int:
+    """This host's memory in bytes (MemTotal of /proc/meminfo)."""
+    for line in MEMINFO.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{MEMINFO}: no MemTotal line")
+
+
+def table_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, ParameterConstraints]:
+    """The configured sharding type of every table not left to the planner (``auto``), with the
+    kernel that type needs: dense for data_parallel (plain DDP parameters, any optimizer), fused
+    otherwise."""
     constraints = {}
     for name, table in table_configs(model).items():
         kind = config.type_of(name, table.embedding_dim)
@@ -87,10 +193,26 @@ def make_plan(model: nn.Module, config: ShardingConfig, device: torch.device, wo
         if kind in ("column_wise", "table_column_wise"):
             min_partition = config.column_wise_min_partition or max(1, table.embedding_dim // 2)
         constraints[name] = ParameterConstraints(sharding_types=[kind], compute_kernels=[kernel], min_partition=min_partition)
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device.type), constraints=constraints, debug=False
+    return constraints
+
+
+def planner(
+    model: nn.Module, config: ShardingConfig, topology: ClusterTopology, debug: bool = False, **options
+) -> EmbeddingShardingPlanner:
+    """torchrec's planner for ``model``'s tables under ``config`` on ``topology``; ``debug`` makes it
+    log its statistics table; ``options``: more EmbeddingShardingPlanner arguments (``callbacks``)."""
+    return EmbeddingShardingPlanner(
+        topology=topology.planner_topology(), batch_size=topology.batch_size,
+        constraints=table_constraints(model, config), debug=debug, **options,
     )
-    return planner.collective_plan(model, [EmbeddingBagCollectionSharderAnyDevice()], dist.GroupMember.WORLD)
+
+
+def make_plan(model: nn.Module, config: ShardingConfig, topology: ClusterTopology) -> ShardingPlan:
+    """Collective: plans every table on rank 0 with the configured type (or the planner's choice) and
+    broadcasts the plan."""
+    return planner(model, config, topology).collective_plan(
+        model, [EmbeddingBagCollectionSharderAnyDevice()], dist.GroupMember.WORLD
+    )
 
 
 def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
@@ -106,9 +228,12 @@ def describe_plan(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
     return described
 
 
-def shard(module: nn.Module, config: ShardingConfig, ctx: DistributedContext) -> Tuple[DistributedModelParallel, ShardingPlan]:
+def shard(
+    module: nn.Module, config: ShardingConfig, ctx: DistributedContext, batch_size: Optional[int] = None
+) -> Tuple[DistributedModelParallel, ShardingPlan]:
     """
-    Collective: plans ``module``'s tables (``config``) for this process group and wraps it in
+    Collective: plans ``module``'s tables (``config``) for this process group on this machine's
+    topology (:func:`machine_topology`; ``batch_size`` rows per rank per step) and wraps it in
     DistributedModelParallel; returns (the sharded module, the plan).
 
     Tables are materialised shard by shard, so a module built with its tables on the meta device
@@ -120,7 +245,7 @@ def shard(module: nn.Module, config: ShardingConfig, ctx: DistributedContext) ->
         dmp, plan = shard(LabelTask(build_model(schema, config, embedding_device=torch.device("meta"))),
                           ShardingConfig(type="row_wise"), init_distributed())
     """
-    plan = make_plan(module, config, ctx.device, ctx.world_size)
+    plan = make_plan(module, config, machine_topology(ctx.world_size, ctx.device, batch_size))
     dmp = DistributedModelParallel(
         module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()]
     )

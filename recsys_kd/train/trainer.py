@@ -101,7 +101,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     torch.manual_seed(config.seed)
     model = build_model(schema, config.model)
     parameters, flops = model.num_parameters(), model.flops_per_example()
-    dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx)
+    dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx, reader_config.batch_size)
     columns = objective.columns()
     train_reader = ParquetReader(dataset, "train", dataclasses.replace(reader_config, extras=list(reader_config.extras) + columns),
                                  ctx.rank, ctx.world_size, side_inputs=objective.side_inputs())
@@ -148,12 +148,13 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     return record
 
 
-def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext):
-    """Collective: shards the task module with its optimizers, starting from its seeded weights (or
-    ``config.init_from``); returns (dmp, combined optimizer, plan)."""
+def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext, batch_size: Optional[int] = None):
+    """Collective: shards the task module with its optimizers (planned for ``batch_size`` rows per
+    rank), starting from its seeded weights (or ``config.init_from``); returns (dmp, combined
+    optimizer, plan)."""
     initial = copy.deepcopy(task.state_dict()) if config.deterministic_init else None
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
-    dmp, plan = shard(task, config.sharding, ctx)
+    dmp, plan = shard(task, config.sharding, ctx, batch_size)
     if initial is not None:
         # DMP re-initialises the tables it shards, rank by rank; loading the seeded full model makes
         # every world size start from identical weights (costs one full copy of the tables).
@@ -168,7 +169,8 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
     samples = 0
     while progress.epoch < config.epochs and not progress.stopped:
         reader.set_epoch(progress.epoch)
-        steps = max_over_ranks(reader.num_batches())
+        # the steps taken (before a resume: perhaps on another number of ranks) and the longest rank's to come
+        steps = progress.step_in_epoch + max_over_ranks(reader.remaining_batches())
         total = config.max_steps or config.epochs * steps
         every = steps_between_evaluations(config.eval_every_steps, config.eval_every_epochs, config.eval_every_samples,
                                           steps, reader.config.batch_size * ctx.world_size)
@@ -281,20 +283,31 @@ def _save(run: _Run, reader: ParquetReader, progress: Progress) -> None:
 
 
 def _resume(run: _Run, reader: ParquetReader) -> Optional[Progress]:
-    """The newest intact step checkpoint's state (an older one when the newest is damaged), or None."""
+    """The newest intact step checkpoint's state (an older one when the newest is damaged), or None.
+
+    Written by another number of ranks, its tensors are resharded by DCP to this run's plan and the
+    reader deals the rest of the interrupted epoch to this run's ranks (each row read once)."""
     if run.output.latest() is None:
         return None
     run.optimizer.init_state()
     state = {"model": run.dmp.state_dict(), "optimizer": run.optimizer.state_dict()}
-    path, rank_state = checkpoint.load_latest(run.output, state, run.config.verify_checkpoints)
+    path, rank_states = checkpoint.load_latest(run.output, state, run.config.verify_checkpoints)
     run.dmp.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    reader.load_state_dict(rank_state["reader"])
-    checkpoint.set_rng_state(rank_state["rng"])
+    try:
+        reader.load_state_dicts([rank_state["reader"] for rank_state in rank_states])
+    except ValueError as error:
+        raise checkpoint.CheckpointError(f"{path}: cannot continue its epoch with this reader: {error}") from None
+    written_by = len(rank_states)
+    if written_by == run.ctx.world_size:  # another world has no RNG stream per rank to continue; train() reseeds
+        checkpoint.set_rng_state(rank_states[run.ctx.rank]["rng"])
+    progress = rank_states[0]["progress"]  # the same on every rank: the metrics it tracks are gathered
     if run.ctx.is_main:
-        tqdm.write(f"resumed from {path} (epoch {rank_state['progress']['epoch']}, step {rank_state['progress']['global_step']})",
-                   file=sys.stderr)
-    return Progress(**rank_state["progress"])
+        batch, was = reader.config.batch_size * run.ctx.world_size, rank_states[0]["reader"]["batch_size"] * written_by
+        change = (f"; written by {written_by} ranks, resharded to {run.ctx.world_size} (global batch {was} -> {batch} rows)"
+                  if written_by != run.ctx.world_size else "")
+        tqdm.write(f"resumed from {path} (epoch {progress['epoch']}, step {progress['global_step']}{change})", file=sys.stderr)
+    return Progress(**progress)
 
 
 class MetricsLog:
