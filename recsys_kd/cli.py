@@ -15,6 +15,7 @@ from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
 from recsys_kd.distributed import PeerFailed
 from recsys_kd.export.artifact import ArtifactError, ParityError
+from recsys_kd.export.compiled import CompilerMissing
 from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
 from recsys_kd.stack import StackError, check_stack
 from recsys_kd.train.checkpoint import CheckpointError
@@ -23,8 +24,8 @@ from recsys_kd.warnings_filter import silence_third_party_warnings
 
 # OSError: the files, disks and network around a run (not found, exists, permission, read-only, full);
 # PeerFailed: another rank's error, which that rank reports in full
-USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               InputError, PlanError, StackError, OSError, PeerFailed)
+USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, CompilerMissing,
+               TooManyBadRows, InputError, PlanError, StackError, OSError, PeerFailed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -206,8 +207,8 @@ def _export(args) -> int:
     model_name = TrainOutput(source).model_name
     record = export_artifact(source, recipe.export_output(model_name), checkpoint=recipe.export.checkpoint,
                              dtype=recipe.export.dtype, parity_rows=recipe.export.parity_rows,
-                             dataset=recipe.prepare.output)
-    print(json.dumps({key: record[key] for key in ("artifact", "model", "dtype", "size_bytes", "parity",
+                             dataset=recipe.prepare.output, format=recipe.export.format)
+    print(json.dumps({key: record[key] for key in ("artifact", "model", "format", "dtype", "size_bytes", "parity",
                                                     "latency_batch1_ms")}, indent=2))
     return 0
 
@@ -256,9 +257,10 @@ def _score(args) -> int:
 def _add_serve(commands) -> None:
     from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_SIZE,
                                             DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS)
+    from recsys_kd.export.batching import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS
     from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DENSE_ABS, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
 
-    help = "serve a TorchScript artifact over HTTP JSON (POST /predict, GET /health) on localhost"
+    help = "serve an artifact (TorchScript or .pt2) over HTTP JSON (POST /predict, GET /health) on localhost"
     command = commands.add_parser("serve", help=help, description=help)
     command.add_argument("artifact", type=Path, help="the serving artifact (recsys-kd export)")
     command.add_argument("--host", default="127.0.0.1")
@@ -278,6 +280,10 @@ def _add_serve(commands) -> None:
                          help="bound on |dense value| when the dense transform has no range of its own")
     command.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip checking the artifact against the checksum in its export record")
+    command.add_argument("--batch-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+                         help="the longest a model call waits for requests being read to join its batch")
+    command.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
+                         help="the most rows of one batched model call")
     command.set_defaults(handler=_serve)
 
 
@@ -299,15 +305,16 @@ def _serve(args) -> int:
            args.max_connections) < 1:
         raise ConfigError("--max-body-bytes, --max-instances, --threads, --workers, --queue-size, --backlog and "
                           "--max-connections must be >= 1")
-    if not (args.request_timeout > 0 and args.max_dense_abs > 0):
-        raise ConfigError("--request-timeout and --max-dense-abs must be > 0")
+    if not (args.request_timeout > 0 and args.max_dense_abs > 0) or args.batch_wait_ms < 0 or args.max_batch_rows < 1:
+        raise ConfigError("--request-timeout and --max-dense-abs must be > 0, --batch-wait-ms >= 0, --max-batch-rows >= 1")
     if not args.artifact.exists():
         raise FileNotFoundError(f"artifact {args.artifact} not found")
     try:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
               max_instances=args.max_instances, threads=args.threads, workers=args.workers,
               queue_size=args.queue_size, backlog=args.backlog, max_connections=args.max_connections,
-              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify)
+              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify,
+              batch_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     return 0

@@ -198,7 +198,8 @@ def export_if_needed(recipe: Recipe, role: str, source: Path) -> Dict[str, Any]:
         if same_source and checkpoint_metadata.exists() and checkpoint_metadata.stat().st_mtime <= output.stat().st_mtime:
             return {**record, "skipped": True}
     record = export_artifact(source, output, checkpoint=recipe.export.checkpoint, dtype=recipe.export.dtype,
-                             parity_rows=recipe.export.parity_rows, dataset=recipe.prepare.output)
+                             parity_rows=recipe.export.parity_rows, dataset=recipe.prepare.output,
+                             format=recipe.export.format)
     return {**record, "skipped": False}
 
 

@@ -355,7 +355,7 @@ def _raw_input(raw_source, rules: IdRules, sections: Optional[List[Section]], so
 
 
 def _score(
-    module: torch.jit.ScriptModule,
+    module: Any,
     schema: Schema,
     scored: _Input,
     out_dir: Path,
