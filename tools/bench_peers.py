@@ -75,7 +75,8 @@ def prepare_criteo(workdir: Path, rows: int, table_rows: int) -> Path:
 
 
 def prepare_movielens(workdir: Path, source: Path) -> Path:
-    """ML-100K with the recipe of ``configs/movielens.yaml`` (vocabulary ids, the peers' split)."""
+    """ML-100K with the recipe of ``configs/movielens.yaml`` (vocabulary ids, the peers' split), without
+    its multi-hot genres field: the peers' 7 single-id fields."""
     from recsys_kd.data.prepare import prepare
     from recsys_kd.recipe import load_recipe
 
@@ -83,7 +84,7 @@ def prepare_movielens(workdir: Path, source: Path) -> Path:
     if not (dataset / "schema.json").exists():
         config = Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml"
         recipe = load_recipe(config, [f"prepare.inputs=[{source}]", f"prepare.output={dataset}",
-                                      "prepare.overwrite=true"])
+                                      "prepare.overwrite=true", "prepare.movielens.genres=false"])  # the peers' 7 fields
         prepare(recipe.prepare)
     return dataset
 
