@@ -172,6 +172,8 @@ def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path
     if ranks.world_size > 1:
         me.directory = staging / f".rank-{ranks.rank:05d}"
         me.sections = placed_sections(source, me.rank, me.world_size)
+    if hasattr(source, "fit"):  # statistics of the whole input the conversion needs (collective)
+        source.fit(me.sections, me.rank)
     keep_at = kept_quarantine(output)
     counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
     kept_rows = first_position = None

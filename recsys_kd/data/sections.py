@@ -25,21 +25,34 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from recsys_kd.data.rawtext import count_lines, is_compressed, line_start
 from recsys_kd.data.source import InputError, RawSource, Section
 from recsys_kd.distributed import from_rank, gather_outcome
 
 
-def deal_files(files: Sequence[Path], world_size: int) -> List[List[Section]]:
-    """``files`` cut into ``world_size`` contiguous spans of sections (empty sections left out)."""
+# Where a span may end in a file: (path, byte offset in it, its size) -> the nearest allowed byte.
+Boundary = Callable[[Path, int, int], int]
+
+
+def text_boundary(path: Path, offset: int, size: int) -> int:
+    """A text file's cut: the first line start at or after ``offset`` in a plain file; in a compressed
+    one, whichever end is nearer."""
+    if is_compressed(path):
+        return 0 if offset < size / 2 else size
+    return line_start(Path(path), offset)
+
+
+def deal_files(files: Sequence[Path], world_size: int, boundary: Boundary = text_boundary) -> List[List[Section]]:
+    """``files`` cut into ``world_size`` contiguous spans of sections (empty sections left out), each
+    cut where ``boundary`` allows."""
     sizes = [os.path.getsize(path) for path in files]
     starts = [sum(sizes[:index]) for index in range(len(files))]
     total = sum(sizes)
     cuts = [0]
     for rank in range(1, world_size):
-        cuts.append(max(cuts[-1], _cut(files, sizes, starts, rank * total // world_size)))
+        cuts.append(max(cuts[-1], _cut(files, sizes, starts, rank * total // world_size, boundary)))
     cuts.append(total)
     spans = []
     for begin, end in zip(cuts, cuts[1:]):
@@ -52,13 +65,11 @@ def deal_files(files: Sequence[Path], world_size: int) -> List[List[Section]]:
     return spans
 
 
-def _cut(files: Sequence[Path], sizes: List[int], starts: List[int], offset: int) -> int:
-    """The global byte where a span ending near ``offset`` ends: a line start, or a compressed file's end."""
+def _cut(files: Sequence[Path], sizes: List[int], starts: List[int], offset: int, boundary: Boundary) -> int:
+    """The global byte where a span ending near ``offset`` ends: where ``boundary`` allows in its file."""
     for path, start, size in zip(files, starts, sizes):
         if start <= offset < start + size:
-            if is_compressed(path):
-                return start if offset - start < size / 2 else start + size
-            return start + line_start(Path(path), offset - start)
+            return start + boundary(Path(path), offset - start, size)
     return offset
 
 
