@@ -408,9 +408,7 @@ def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quara
         total=total, desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
         unit_scale=True, disable=not config.progress or me.rank != 0, mininterval=1.0,
     ) as bar:
-        # alone, the source's whole input: a source that cannot be dealt needs no sections argument
-        chunks = source.chunks(quarantine) if me.sections is None else source.chunks(quarantine, me.sections)
-        for chunk in prefetch(chunks, depth=1):
+        for chunk in prefetch(source.chunks(quarantine, me.sections), depth=1):
             bar.update(chunk.progress)
             yield chunk
 

@@ -3,7 +3,8 @@ numbers them.
 
 :func:`deal_files` cuts the input files, taken as one byte stream, at ``r * total / N`` for each rank r:
 in a plain file at the first line start at or after that byte; a compressed file (``.gz``, ``.bz2`` ...),
-which cannot be entered in the middle, at whichever of its ends is nearer. Rank r's span follows rank
+which cannot be entered in the middle, at whichever of its ends is nearer (a source may cut its own
+kinds of file elsewhere: ``format: table`` cuts Parquet at row group starts). Rank r's span follows rank
 r - 1's, so the ranks' rows taken in rank order are the input's rows in order. Every rank computes the
 same cut from the file sizes and a few bytes at each cut point; no communication.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 from recsys_kd.data.rawtext import count_lines, is_compressed, line_start
-from recsys_kd.data.source import InputError, RawSource, Section
+from recsys_kd.data.source import RawSource, Section
 from recsys_kd.distributed import from_rank, gather_outcome
 
 
@@ -119,8 +120,6 @@ def placed_sections(source: RawSource, rank: int, world_size: int) -> List[Secti
     """Rank ``rank``'s sections, placed (collective: every rank calls it): rank 0 deals the input,
     every rank counts its own sections' lines, and the gathered counts place every section."""
     def deal() -> List[List[Dict]]:
-        if not hasattr(source, "deal"):
-            raise InputError(f"format {source.info.name!r} cannot be dealt to ranks; read it on one process")
         return [[dataclasses.asdict(section) for section in span] for span in source.deal(world_size)]
 
     spans = [[Section(**section) for section in span] for span in from_rank(0, deal)]
