@@ -66,6 +66,7 @@ from recsys_kd.distributed import gather_outcome
 DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
 SECONDS_PER_DAY = 86400
 PARQUET_BATCH_ROWS = 65536
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
 SUFFIXES = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -141,6 +142,10 @@ class TableSource:
         self.dropped_by_rule: Dict[str, int] = {}
         self.standardized = [d.column for d in options.dense if d.transform == "standardize"]
         self.statistics: Optional[Dict[str, Tuple[float, float]]] = None  # by fit()
+        # Every CSV/TSV file's columns, read and checked up front: a rank whose share misses a file's
+        # start (or an empty file, dealt to no rank) still fails on a missing column as one process does.
+        self.names = {index: self._columns(path, _DELIMITERS[kind]) for index, (path, kind)
+                      in enumerate(zip(self.files, self.formats)) if kind in _DELIMITERS}
 
     @property
     def dense_transform(self) -> str:
@@ -211,10 +216,9 @@ class TableSource:
         pieces = [(index, None) for index in range(len(self.files))] if sections is None else [
             (section.file, section) for section in sections]
         for index, section in pieces:
-            path, kind = self.files[index], self.formats[index]
             base = record_base if section is None else section.first_row - section.first_line
             records = 0
-            for block in self._blocks(path, kind, quarantine, section):
+            for block in self._blocks(index, quarantine, section):
                 yield self._convert(block, base, quarantine, dropped), block.size
                 records = block.records_end
             record_base += records
@@ -257,10 +261,11 @@ class TableSource:
 
     # ------------------------------------------------------------------------------- file readers
 
-    def _blocks(self, path: Path, kind: str, quarantine: Optional[Quarantine], section: Optional[Section]) -> Iterator[_Block]:
-        """The blocks of ``path``, or of its ``section``; records numbered within the file either way."""
-        if kind in ("csv", "tsv"):
-            return self._delimited_blocks(path, "," if kind == "csv" else "\t", quarantine, section)
+    def _blocks(self, index: int, quarantine: Optional[Quarantine], section: Optional[Section]) -> Iterator[_Block]:
+        """The blocks of file ``index``, or of its ``section``; records numbered within the file either way."""
+        path, kind = self.files[index], self.formats[index]
+        if kind in _DELIMITERS:
+            return self._delimited_blocks(path, _DELIMITERS[kind], self.names[index], quarantine, section)
         if kind == "jsonl":
             return self._json_blocks(path, quarantine, section)
         return self._parquet_blocks(path, section)
@@ -281,9 +286,8 @@ class TableSource:
         if missing:
             raise InputError(f"{path}: no column {', '.join(map(repr, missing))} {where} (has: {', '.join(names)})")
 
-    def _delimited_blocks(
-        self, path: Path, delimiter: str, quarantine: Optional[Quarantine], section: Optional[Section]
-    ) -> Iterator[_Block]:
+    def _columns(self, path: Path, delimiter: str) -> List[str]:
+        """A CSV/TSV file's column names (its header, or ``columns``), checked against the spec."""
         try:
             names = self._header(path, delimiter)
         except (OSError, EOFError, pa.ArrowInvalid) as error:
@@ -291,6 +295,11 @@ class TableSource:
                 raise
             raise InputError(f"{path}: cannot read (truncated or corrupt?): {one_line(error)}") from error
         self._check_columns(path, names, "in the header" if self.options.header else "in table.columns")
+        return names
+
+    def _delimited_blocks(
+        self, path: Path, delimiter: str, names: List[str], quarantine: Optional[Quarantine], section: Optional[Section]
+    ) -> Iterator[_Block]:
         offset = 1 if self.options.header else 0
         if section is not None and section.start > 0:  # numbered by records; read_delimited by lines
             section = dataclasses.replace(section, first_line=section.first_line + offset)
@@ -345,7 +354,7 @@ class TableSource:
             if name not in listed and (pa.types.is_nested(kind) or pa.types.is_dictionary(kind)):
                 raise InputError(f"{path}: column {name!r} holds {kind}; only multi_hot columns may hold lists")
         groups = _section_row_groups(path, section) if section is not None else None
-        if groups == []:
+        if groups == []:  # a share of the file's bytes holding no row group's start
             return
         rows = parquet.metadata.num_rows if groups is None else sum(count for _, count in groups)
         size = os.path.getsize(path) if section is None else section.size
