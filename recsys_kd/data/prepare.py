@@ -10,9 +10,10 @@ partial dataset under the final name; a rerun removes the staging directories ki
 beside the output as ``<name>.quarantine.jsonl`` (removed by the next successful run).
 
 On N ranks (torchrun / torchx; the output on storage every rank sees) the same steps run on every
-rank over its share of the input: files and byte ranges of plain files cut at line starts
-(:mod:`~recsys_kd.data.sections`), placed by a count of their lines so row_ids and quarantined line
-numbers are one process's. Hash ids need nothing more; vocabulary counts meet in hash-partitioned
+rank over its share of the input: files and byte ranges of plain files cut at line starts (Parquet
+at row group starts; :mod:`~recsys_kd.data.sections`), placed by a count of their lines so row_ids and
+quarantined line numbers are one process's; statistics a source fits over the whole input (``format:
+table``'s standardize) are gathered as exact sums. Hash ids need nothing more; vocabulary counts meet in hash-partitioned
 files (:mod:`~recsys_kd.data.vocabularies`) and are ordered as one process orders them; count-based splits
 use the global count and each rank's offset in it. Each rank writes its parts and quarantine in its
 own folder of rank 0's staging directory; rank 0 moves them into the one-process layout (parts
