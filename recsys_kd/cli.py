@@ -15,7 +15,9 @@ from recsys_kd.data.schema import SchemaError
 from recsys_kd.data.source import InputError
 from recsys_kd.distributed import PeerFailed
 from recsys_kd.export.artifact import ArtifactError, ParityError
-from recsys_kd.runs import COMPRESS_RECORD, SCORE_RECORD, TRAIN_RECORD, OutputError, TrainOutput
+from recsys_kd.export.compiled import CompilerMissing
+from recsys_kd.runs import (COMPRESS_RECORD, PIPELINE_RECORD, REPORT_FILE, SCORE_RECORD, TRAIN_RECORD, OutputError,
+                            TrainOutput, pipeline_record)
 from recsys_kd.stack import StackError, check_stack
 from recsys_kd.train.checkpoint import CheckpointError
 from recsys_kd.train.plan import PlanError
@@ -23,8 +25,8 @@ from recsys_kd.warnings_filter import silence_third_party_warnings
 
 # OSError: the files, disks and network around a run (not found, exists, permission, read-only, full);
 # PeerFailed: another rank's error, which that rank reports in full
-USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, TooManyBadRows,
-               InputError, PlanError, StackError, OSError, PeerFailed)
+USER_ERRORS = (ConfigError, SchemaError, CheckpointError, OutputError, ArtifactError, ParityError, CompilerMissing,
+               TooManyBadRows, InputError, PlanError, StackError, OSError, PeerFailed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -68,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_score(commands)
     _add_serve(commands)
     _add_plan(commands)
+    report = commands.add_parser("report", help="write RUN_DIR/report.html (curves, AUC against size and latency, "
+                                 "AFM spectra, tables) from a finished pipeline run")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the recipe's run_dir (holds pipeline.json)")
+    report.set_defaults(handler=_report)
     inspect = commands.add_parser("inspect", help="print a prepared dataset's schema and splits")
     inspect.add_argument("dataset", type=Path)
     inspect.set_defaults(handler=_inspect)
@@ -206,8 +212,8 @@ def _export(args) -> int:
     model_name = TrainOutput(source).model_name
     record = export_artifact(source, recipe.export_output(model_name), checkpoint=recipe.export.checkpoint,
                              dtype=recipe.export.dtype, parity_rows=recipe.export.parity_rows,
-                             dataset=recipe.prepare.output)
-    print(json.dumps({key: record[key] for key in ("artifact", "model", "dtype", "size_bytes", "parity",
+                             dataset=recipe.prepare.output, format=recipe.export.format)
+    print(json.dumps({key: record[key] for key in ("artifact", "model", "format", "dtype", "size_bytes", "parity",
                                                     "latency_batch1_ms")}, indent=2))
     return 0
 
@@ -256,9 +262,10 @@ def _score(args) -> int:
 def _add_serve(commands) -> None:
     from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE_SIZE,
                                             DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS)
+    from recsys_kd.export.batching import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS
     from recsys_kd.export.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DENSE_ABS, DEFAULT_MAX_INSTANCES, DEFAULT_PORT
 
-    help = "serve a TorchScript artifact over HTTP JSON (POST /predict, GET /health) on localhost"
+    help = "serve an artifact (TorchScript or .pt2) over HTTP JSON (POST /predict, GET /health) on localhost"
     command = commands.add_parser("serve", help=help, description=help)
     command.add_argument("artifact", type=Path, help="the serving artifact (recsys-kd export)")
     command.add_argument("--host", default="127.0.0.1")
@@ -278,6 +285,10 @@ def _add_serve(commands) -> None:
                          help="bound on |dense value| when the dense transform has no range of its own")
     command.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip checking the artifact against the checksum in its export record")
+    command.add_argument("--batch-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+                         help="the longest a model call waits for requests being read to join its batch")
+    command.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
+                         help="the most rows of one batched model call")
     command.set_defaults(handler=_serve)
 
 
@@ -299,15 +310,16 @@ def _serve(args) -> int:
            args.max_connections) < 1:
         raise ConfigError("--max-body-bytes, --max-instances, --threads, --workers, --queue-size, --backlog and "
                           "--max-connections must be >= 1")
-    if not (args.request_timeout > 0 and args.max_dense_abs > 0):
-        raise ConfigError("--request-timeout and --max-dense-abs must be > 0")
+    if not (args.request_timeout > 0 and args.max_dense_abs > 0) or args.batch_wait_ms < 0 or args.max_batch_rows < 1:
+        raise ConfigError("--request-timeout and --max-dense-abs must be > 0, --batch-wait-ms >= 0, --max-batch-rows >= 1")
     if not args.artifact.exists():
         raise FileNotFoundError(f"artifact {args.artifact} not found")
     try:
         serve(args.artifact, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
               max_instances=args.max_instances, threads=args.threads, workers=args.workers,
               queue_size=args.queue_size, backlog=args.backlog, max_connections=args.max_connections,
-              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify)
+              request_timeout=args.request_timeout, max_dense_abs=args.max_dense_abs, verify=args.verify,
+              batch_wait_ms=args.batch_wait_ms, max_batch_rows=args.max_batch_rows)
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     return 0
@@ -365,7 +377,7 @@ def _plan(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from recsys_kd.pipeline import artifact_rows, model_rows, run_pipeline, summary_rows
+    from recsys_kd.pipeline import result_tables, run_pipeline
 
     recipe = _recipe(args)
     record = run_pipeline(recipe)
@@ -374,11 +386,20 @@ def _pipeline(args) -> int:
     for name, stage in record["stages"].items():
         state = "skipped (up to date)" if stage.get("skipped") else "done"
         print(f"{name}: {state}")
-    print(format_table(summary_rows(record, Path(recipe.prepare.output))))
-    for rows in (model_rows(record), artifact_rows(record)):
+    for rows in result_tables(record).values():
         if rows:
             print(format_table(rows))
-    print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / 'pipeline.json'}")
+    print(f"pipeline finished in {record['seconds']:.1f} s; record: {Path(recipe.run_dir) / PIPELINE_RECORD}")
+    print(f"report: {Path(recipe.run_dir) / REPORT_FILE}")
+    return 0
+
+
+def _report(args) -> int:
+    from recsys_kd.pipeline import result_tables
+    from recsys_kd.report import write_report
+
+    record = pipeline_record(args.run_dir)
+    print(f"report: {write_report(args.run_dir, record, result_tables(record))}")
     return 0
 
 

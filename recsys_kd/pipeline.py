@@ -3,17 +3,17 @@ and was made from the same config: synthesize (raw logs, when the recipe has tha
 prepare -> read back (every row of every split through the streaming reader) -> train the teacher
 -> infer (soft labels) -> distill (+ FT) the student -> compress it (AFM, each step fine-tuned) ->
 export every model of the run (teacher, student, compressed student) as a parity-checked TorchScript
-artifact -> score the test split with each artifact alone.
+artifact -> score the test split with each artifact alone -> write the report (plots and tables).
 
 Each stage writes a JSON record; the pipeline's own record (``<run_dir>/pipeline.json``) collects
-them with the result table.
+them with the result table, and ``<run_dir>/report.html`` shows them (:mod:`recsys_kd.report`).
 
 On N ranks (``torchrun --nproc_per_node N -m recsys_kd.cli pipeline ...``, or the torchx component)
 every stage runs on every rank with its share of the work (prepare, read back, train, infer,
 distill, compress, score), except two made by one process by design: ``synthesize`` (one file of
 demo logs) and ``export`` (one artifact per model), which rank 0 runs while the others wait for its
 verdict. Whether a stage is skipped is rank 0's decision, shared, so the ranks always agree; rank 0
-writes ``pipeline.json``.
+writes ``pipeline.json`` and the report.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from recsys_kd.data.synthetic import write_criteo_tsv
 from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome, launched_context
 from recsys_kd.io import atomic_write_json
 from recsys_kd.recipe import Recipe, SynthesizeConfig
-from recsys_kd.runs import COMPRESS_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput, export_record
+from recsys_kd.report import write_report
+from recsys_kd.runs import (COMPRESS_RECORD, PIPELINE_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput,
+                            export_record)
 
 # Config keys that change how a stage runs but not what it produces.
 _RUNTIME_KEYS = ("progress", "overwrite", "verify_checkpoints")
@@ -60,7 +62,8 @@ def run_pipeline(recipe: Recipe) -> Dict[str, Any]:
     stages["export"] = from_rank(0, lambda: export_all(recipe))  # one artifact per model: one process
     stages["score"] = score_all(recipe, stages["export"])
     record = {"stages": stages, "world_size": ranks.world_size, "seconds": round(time.time() - started, 3)}
-    from_rank(0, lambda: atomic_write_json(run_dir / "pipeline.json", record))
+    from_rank(0, lambda: atomic_write_json(run_dir / PIPELINE_RECORD, record))
+    from_rank(0, lambda: str(write_report(run_dir, record, result_tables(record))))  # one page: one process
     return record
 
 
@@ -198,7 +201,8 @@ def export_if_needed(recipe: Recipe, role: str, source: Path) -> Dict[str, Any]:
         if same_source and checkpoint_metadata.exists() and checkpoint_metadata.stat().st_mtime <= output.stat().st_mtime:
             return {**record, "skipped": True}
     record = export_artifact(source, output, checkpoint=recipe.export.checkpoint, dtype=recipe.export.dtype,
-                             parity_rows=recipe.export.parity_rows, dataset=recipe.prepare.output)
+                             parity_rows=recipe.export.parity_rows, dataset=recipe.prepare.output,
+                             format=recipe.export.format)
     return {**record, "skipped": False}
 
 
@@ -349,6 +353,12 @@ def summary_rows(record: Dict[str, Any], dataset: Path) -> List[Dict[str, Any]]:
             "read rows/s": f"{read.get('rows_per_second', 0):,.0f}",
         })
     return rows
+
+
+def result_tables(record: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """The tables the pipeline prints, by title: splits, models, artifacts."""
+    return {"splits": summary_rows(record, Path(record["stages"]["prepare"]["output"])),
+            "models": model_rows(record), "artifacts": artifact_rows(record)}
 
 
 def _stable(config: Dict[str, Any]) -> Dict[str, Any]:

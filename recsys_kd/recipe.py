@@ -41,13 +41,16 @@ class ExportConfig:
     """The serving artifacts. ``recsys-kd export``: from ``source`` (a train, distill or compress
     output; default: the (fine-tuned) student when the recipe distils, else the trained model) to
     ``output`` (default ``<run_dir>/artifacts/<model>.pt``). The pipeline exports ``source`` alone when
-    set, else every model of the run: ``<run_dir>/artifacts/{teacher,student,compressed}_<model>.pt``."""
+    set, else every model of the run: ``<run_dir>/artifacts/{teacher,student,compressed}_<model>.pt``.
+    ``format``: ``torchscript`` (scripted and frozen, ``.pt``) or ``aoti`` (``torch.export`` +
+    AOTInductor, a compiled ``.pt2`` package; needs a C++ compiler; the default names end in ``.pt2``)."""
 
     source: str = ""
     output: str = ""
     checkpoint: str = "best"
     dtype: Literal["float32", "fp16", "int8"] = "float32"
     parity_rows: int = 2048
+    format: Literal["torchscript", "aoti"] = "torchscript"
 
 
 @dataclass
@@ -102,7 +105,8 @@ class Recipe:
         return Path(self.export.source) if self.export.source else self.student_output()
 
     def export_output(self, model_name: str) -> Path:
-        return Path(self.export.output or Path(self.run_dir) / "artifacts" / f"{model_name}.pt")
+        suffix = ".pt2" if self.export.format == "aoti" else ".pt"
+        return Path(self.export.output or Path(self.run_dir) / "artifacts" / f"{model_name}{suffix}")
 
     def infer_output(self) -> Path:
         """Where ``infer`` writes the soft labels: ``infer.output``, or ``<run_dir>/soft_labels``."""

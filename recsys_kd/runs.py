@@ -17,7 +17,10 @@ Layout of a model output::
 Example::
 
     source = TrainOutput("runs/demo/train/dcnv2")
-    source.model_name, source.dataset, source.checkpoint("best")
+    source.model_name, source.dataset, source.checkpoint("best"), source.metrics()
+
+A pipeline run directory holds ``pipeline.json`` (every stage's record, :func:`pipeline_record`) and
+``report.html`` (the plots and tables of the run).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 PREPARE_RECORD = "prepare.json"
 SCHEMA_FILE = "schema.json"
@@ -41,6 +44,8 @@ SIDE_INPUT_FILE = "side.json"
 COMPRESS_RECORD = "compress.json"
 SCORE_RECORD = "score.json"
 EXPORT_RECORD_SUFFIX = ".export.json"
+PIPELINE_RECORD = "pipeline.json"
+REPORT_FILE = "report.html"
 MODEL_RECORDS = (TRAIN_RECORD, COMPRESS_STEP_RECORD)
 
 
@@ -52,6 +57,17 @@ def export_record(artifact: Union[str, Path]) -> Path:
     """The JSON record beside an exported artifact: ``model.pt`` -> ``model.pt.export.json``."""
     artifact = Path(artifact)
     return artifact.with_name(artifact.name + EXPORT_RECORD_SUFFIX)
+
+
+def pipeline_record(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """The pipeline's record of a run directory (``<run_dir>/pipeline.json``: ``stages``, ``seconds``)."""
+    path = Path(run_dir) / PIPELINE_RECORD
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OutputError(f"{path} not found; is {run_dir} a run directory of recsys-kd pipeline (and did it finish)?") from None
+    except json.JSONDecodeError as error:
+        raise OutputError(f"{path}: not valid JSON ({error})") from None
 
 
 class TrainOutput:
@@ -127,6 +143,23 @@ class TrainOutput:
     @property
     def metrics_log(self) -> Path:
         return self.path / METRICS_LOG
+
+    def metrics(self) -> List[Dict[str, Any]]:
+        """The metrics log's entries in step order: training entries (``loss``, ``lr``,
+        ``samples_per_second``) and evaluations (``valid``, ``lr``). A resumed run logs again the
+        steps after its checkpoint: the later entry of a step and kind wins. A line torn by a kill
+        (the resumed run appends after it) is not JSON and is left out. Empty when there is no log."""
+        if not self.metrics_log.exists():
+            return []
+        entries: Dict[Tuple[int, bool], Dict[str, Any]] = {}
+        for line in self.metrics_log.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "step" in entry:
+                entries[(int(entry["step"]), "valid" in entry)] = entry
+        return [entries[key] for key in sorted(entries)]
 
     @property
     def best(self) -> Path:

@@ -15,6 +15,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory):
+    """A finished run of every pipeline stage on a tiny recipe, made once for the tests that read one:
+    (the recipe's path, the pipeline's record)."""
+    from recsys_kd.pipeline import run_pipeline
+    from recsys_kd.recipe import load_recipe
+    from tests.helpers import tiny_pipeline_recipe
+
+    config = tiny_pipeline_recipe(tmp_path_factory.mktemp("tiny_run"))
+    return config, run_pipeline(load_recipe(config))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads; on a busy machine their spin waits made

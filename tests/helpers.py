@@ -114,3 +114,30 @@ def save_train_output(output: Path, dataset: Path, model, config) -> Path:
     record = {"config": {"model": to_dict(config)}, "dataset": str(dataset), "test": {"auc": 0.5, "logloss": 0.7}}
     (output / "train.json").write_text(json.dumps(record))
     return output
+
+
+TINY_MODEL = {"embedding_dim": 8, "dense_mode": "projected"}
+
+
+def tiny_pipeline_recipe(root: Path) -> Path:
+    """A recipe of every pipeline stage on 4,000 synthetic rows (tests/conftest.py runs it once: ``tiny_pipeline_run``)."""
+    from tests.trainrun import write_recipe
+
+    quick = {"epochs": 1, "max_steps": 8, "log_every_steps": 2, "progress": False, "eval_batch_size": 2048}
+    return write_recipe(root / "tiny.yaml", {
+        "run_dir": str(root),
+        "synthesize": {"path": str(root / "raw" / "train.txt"),
+                       "synthetic": {"rows": 4000, "seed": 1, "max_vocab": 200, "chunk_rows": 2000}},
+        "prepare": {"format": "criteo", "inputs": [str(root / "raw" / "train.txt")], "output": str(root / "data"),
+                    "criteo": {"integers": "bucketize"}, "ids": {"rule": "vocab", "min_count": 2},
+                    "progress": False, "row_group_rows": 500},
+        "reader": {"batch_size": 256, "shuffle": True},
+        "train": {"model": {"name": "dcn", "mlp_layers": [16], "cross_layers": 2, **TINY_MODEL}, **quick},
+        "infer": {"teachers": [{"name": "dcn", "train_output": str(root / "train" / "dcn")}], "batch_size": 512},
+        "distill": {"model": {"name": "dnn", "mlp_layers": [16, 16, 16], **TINY_MODEL},
+                    "distill": {"teachers": ["dcn"], "loss": {"hard": 0.5, "mse": 1.0}}, **quick},
+        "finetune": {"model": {"name": "dnn", "mlp_layers": [16, 16, 16], **TINY_MODEL}, **quick},
+        "compress": {"methods": ["afm"], "batch_size": 1000,
+                     "steps": [{"what": "mlp", "ranks": {1: 4}}, {"what": "embeddings", "rank": 4}],
+                     "finetune": {"epochs": 1}},
+    })

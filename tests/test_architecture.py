@@ -5,7 +5,7 @@ Layers, lowest first; a module may import from its own layer or lower ones, neve
 inside a function:
 
     io, config, distributed, runs, memory, warnings_filter, stack  <-  data  <-  models  <-  train
-        <-  {distill, compress, export}  <-  {recipe, pipeline}  <-  cli
+        <-  {distill, compress, export}  <-  {recipe, pipeline, report}  <-  cli
 """
 
 import ast
@@ -21,7 +21,7 @@ LAYERS = [
     {"models"},
     {"train"},
     {"distill", "compress", "export"},
-    {"recipe", "pipeline"},
+    {"recipe", "pipeline", "report"},
     {"cli"},
 ]
 MAX_LINES = 500

@@ -119,3 +119,20 @@ def test_shipped_distillation_recipes_are_consistent(path):
         assert recipe.distill.init_from in expected, f"{path}: distill.init_from is no distilled teacher's checkpoint"
     if recipe.finetune is not None:
         assert recipe.finetune.model == recipe.distill.model, f"{path}: FT trains another model than the student"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_state_their_regularisation(path):
+    """Every recipe writes out the regularisation of each model it trains (docs/train.md#regularisation):
+    the MLP's dropout and batch norm, and the L2 on looked-up embeddings of each optimiser."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    sections = {name: data[name] for name in ("train", "distill", "finetune") if data.get(name)}
+    assert "train" in sections, f"{path}: no train section"
+    for name, section in sections.items():
+        assert {"dropout", "batch_norm"} <= set(section["model"]), f"{path}: {name}.model lacks dropout/batch_norm"
+        assert "l2_embedding" in section["optim"], f"{path}: {name}.optim lacks l2_embedding"
+    compress_optim = (data.get("compress") or {}).get("finetune", {}).get("optim")
+    if compress_optim is not None:
+        assert "l2_embedding" in compress_optim, f"{path}: compress.finetune.optim lacks l2_embedding"

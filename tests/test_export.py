@@ -20,6 +20,8 @@ from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.export import (
     ArtifactError,
+    CompiledServing,
+    CompilerMissing,
     ParityError,
     ServingModel,
     example_major_inputs,
@@ -28,7 +30,10 @@ from recsys_kd.export import (
     quantize_rows_int8,
     script_serving,
 )
+from recsys_kd.export.dagfm_serving import DAGFMServingHead, compiled_form
 from recsys_kd.models import CTRModel, ModelConfig, build_model
+from recsys_kd.models.heads import DAGFMHead
+from recsys_kd.models.layers import DAGFM, MLP
 from recsys_kd.models.low_rank import LowRankFieldEmbedding
 from recsys_kd.runs import OutputError, TrainOutput, export_record
 from recsys_kd.train import checkpoint
@@ -74,7 +79,8 @@ def _serving_inputs(dense: torch.Tensor, kjt: KeyedJaggedTensor) -> Tuple[torch.
 
 @pytest.mark.parametrize(
     "name,overrides",
-    [("deepfm", {}), ("xdeepfm", {}), ("dcnv2", {}), ("dagfm_outer", {}), ("lr", {}), ("fm", {"dense_mode": "none"})],
+    [("deepfm", {}), ("xdeepfm", {}), ("dcnv2", {}), ("dagfm_outer", {}), ("dagfm_inner", {}), ("dagfm_plus", {}),
+     ("lr", {}), ("fm", {"dense_mode": "none"})],
 )
 def test_serving_module_matches_the_training_model(name: str, overrides: Dict[str, Any]) -> None:
     model = _model(name, **overrides)
@@ -93,6 +99,31 @@ def test_serving_module_matches_the_training_model(name: str, overrides: Dict[st
         torch.testing.assert_close(serving(dense, ids, offsets), torch.sigmoid(model(dense, single)), **TOL)
         # one example alone gives its row of the batch
         torch.testing.assert_close(serving(dense[2:3], ids[6:9], torch.arange(4)), serving(dense, ids, offsets)[2:3], **TOL)
+
+
+@pytest.mark.parametrize("interaction", ["outer", "inner"])
+@pytest.mark.parametrize("with_mlp", [False, True])
+def test_dagfm_serving_head_equals_the_training_head_in_every_form(interaction: str, with_mlp: bool) -> None:
+    """Blocks of 4 rows (batches 5 and 9 take 2 and 3 blocks, the last one short), the broadcast form up
+    to 2 rows and the compiler form, scripted and frozen, against the training head on the same fields;
+    a non-identity connection matrix and fields given as a transposed view (as AFM's up-projection
+    hands them on)."""
+    torch.manual_seed(0)
+    head = DAGFMHead(DAGFM(5, 3, 2, interaction), MLP(15, [4]) if with_mlp else None).eval()
+    with torch.no_grad():
+        head.dagfm.connection.add_(0.3 * torch.randn(5, 5))
+    serving = DAGFMServingHead(head, block_rows=4, small_batch=2).eval()
+    scripted = torch.jit.freeze(torch.jit.script(serving))
+    compiler, block_rows = compiled_form(DAGFMServingHead(head, block_rows=4, small_batch=2).eval())
+    assert block_rows == 4
+    with torch.no_grad():
+        for batch_size in (1, 2, 3, 4, 5, 9):
+            fields = torch.randn(5, batch_size, 3).transpose(0, 1)  # [B, F, D], not contiguous
+            expected = head(fields)
+            for module in (serving, scripted):
+                torch.testing.assert_close(module(fields, None), expected, **TOL)
+            if batch_size <= block_rows:  # the compiler form's callers hand it at most a block
+                torch.testing.assert_close(compiler(fields, None), expected, **TOL)
 
 
 def test_example_major_inputs_reorder_key_major_bags() -> None:
@@ -405,3 +436,70 @@ def test_load_model_rebuilds_the_plain_model_from_a_train_output(datasets, tmp_p
     assert all(torch.equal(loaded[key], expected[key]) for key in expected)
     with pytest.raises(OutputError, match="no complete step checkpoint"):
         checkpoint.load_model(output, "latest")
+
+
+# ------------------------------------------------------------------------------ the compiled kind
+
+
+def test_compiled_format_without_a_compiler_fails_in_one_line_before_any_work(exported, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler-x1")
+    with pytest.raises(CompilerMissing, match="needs a C\\+\\+ compiler: 'no-such-compiler-x1' is not on PATH") as caught:
+        export_artifact(exported[2]["output"], tmp_path / "student.pt2", parity_rows=64, format="aoti")
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_artifact(exported[2]["output"], tmp_path / "student.pt2", format="onnx")
+
+
+@pytest.mark.slow
+def test_compiled_artifact_matches_the_training_model_and_checks_its_inputs(exported, tmp_path) -> None:
+    """The DAGFM-outer student through torch.export + AOTInductor (a C++ compile of ~1-2 minutes): the
+    same parity check as TorchScript, the same input errors, and a fresh torch-only process loads it.
+    Without a C++ compiler the export must fail with CompilerMissing, which is what is then checked."""
+    student = exported[2]
+    artifact = tmp_path / "student.pt2"
+    try:
+        from recsys_kd.export.compiled import cxx_compiler
+
+        cxx_compiler()
+    except CompilerMissing:
+        with pytest.raises(CompilerMissing):
+            export_artifact(student["output"], artifact, parity_rows=256, format="aoti")
+        return
+    record = export_artifact(student["output"], artifact, parity_rows=256, format="aoti")
+    assert record["format"] == "aoti" and record["parity"]["max_abs_diff"] < 1e-5
+    module, metadata = load_artifact(artifact)
+    assert isinstance(module, CompiledServing) and metadata["model"]["artifact_format"] == "aoti"
+    inputs = student["inputs"]
+    with torch.no_grad():
+        torch.testing.assert_close(module(inputs["dense"], inputs["ids"], inputs["offsets"]), student["probabilities"], **TOL)
+        scripted = load_artifact(student["artifact"])[0]
+        features = len(metadata["schema"]["sparse"])
+        one = (inputs["dense"][:1], inputs["ids"][:features], torch.arange(features + 1))
+        torch.testing.assert_close(module(*one), scripted(*one), **TOL)
+        module.block_rows = 100  # a batch larger than the block runs as blocks: 100 + 100 + 56 rows
+        torch.testing.assert_close(module(inputs["dense"], inputs["ids"], inputs["offsets"]), student["probabilities"], **TOL)
+        bad = inputs["ids"][:features].clone()
+        bad[1] = 10**9
+        with pytest.raises(ValueError, match="has id 1000000000, outside"):
+            module(one[0], bad, one[2])
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = f"""
+import sys, torch
+from recsys_kd.export import load_artifact
+module, metadata = load_artifact(r"{artifact}")
+inputs = torch.load(r"{tmp_path / 'inputs.pt'}", weights_only=True)
+with torch.no_grad():
+    torch.save(module(inputs["dense"], inputs["ids"], inputs["offsets"]), r"{tmp_path / 'outputs.pt'}")
+assert "torchrec" not in sys.modules and "fbgemm_gpu" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "outputs.pt", weights_only=True), student["probabilities"], **TOL)
+    # score takes either kind: the same AUC from the .pt2 as from the TorchScript artifact
+    from recsys_kd.export.score import score_dataset
+
+    dataset = Path(student["record"]["dataset"])
+    compiled = score_dataset(artifact, dataset, tmp_path / "scores_pt2", split="test", progress=False)
+    scripted = score_dataset(student["artifact"], dataset, tmp_path / "scores_pt", split="test", progress=False)
+    assert compiled["rows"] == scripted["rows"] > 0
+    assert abs(compiled["metrics"]["auc"] - scripted["metrics"]["auc"]) < 1e-6

@@ -8,36 +8,13 @@ import pytest
 from recsys_kd.pipeline import artifact_rows, model_rows, run_pipeline
 from recsys_kd.recipe import load_recipe
 from recsys_kd.runs import TrainOutput
+from tests.helpers import TINY_MODEL
 from tests.trainrun import write_recipe
-
-TINY = {"embedding_dim": 8, "dense_mode": "projected"}
-
-
-def tiny_recipe(root: Path) -> Path:
-    quick = {"epochs": 1, "max_steps": 8, "progress": False, "eval_batch_size": 2048}
-    return write_recipe(root / "tiny.yaml", {
-        "run_dir": str(root),
-        "synthesize": {"path": str(root / "raw" / "train.txt"),
-                       "synthetic": {"rows": 4000, "seed": 1, "max_vocab": 200, "chunk_rows": 2000}},
-        "prepare": {"format": "criteo", "inputs": [str(root / "raw" / "train.txt")], "output": str(root / "data"),
-                    "criteo": {"integers": "bucketize"}, "ids": {"rule": "vocab", "min_count": 2},
-                    "progress": False, "row_group_rows": 500},
-        "reader": {"batch_size": 256, "shuffle": True},
-        "train": {"model": {"name": "dcn", "mlp_layers": [16], "cross_layers": 2, **TINY}, **quick},
-        "infer": {"teachers": [{"name": "dcn", "train_output": str(root / "train" / "dcn")}], "batch_size": 512},
-        "distill": {"model": {"name": "dnn", "mlp_layers": [16, 16, 16], **TINY},
-                    "distill": {"teachers": ["dcn"], "loss": {"hard": 0.5, "mse": 1.0}}, **quick},
-        "finetune": {"model": {"name": "dnn", "mlp_layers": [16, 16, 16], **TINY}, **quick},
-        "compress": {"methods": ["afm"], "batch_size": 1000,
-                     "steps": [{"what": "mlp", "ranks": {1: 4}}, {"what": "embeddings", "rank": 4}],
-                     "finetune": {"epochs": 1}},
-    })
 
 
 @pytest.mark.multiprocess
-def test_tiny_pipeline_runs_every_stage_and_the_artifacts_agree(tmp_path):
-    config = tiny_recipe(tmp_path)
-    record = run_pipeline(load_recipe(config))
+def test_tiny_pipeline_runs_every_stage_and_the_artifacts_agree(tiny_pipeline_run):
+    config, record = tiny_pipeline_run
     stages = record["stages"]
     assert list(stages) == ["synthesize", "prepare", "read_back", "train", "infer", "distill", "finetune",
                             "compress", "export", "score"]
@@ -77,10 +54,10 @@ def two_rank_recipe(root: Path) -> Path:
                     "synthetic": {"rows": 4000, "seed": 3, "max_vocab": 200, "chunk_rows": 1000},
                     "split": {"method": "sequential"}, "row_group_rows": 200},
         "reader": {"batch_size": 400, "shuffle": False},
-        "train": {"model": {"name": "deepfm", "mlp_layers": [16], **TINY}, **quick},
+        "train": {"model": {"name": "deepfm", "mlp_layers": [16], **TINY_MODEL}, **quick},
         "infer": {"teachers": [{"name": "deepfm", "train_output": str(root / "run" / "train" / "deepfm")}],
                   "batch_size": 512},
-        "distill": {"model": {"name": "dnn", "mlp_layers": [16, 16], **TINY},
+        "distill": {"model": {"name": "dnn", "mlp_layers": [16, 16], **TINY_MODEL},
                     "distill": {"teachers": ["deepfm"], "loss": {"hard": 0.5, "mse": 1.0}}, **quick},
         "compress": {"methods": ["afm"], "batch_size": 1000, "steps": [{"what": "mlp", "ranks": {1: 4}}],
                      "finetune": {"epochs": 1}},

@@ -1,5 +1,5 @@
 """``prepare`` on 2 gloo ranks writes the dataset 1 process writes: row for row, ids, splits,
-vocabularies and quarantine, for Criteo, Avazu and MovieLens inputs, hash and vocabulary ids and
+vocabularies and quarantine, for Criteo, Avazu, MovieLens (with genres too) and libFM inputs, hash and vocabulary ids and
 every split method; a rank's failure fails both ranks and publishes nothing.
 
 All 2-rank runs happen in one spawned pair of processes (one launch for every config,
@@ -55,6 +55,12 @@ def write_inputs(shared: Path, root: Path) -> Dict[str, Dict]:
     for suffix in ("user", "item"):
         shutil.copy(movielens / f"ml-100k.{suffix}", root / "movielens" / f"ml.{suffix}")
 
+    (root / "libfm").mkdir()
+    libfm = [f"{'+1' if i % 3 else '-1'} 0:{i % 37}:1 1:{i % 11}:1" + (f" 2:{i % 5}:1" if i % 4 else "") for i in range(3000)]
+    libfm[1234] = "1 0:1:1 0:2:1"  # a repeated field: quarantined
+    (root / "libfm" / "train.libfm").write_text("\n".join(libfm[:2000]) + "\n")
+    (root / "libfm" / "test.libfm").write_text("\n".join(libfm[2000:]) + "\n")
+
     criteo_inputs = [str(root / "criteo" / "day_0"), str(root / "criteo" / "day_1.gz")]
     avazu_inputs = [str(root / "avazu")]
     # 12 bad lines of ~3400: 0.35% overall, ~0.7% of rank 0's half: judged on global counts it passes
@@ -72,6 +78,11 @@ def write_inputs(shared: Path, root: Path) -> Dict[str, Dict]:
                                         "ids": {"rule": "vocab"}, "split": {"method": "permutation"}},
         "movielens_hash_random": {"format": "movielens", "inputs": [str(root / "movielens")],
                                   "ids": {"rule": "hash", "num_embeddings": 3000}, "split": {"method": "random"}},
+        "movielens_genres_vocab_random": {"format": "movielens", "inputs": [str(root / "movielens")],
+                                          "movielens": {"genres": True}, "ids": {"rule": "vocab"},
+                                          "split": {"method": "random"}},
+        "libfm_vocab_permutation": {"format": "libsvm", "inputs": [str(root / "libfm")], "ids": {"rule": "vocab"},
+                                    "split": {"method": "permutation"}},
         "synthetic_sequential": {"format": "synthetic", "split": {"method": "sequential"},
                                  "synthetic": {"rows": 3000, "chunk_rows": 400, "sparse_features": 4, "dense_features": 2}},
         "fails_on_rank_1": {"format": "criteo", "inputs": [str(root / "criteo_truncated" / "day_0"),

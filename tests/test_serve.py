@@ -28,6 +28,7 @@ from recsys_kd.data.schema import Schema
 from recsys_kd.data.synthetic import SyntheticConfig
 from recsys_kd.export import ServingModel, export_artifact, load_artifact, script_serving
 from recsys_kd.export.artifact import _input_contract
+from recsys_kd.export.batching import MicroBatcher
 from recsys_kd.export.server import Predictor, RequestError, make_server
 from tests.helpers import fake_train_output, tiny_schema, visible_model
 
@@ -128,6 +129,54 @@ def test_concurrent_requests_get_their_own_answers(server, artifact) -> None:
     assert sorted(answers) == list(range(8))
     for index, got in answers.items():
         assert got == pytest.approx(expected[index:index + 3] * 5, abs=1e-6)
+
+
+def test_queued_requests_share_one_model_call_and_get_their_own_rows() -> None:
+    """While the model thread is busy, three requests queue up; the next call takes all three at once
+    (their example-major bags concatenated, offsets shifted) and hands each its own rows."""
+    features = 2
+    calls: List[int] = []
+    gate = threading.Event()
+
+    def module(dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)
+        calls.append(int(dense.size(0)))
+        starts = offsets[:-1:features]
+        ends = offsets[features::features]
+        return torch.stack([ids[s:e].sum() for s, e in zip(starts.tolist(), ends.tolist())]).float() + dense[:, 0]
+
+    def request(rows: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(0, 3, (rows * features,), generator=generator)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        return torch.randn(rows, 1, generator=generator), torch.randint(0, 50, (int(offsets[-1]),), generator=generator), offsets
+
+    requests = [request(rows, seed) for seed, rows in enumerate([1, 3, 1, 2])]
+    batcher = MicroBatcher(module, max_rows=64, max_wait_s=0.001)
+    answers: Dict[int, torch.Tensor] = {}
+
+    def send(index: int) -> None:
+        with batcher.arriving() as arrival:
+            answers[index] = batcher.run(*requests[index], arrival)
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not batcher._jobs and batcher.calls == 0 and time.monotonic() < deadline and first.is_alive():
+        time.sleep(0.01)  # the first request is taken by the model thread, held at the gate
+    time.sleep(0.05)
+    others = [threading.Thread(target=send, args=(i,)) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    while len(batcher._jobs) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for thread in [first, *others]:
+        thread.join(timeout=10)
+    batcher.close()
+    assert calls == [1, 6] and batcher.stats()["requests"] == 4
+    for index, inputs in enumerate(requests):
+        torch.testing.assert_close(answers[index], module(*inputs))
 
 
 def test_health_reports_model_metadata(server, artifact) -> None:
@@ -435,9 +484,9 @@ def test_a_full_pool_queue_or_read_ahead_answers_503_at_once(artifact) -> None:
         release = threading.Event()
         predict = server.predictor.predict
 
-        def blocked(payload: Any) -> List[float]:
+        def blocked(payload: Any, arrival: Any = None) -> List[float]:
             release.wait(10)
-            return predict(payload)
+            return predict(payload, arrival)
 
         server.predictor.predict = blocked  # the only worker is held by the first request
         answers: List[Tuple[int, Dict[str, Any]]] = []

@@ -8,19 +8,25 @@ built here (Criteo-shaped synthetic data, 13 dense + 26 sparse features, an untr
 visible random tables, exported with ``export_artifact``; reused from ``--workdir``). ``--url`` targets a
 server already running instead.
 
-``--clients`` threads each send ``POST /predict`` requests of ``--batch`` random instances (ids drawn in
+``--clients`` threads (one or more levels, e.g. ``--clients 1 8 32``, run one after the other against
+the same server) each send ``POST /predict`` requests of ``--batch`` random instances (ids drawn in
 ``[0, num_embeddings)``, dense values inside the server's ``dense_range``), one connection per request
 as the server answers HTTP/1.0, back to back for ``--seconds``. ``--slow-clients`` threads meanwhile
 play slowloris: open a connection and send one header line every ``--slow-interval`` seconds until
 the server cuts them off (its whole-request deadline), then start over.
 
-Printed: requests sent, answers by status, connection errors, requests/s, latency p50 / p90 / p99 /
-max (connect to last byte), the slowest connect, and how long the server let each slow client hold a
-connection.
+Printed per level: requests sent, answers by status, connection errors, requests/s and rows/s,
+latency p50 / p90 / p99 / max (connect to last byte), the slowest connect, the server's model calls
+(its micro-batches: requests per call, and the share of the wall time its model thread spent in the
+model, from ``/health``: what is left is HTTP, JSON and checks), and how long the server let each
+slow client hold a connection. With ``--artifact-rate`` (default on when the server is started here)
+the artifact's own batch-``--artifact-batch`` rows/s is measured first, in this process at one torch
+thread on the same random rows, and each level's rows/s is given as a share of it.
 
     .venv/bin/python tools/load_test.py [--clients 16] [--seconds 10] [--slow-clients 4] [--workers 8]
     .venv/bin/python tools/load_test.py --artifact runs/demo/artifacts/student_dagfm.pt --batch 32
     .venv/bin/python tools/load_test.py --url http://127.0.0.1:8080 --clients 32
+    .venv/bin/python tools/load_test.py --artifact runs/bench_serving/artifacts/dagfm_outer.pt --clients 1 8 32 --workers 32
 """
 
 from __future__ import annotations
@@ -160,6 +166,33 @@ def slow_client(host: str, port: int, interval: float, stop: float, held: List[f
                 held.append(time.monotonic() - started)
 
 
+def artifact_rate(artifact: Path, health: Dict[str, Any], batch: int, calls: int = 5) -> float:
+    """Rows/s of the artifact itself (``load_artifact``, one torch thread) on ``batch`` random rows drawn
+    as the payloads are (one id per bag), median of ``calls`` calls."""
+    import torch
+
+    from recsys_kd.export.artifact import load_artifact
+
+    torch.set_num_threads(1)
+    module, _ = load_artifact(artifact)
+    features = health["features"]
+    low, high = features.get("dense_range") or (0.0, 5.0)
+    low, high = max(low, 0.0), min(high, 5.0)
+    generator = torch.Generator().manual_seed(0)
+    dense = low + (high - low) * torch.rand(batch, len(features["dense"]), generator=generator)
+    limits = torch.tensor([f["num_embeddings"] for f in features["sparse"]])
+    ids = (torch.rand(batch, len(limits), generator=generator) * limits).long().reshape(-1)
+    offsets = torch.arange(ids.numel() + 1)
+    times = []
+    with torch.no_grad():
+        module(dense, ids, offsets)
+        for _ in range(calls):
+            started = time.perf_counter()
+            module(dense, ids, offsets)
+            times.append(time.perf_counter() - started)
+    return batch / sorted(times)[len(times) // 2]
+
+
 def percentile(values: List[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
@@ -170,37 +203,62 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, help="a serving artifact (default: a tiny synthetic one)")
     parser.add_argument("--url", help="a server already running, e.g. http://127.0.0.1:8080")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "recsys_kd_load_test")
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, nargs="+", default=[16], help="client levels, run in turn")
     parser.add_argument("--slow-clients", type=int, default=0)
     parser.add_argument("--slow-interval", type=float, default=1.0, help="seconds between a slow client's lines")
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per level")
     parser.add_argument("--batch", type=int, default=1, help="instances per request")
     parser.add_argument("--timeout", type=float, default=30.0, help="a client's socket timeout")
+    parser.add_argument("--artifact-batch", type=int, default=4096, help="batch of the artifact's own rate")
+    parser.add_argument("--no-artifact-rate", dest="artifact_rate", action="store_false",
+                        help="skip measuring the artifact's own batched rate")
     parser.add_argument("--workers", type=int, help="server option (default: the server's)")
     parser.add_argument("--queue-size", type=int, help="server option")
     parser.add_argument("--backlog", type=int, help="server option")
     parser.add_argument("--max-connections", type=int, help="server option")
     parser.add_argument("--request-timeout", type=float, help="server option")
+    parser.add_argument("--batch-wait-ms", type=float, help="server option: micro-batch wait")
+    parser.add_argument("--max-batch-rows", type=int, help="server option: micro-batch rows")
     args = parser.parse_args()
-    options = {name: value for name, value in vars(args).items()
-               if name in ("workers", "queue_size", "backlog", "max_connections", "request_timeout") and value is not None}
-    figures = measure(args.url, args.artifact, args.workdir, args.clients, args.slow_clients, args.slow_interval,
-                      args.seconds, args.batch, args.timeout, options)
-    health = figures["health"]
-    print(f"server: {health['model']}, workers {health.get('workers')}, queue {health.get('queue_size')}, "
-          f"backlog {health.get('backlog')}, connections {health.get('max_connections')}, "
-          f"request deadline {health.get('request_timeout_s')} s")
-    print(f"load: {args.clients} clients + {args.slow_clients} slow, batch {args.batch}, {figures['seconds']:.1f} s, "
-          f"{os.cpu_count()} cpus")
-    print(f"requests sent: {figures['sent']}   answered 200: {figures['ok']}   errors: {figures['errors']} "
-          f"(statuses {figures['statuses']}, connection errors {figures['connection_errors']})")
-    print(f"throughput: {figures['ok'] / figures['seconds']:.0f} requests/s, "
-          f"{figures['ok'] * args.batch / figures['seconds']:.0f} instances/s")
-    print(f"latency ms (200s): p50 {figures['p50_ms']:.2f}  p90 {figures['p90_ms']:.2f}  "
-          f"p99 {figures['p99_ms']:.2f}  max {figures['max_ms']:.2f}")
-    print(f"slowest connect: {figures['slowest_connect_ms']:.1f} ms")
+    names = ("workers", "queue_size", "backlog", "max_connections", "request_timeout", "batch_wait_ms", "max_batch_rows")
+    options = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    process, url, artifact = None, args.url, args.artifact
+    if url is None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        artifact = artifact or build_synthetic_artifact(args.workdir)
+        process, url = start_server(artifact, [f"--{name.replace('_', '-')}={value}" for name, value in options.items()])
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as response:
+            health = json.loads(response.read())
+        rate = artifact_rate(artifact, health, args.artifact_batch) if artifact and args.artifact_rate else None
+        levels = [measure(url, None, args.workdir, clients, args.slow_clients, args.slow_interval, args.seconds,
+                          args.batch, args.timeout, options) for clients in args.clients]
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+    print(f"# load_test  {time.strftime('%Y-%m-%d %H:%M %Z')}  {os.cpu_count()} cpus  load average "
+          f"{os.getloadavg()[0]:.1f}  server: {health['model']}, workers {health.get('workers')}, queue "
+          f"{health.get('queue_size')}, micro-batches <= {(health.get('batching') or {}).get('max_rows')} rows, wait <= "
+          f"{(health.get('batching') or {}).get('max_wait_ms')} ms; {args.batch} instance(s) per request, "
+          f"{args.seconds:g} s per level, {args.slow_clients} slow clients")
+    if rate is not None:
+        print(f"# artifact alone, batch {args.artifact_batch}, 1 thread: {rate:,.0f} rows/s")
+    print("| clients | requests/s | rows/s | % of artifact rate | p50 ms | p90 ms | p99 ms | max ms | errors | "
+          "requests per model call | model thread busy |")
+    print("|--------:|-----------:|-------:|-------------------:|-------:|-------:|-------:|-------:|-------:|"
+          "------------------------:|------------------:|")
+    for clients, figures in zip(args.clients, levels):
+        rows_per_s = figures["ok"] * args.batch / figures["seconds"]
+        share = f"{100 * rows_per_s / rate:.1f}" if rate else "-"
+        print(f"| {clients} | {figures['ok'] / figures['seconds']:,.0f} | {rows_per_s:,.0f} | {share} | "
+              f"{figures['p50_ms']:.2f} | {figures['p90_ms']:.2f} | {figures['p99_ms']:.2f} | {figures['max_ms']:.2f} | "
+              f"{figures['errors']} | {figures['requests_per_call']:.1f} | {100 * figures['model_busy']:.0f}% |")
+        if figures["errors"]:
+            print(f"  errors at {clients} clients: statuses {figures['statuses']}, connection errors "
+                  f"{figures['connection_errors']}")
     if args.slow_clients:
-        held = figures["slow_held_s"]
+        held = [h for figures in levels for h in figures["slow_held_s"]]
         print(f"slow clients: {len(held)} connections closed by the server, held {percentile(held, 50):.2f} s median, "
               f"{max(held, default=float('nan')):.2f} s max")
 
@@ -222,6 +280,7 @@ def measure(url: Optional[str], artifact: Optional[Path], workdir: Path, clients
         with urllib.request.urlopen(url + "/health", timeout=10) as response:
             health = json.loads(response.read())
         host, port = url.split("://", 1)[1].rsplit(":", 1)
+        before = health.get("batching") or {}
         bodies = make_payloads(health, batch, 64)
         results: List[Any] = []
         held: List[float] = []
@@ -236,6 +295,8 @@ def measure(url: Optional[str], artifact: Optional[Path], workdir: Path, clients
         for thread in threads:
             thread.join()
         elapsed = time.monotonic() - started
+        with urllib.request.urlopen(url + "/health", timeout=10) as response:
+            after = json.loads(response.read()).get("batching") or {}
     finally:
         if process is not None:
             process.terminate()
@@ -252,6 +313,9 @@ def measure(url: Optional[str], artifact: Optional[Path], workdir: Path, clients
         "p50_ms": percentile(ok, 50), "p90_ms": percentile(ok, 90), "p99_ms": percentile(ok, 99),
         "max_ms": max(ok, default=float("nan")),
         "slowest_connect_ms": max((r[0] * 1000 for r in answered), default=float("nan")), "slow_held_s": held,
+        "requests_per_call": (after.get("requests", 0) - before.get("requests", 0))
+        / max(1, after.get("calls", 0) - before.get("calls", 0)),
+        "model_busy": (after.get("model_seconds", 0.0) - before.get("model_seconds", 0.0)) / elapsed,
     }
 
 if __name__ == "__main__":

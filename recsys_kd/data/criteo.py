@@ -57,6 +57,7 @@ class CriteoSource(DealtFiles):
             dense=[] if bucketize else list(INTEGER_FEATURES),
             sparse=(INTEGER_FEATURES if bucketize else []) + CATEGORICAL_FEATURES,
             inputs=[str(f) for f in self.files],
+            dense_transform="none" if bucketize else "log1p(max(v, 0))",
         )
         self.dropped_by_rule: Dict[str, int] = {}
 

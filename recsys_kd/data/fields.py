@@ -21,6 +21,7 @@ from recsys_kd.data.quarantine import Quarantine
 INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 without overflow
 HEX = r"^[0-9a-fA-F]{1,16}$"
 TOKEN = r"^[\x21-\x7e]+$"  # printable ASCII without spaces or separators
+NUMBER = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"  # decimal, as Arrow parses it (no nan/inf)
 
 
 def invalid_mask(column: pa.Array, pattern: str, allow_empty: bool) -> np.ndarray:
@@ -131,3 +132,49 @@ def quarantine_rows(
         fields = [column[int(index)].as_py() or b"" for column in columns]
         text = delimiter.encode().join(fields).decode("utf-8", "replace")
         quarantine.add(file, int(lines[index]) + 1, reasons[int(index)], text)
+
+
+def split_tokens(text: pa.Array, separator: str, max_length: Optional[int] = None) -> pa.ListArray:
+    """Text -> list<string> of its non-empty tokens between ``separator``s, in order, the first
+    ``max_length`` kept (None: all); a null or empty text is an empty list.
+
+    Example: ``split_tokens(pa.array(["a|b||c", None]), "|", max_length=2)`` -> ``[["a", "b"], []]``.
+    """
+    text = text.cast(pa.string()).fill_null("")
+    lists = pc.split_pattern(text, separator)
+    offsets = list_offsets(lists)
+    flat = pc.list_flatten(lists)
+    keep = np.asarray(pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False), dtype=bool)
+    return _kept_lists(flat, offsets, keep, max_length)
+
+
+def truncate_lists(lists: pa.Array, max_length: Optional[int]) -> pa.ListArray:
+    """Each list's first ``max_length`` non-null values (None: all); a null list is an empty one."""
+    offsets = list_offsets(lists)
+    flat = pc.list_flatten(lists)
+    keep = ~np.asarray(flat.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    return _kept_lists(flat, offsets, keep, max_length)
+
+
+def list_offsets(lists: pa.Array) -> np.ndarray:
+    """A list array's offsets as int64, starting at 0 even for a slice; a null list is empty."""
+    offsets = np.asarray(lists.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    lengths = np.diff(offsets)
+    if lists.null_count:
+        lengths[np.asarray(lists.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = 0
+    return np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _kept_lists(flat: pa.Array, offsets: np.ndarray, keep: np.ndarray, max_length: Optional[int]) -> pa.ListArray:
+    rows = len(offsets) - 1
+    row_of = np.repeat(np.arange(rows), np.diff(offsets))
+    if max_length is not None:
+        kept_rows = row_of[keep]
+        starts = np.concatenate([[0], np.cumsum(np.bincount(kept_rows, minlength=rows))])[:-1]
+        position = np.zeros(len(keep), dtype=np.int64)
+        position[keep] = np.arange(len(kept_rows)) - starts[kept_rows]
+        keep = keep & (position < max_length)
+    counts = np.bincount(row_of[keep], minlength=rows)
+    new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    values = flat.filter(pa.array(keep, pa.bool_()))
+    return pa.ListArray.from_arrays(pa.array(new_offsets, pa.int32()), values)

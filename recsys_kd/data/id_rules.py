@@ -25,7 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_kd.data import fields
@@ -113,11 +115,12 @@ class IdRules:
         if rule.kind == "identity":
             return values.cast(pa.int64())
         multi_hot = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
-        flat = values.flatten() if multi_hot else values
+        flat = pc.list_flatten(values) if multi_hot else values
         if rule.kind == "vocab":
             ids = vocab_ids(flat, self.vocabularies[feature.name])
         else:
             ids = hash_ids(flat, feature.num_embeddings, rule.seed)
         if multi_hot:
-            return pa.ListArray.from_arrays(values.offsets, pa.array(ids, pa.int64()))
+            offsets = pa.array(fields.list_offsets(values).astype(np.int32))  # a slice's too, nulls empty
+            return pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int64()))
         return pa.array(ids, pa.int64())

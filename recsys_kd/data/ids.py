@@ -115,7 +115,10 @@ class VocabularyCounter:
 
     def update(self, table: pa.Table) -> None:
         for name in self._features:
-            counts = pc.value_counts(table.column(name).drop_null())
+            column = table.column(name)
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                column = pc.list_flatten(column)  # a multi-hot feature counts each value of each list
+            counts = pc.value_counts(column.drop_null())
             self._pending[name].append(
                 pa.table({"value": counts.field("values"), "count": counts.field("counts").cast(pa.int64())})
             )

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Counter, Dict, Iterable, Iterator, List, Literal, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -44,12 +43,15 @@ from recsys_kd.data import split as splitting
 from recsys_kd.data.criteo import CriteoOptions
 from recsys_kd.data.id_rules import IdRules, feature_salt, vocab_file
 from recsys_kd.data.ids import VocabularyCounter
+from recsys_kd.data.libsvm import LibSVMOptions
+from recsys_kd.data.movielens import MovieLensOptions
 from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
-from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, IdRule, Schema, SparseFeature, SplitInfo
+from recsys_kd.data.schema import RESERVED_IDS, IdRule, Schema, SparseFeature, SplitInfo
 from recsys_kd.data.sections import placed_sections
-from recsys_kd.data.source import DAY, LABEL, InputError, RawSource, Section, SourceChunk
+from recsys_kd.data.source import LABEL, InputError, RawSource, Section, SourceChunk
 from recsys_kd.data.split import SplitConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.data.table_spec import TableOptions
 from recsys_kd.data.vocabularies import VOCAB_SCRATCH, write_vocabularies
 from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome, launched_context
 from recsys_kd.io import atomic_file, atomic_write_json, naming, prefetch, staged_directory
@@ -81,12 +83,15 @@ class IdConfig:
 class PrepareConfig:
     """Where the raw data is, how to turn it into ids and splits, and where the dataset goes."""
 
-    format: Literal["criteo", "avazu", "movielens", "synthetic"] = "synthetic"
+    format: Literal["criteo", "avazu", "movielens", "table", "libsvm", "synthetic"] = "synthetic"
     inputs: List[str] = field(default_factory=list)
     output: str = "runs/data"
     ids: IdConfig = field(default_factory=IdConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     criteo: CriteoOptions = field(default_factory=CriteoOptions)
+    movielens: MovieLensOptions = field(default_factory=MovieLensOptions)
+    table: TableOptions = field(default_factory=TableOptions)
+    libsvm: LibSVMOptions = field(default_factory=LibSVMOptions)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_bad_fraction: Optional[float] = 0.01
     row_group_rows: int = 65536
@@ -256,7 +261,7 @@ def _write_pass(config: PrepareConfig, source: RawSource, staging: Path, me: _Ra
                 name: SplitWriter(me.directory, name, converted.schema, config.row_group_rows, config.rows_per_part)
                 for name in splitting.SPLITS
             }
-        assignment = _assign(config.split, table, position, kept_rows, ranks)
+        assignment = splitting.assign(config.split, table, position, kept_rows, ranks)
         position += table.num_rows
         for index, name in enumerate(splitting.SPLITS):
             mask = assignment == index
@@ -369,7 +374,15 @@ def open_source(config: PrepareConfig) -> RawSource:
     if config.format == "movielens":
         from recsys_kd.data.movielens import MovieLensSource
 
-        return MovieLensSource(inputs)
+        return MovieLensSource(inputs, config.movielens, block_bytes=config.block_bytes)
+    if config.format == "table":
+        from recsys_kd.data.table import TableSource
+
+        return TableSource(_expand(inputs), config.table, config.split, block_bytes=config.block_bytes)
+    if config.format == "libsvm":
+        from recsys_kd.data.libsvm import LibSVMSource
+
+        return LibSVMSource(_expand(inputs), config.libsvm, block_bytes=config.block_bytes)
     from recsys_kd.data.synthetic import SyntheticSource
 
     return SyntheticSource(config.synthetic)
@@ -400,18 +413,6 @@ def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quara
             yield chunk
 
 
-def _assign(split: SplitConfig, table: pa.Table, position: int, kept_rows: Optional[int], ranks) -> np.ndarray:
-    if split.method == "random":
-        return splitting.assign_random(table.column(ROW_ID).to_numpy(), split.seed, split.fractions)
-    if split.method == "day":
-        if DAY not in table.column_names:
-            raise InputError("split.method 'day' needs a source with days (Criteo day_N files, Avazu hours)")
-        return splitting.assign_day(table.column(DAY).to_numpy(), split.valid_days, split.test_days)
-    positions = np.arange(position, position + table.num_rows, dtype=np.int64)
-    order = ranks[positions] if ranks is not None else positions
-    return splitting.assign_by_rank(order, kept_rows, split.fractions)
-
-
 def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa.Array]) -> Schema:
     """The dataset's schema without its splits: features with their id rules and sizes."""
     info = source.info
@@ -427,14 +428,13 @@ def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa
             rule = IdRule(kind="hash", seed=config.ids.seed + feature_salt(name))
             size = config.ids.sizes.get(name, config.ids.num_embeddings)
         sparse.append(SparseFeature(name=name, num_embeddings=size, id_rule=rule, multi_hot=name in info.multi_hot))
-    dense_transform = "log1p(max(v, 0))" if info.name == "criteo" and info.dense else "none"
     return Schema(
         name=info.name,
         label=LABEL,
         dense=list(info.dense),
         sparse=sparse,
         extra=list(info.extra),
-        dense_transform=dense_transform,
+        dense_transform=info.dense_transform,
         source={"format": config.format, "inputs": json.dumps(info.inputs)},
     )
 

@@ -118,6 +118,20 @@ def read_delimited(
                 break
 
 
+# A text line of the line-based formats (JSON lines, libSVM) never holds this control character, so
+# splitting at it reads each line as one field; a line that holds it is quarantined (column count).
+WHOLE_LINE = "\x01"
+LINE = "line"
+
+
+def read_lines(
+    path: Path, quarantine: Optional[Quarantine], block_bytes: int = 16 << 20, section: Optional[Section] = None
+) -> Iterator[RawBlock]:
+    """:func:`read_delimited` for line-based formats: each block's ``table`` has one binary column,
+    ``line``, the whole line (without its line ending)."""
+    return read_delimited(path, [LINE], WHOLE_LINE, quarantine, block_bytes=block_bytes, section=section)
+
+
 class _Stream:
     """An Arrow input stream whose read errors (a truncated .gz, an I/O error) are InputErrors naming
     the file; with ``limit``, it ends after that many bytes."""

@@ -40,8 +40,9 @@ class SourceChunk:
 @dataclass
 class SourceInfo:
     """Static facts about a source: feature columns, which sparse features are multi-hot,
-    sparse features whose ids the source already made (identity rule, with their sizes), and
-    rows dropped on purpose by the format's labelling rule (counted, reported; not quarantined)."""
+    sparse features whose ids the source already made (identity rule, with their sizes), how the
+    dense values were transformed (``schema.json``'s ``dense_transform``), and rows dropped on
+    purpose by the format's labelling rule (counted, reported; not quarantined)."""
 
     name: str
     dense: List[str]
@@ -50,6 +51,7 @@ class SourceInfo:
     identity_sizes: Dict[str, int] = field(default_factory=dict)
     extra: List[str] = field(default_factory=list)
     inputs: List[str] = field(default_factory=list)
+    dense_transform: str = "none"
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,14 @@ Methods:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from recsys_kd.data.ids import splitmix64
+from recsys_kd.data.schema import ROW_ID
+from recsys_kd.data.source import DAY, InputError
 
 SPLITS = ("train", "valid", "test")
 TRAIN, VALID, TEST = 0, 1, 2
@@ -74,6 +77,23 @@ def permutation_ranks(n: int, seed: int) -> np.ndarray:
     ranks = np.empty(n, dtype=np.int64)
     ranks[permutation] = np.arange(n, dtype=np.int64)
     return ranks
+
+
+def assign(
+    split: SplitConfig, table: pa.Table, position: int, kept_rows: Optional[int], ranks: Optional[np.ndarray]
+) -> np.ndarray:
+    """Split index of each row of a converter's ``table`` whose first row is the ``position``-th kept
+    row; ``kept_rows`` (count-based methods) is the number of kept rows in the whole input, ``ranks``
+    the :func:`permutation_ranks` of the permutation method."""
+    if split.method == "random":
+        return assign_random(table.column(ROW_ID).to_numpy(), split.seed, split.fractions)
+    if split.method == "day":
+        if DAY not in table.column_names:
+            raise InputError("split.method 'day' needs a source with days (Criteo day_N files, Avazu hours, a table's time column)")
+        return assign_day(table.column(DAY).to_numpy(), split.valid_days, split.test_days)
+    positions = np.arange(position, position + table.num_rows, dtype=np.int64)
+    order = ranks[positions] if ranks is not None else positions
+    return assign_by_rank(order, kept_rows, split.fractions)
 
 
 def assign_day(days: np.ndarray, valid_days: List[int], test_days: List[int]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The ``export`` stage: a trained model -> a verified TorchScript serving artifact that loads with torch alone.
+"""The ``export`` stage: a trained model -> a verified serving artifact that loads with torch alone:
+TorchScript (``export.format: torchscript``, the default) or compiled (``aoti``: :mod:`recsys_kd.export.compiled`).
 
 :func:`export_artifact` reads a ``train``, ``distill`` or ``compress``-step output through
 :class:`~recsys_kd.runs.TrainOutput`, rebuilds the plain model from a checkpoint of any sharding
@@ -45,8 +46,9 @@ import torch
 import recsys_kd
 from recsys_kd.config import to_dict
 from recsys_kd.data.schema import MISSING_ID, OOV_ID, Schema
+from recsys_kd.export.compiled import FORMATS, compile_serving, cxx_compiler, is_compiled_package, load_compiled
 from recsys_kd.export.serving import INPUT_ORDER, ServingModel, example_major_inputs, script_serving
-from recsys_kd.export.tables import STORAGE_DTYPES
+from recsys_kd.export.tables import STORAGE_DTYPES, serving_bytes
 from recsys_kd.io import atomic_file, atomic_write_json, file_crc32
 from recsys_kd.runs import OutputError, TrainOutput, export_record
 from recsys_kd.train.metrics import auc
@@ -75,9 +77,10 @@ class ArtifactWarning(UserWarning):
     """An artifact is loaded without verification: no export record beside it, or one without a checksum."""
 
 
-def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """
-    Loads a serving artifact with torch alone.
+    Loads a serving artifact with torch alone: a TorchScript archive or a compiled ``.pt2`` package
+    (told apart by their contents, not their names).
 
     Args:
         path: the artifact file.
@@ -85,7 +88,8 @@ def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[torch.ji
             (:func:`verify_artifact`).
 
     Returns:
-        Tuple[torch.jit.ScriptModule, Dict[str, Any]]: the module (``forward(dense, ids, offsets)`` ->
+        Tuple[Any, Dict[str, Any]]: the module (a ``torch.jit.ScriptModule`` or a
+        :class:`~recsys_kd.export.compiled.CompiledServing`: ``module(dense, ids, offsets)`` ->
         probabilities, ``forward_logits``) and its metadata ``{"schema": ..., "model": ...}`` (the two
         extra files, parsed).
 
@@ -95,6 +99,12 @@ def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[torch.ji
     """
     if verify:
         verify_artifact(path)
+    if is_compiled_package(path):
+        try:
+            module, extra = load_compiled(path, list(EXTRA_FILES))
+        except RuntimeError as error:
+            raise ArtifactError(f"{path}: not a loadable compiled (.pt2) artifact ({' '.join(str(error).split())[:300]})") from None
+        return module, _metadata(path, extra)
     extra = {name: "" for name in EXTRA_FILES}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # every torch.jit call warns in torch 2.13
@@ -103,11 +113,15 @@ def load_artifact(path: Union[str, Path], verify: bool = True) -> Tuple[torch.ji
         except RuntimeError as error:
             reason = " ".join(str(error).split())[:300]
             raise ArtifactError(f"{path}: not a loadable TorchScript artifact ({reason})") from None
-    missing = [name for name in EXTRA_FILES if not extra[name]]
+    return module, _metadata(path, extra)
+
+
+def _metadata(path: Union[str, Path], extra: Dict[str, str]) -> Dict[str, Any]:
+    """``{"schema": ..., "model": ...}`` from the extra files' texts; ArtifactError when one is missing."""
+    missing = [name for name in EXTRA_FILES if not extra.get(name)]
     if missing:
         raise ArtifactError(f"{path}: not a recsys_kd serving artifact (no {', '.join(missing)} inside)")
-    metadata = {name.removesuffix(".json"): json.loads(extra[name]) for name in EXTRA_FILES}
-    return module, metadata
+    return {name.removesuffix(".json"): json.loads(extra[name]) for name in EXTRA_FILES}
 
 
 def verify_artifact(path: Union[str, Path]) -> bool:
@@ -151,9 +165,10 @@ def export_artifact(
     dataset: Optional[Union[str, Path]] = None,
     parity_tolerance: float = PARITY_TOLERANCE,
     verify: bool = True,
+    format: str = "torchscript",
 ) -> Dict[str, Any]:
     """
-    Exports a trained model as a TorchScript serving artifact and verifies it.
+    Exports a trained model as a serving artifact (TorchScript or compiled) and verifies it.
 
     Args:
         train_output: a ``train``, ``distill`` or ``compress``-step output directory (its record:
@@ -166,6 +181,8 @@ def export_artifact(
         dataset: the prepared dataset; defaults to the one named in the output's record.
         parity_tolerance: the largest probability difference allowed for float32 storage.
         verify: check the checkpoint's files against its ``checksums.json`` before loading it.
+        format: ``"torchscript"`` (scripted and frozen) or ``"aoti"`` (``torch.export`` + AOTInductor,
+            a ``.pt2`` package; needs a C++ compiler).
 
     Returns:
         Dict[str, Any]: the record, also written to ``<out_path>.export.json``: paths, size, parity
@@ -176,7 +193,12 @@ def export_artifact(
             (no artifact is left under ``out_path``).
         ArtifactError: missing record or checkpoint, or a dataset with no rows to check.
         CheckpointIntegrityError: a checkpoint file is missing or damaged (``verify``).
+        CompilerMissing: ``format="aoti"`` without a C++ compiler (raised before any work).
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if format == "aoti":
+        cxx_compiler()  # fail in one line before any work
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
     if parity_rows < 1:
@@ -191,15 +213,18 @@ def export_artifact(
         model = _load_training_model(source, verify)
     with _timed(timings, "script_freeze_s"):
         serving = ServingModel.from_model(model, num_dense_inputs=len(schema.dense), storage=dtype).eval()
-        scripted = script_serving(serving, roundtrip=False)  # saved, then loaded back for the parity check
+        scripted = script_serving(serving, roundtrip=False) if format == "torchscript" else None
     libraries = _library_versions()
-    metadata = _serving_metadata(source, schema, model, serving, dtype, libraries)
+    metadata = {**_serving_metadata(source, schema, model, serving, dtype, libraries), "artifact_format": format}
     extra_files = {SCHEMA_FILE: schema.to_json(), MODEL_FILE: json.dumps(metadata, indent=2, default=str) + "\n"}
     rows = _parity_batch(source.dataset, schema, parity_rows)
 
     with atomic_file(out_path) as temp:
         with _timed(timings, "save_s"):
-            _save(scripted, temp, extra_files)
+            if scripted is None:
+                compile_serving(serving, temp, extra_files, multi_hot=any(f.multi_hot for f in schema.sparse))
+            else:
+                _save(scripted, temp, extra_files)
         with _timed(timings, "parity_s"):
             loaded = _load_back(temp, extra_files, out_path)
             parity = _check_parity(model, loaded, rows, dtype, parity_tolerance, out_path)
@@ -209,7 +234,7 @@ def export_artifact(
             export_record(out_path).unlink()  # never a stale record beside the new artifact
 
     timings["total_s"] = time.perf_counter() - started
-    record = _export_record(source, out_path, dtype, checksum, parity, latency, libraries, timings)
+    record = {**_export_record(source, out_path, dtype, checksum, parity, latency, libraries, timings), "format": format}
     atomic_write_json(export_record(out_path), record)
     return record
 
@@ -275,11 +300,7 @@ def _serving_metadata(
         "config": to_dict(source.model_config),
         "storage_dtype": dtype,
         "parameters": model.num_parameters(),
-        "serving_parameters": {
-            "fused_table_rows": int(serving.num_embeddings.sum()),
-            "bytes": sum(b.numel() * b.element_size() for b in serving.buffers())
-            + sum(p.numel() * p.element_size() for p in serving.parameters()),
-        },
+        "serving_parameters": serving_bytes(serving),
         "flops_per_example": model.flops_per_example(),
         "compression": getattr(model, "compression_log", []),
         "metrics": {"test": source.output.test_metrics, "best_valid": record.get("best_valid")},
@@ -322,7 +343,7 @@ def _save(scripted: torch.jit.ScriptModule, path: Path, extra_files: Dict[str, s
             raise OSError(f"{path}: cannot write the artifact ({detail})") from error
 
 
-def _load_back(path: Path, extra_files: Dict[str, str], out_path: Path) -> torch.jit.ScriptModule:
+def _load_back(path: Path, extra_files: Dict[str, str], out_path: Path) -> Any:
     """The saved artifact as :func:`load_artifact` gives it, its input contract checked against the one written."""
     loaded, loaded_metadata = load_artifact(path, verify=False)  # just written; its record comes last
     if loaded_metadata["model"]["input"] != json.loads(extra_files[MODEL_FILE])["input"]:
@@ -331,7 +352,7 @@ def _load_back(path: Path, extra_files: Dict[str, str], out_path: Path) -> torch
 
 
 def _check_parity(
-    model: CTRModel, artifact: torch.jit.ScriptModule, rows: _ParityRows, dtype: str, tolerance: float, out_path: Path
+    model: CTRModel, artifact: Any, rows: _ParityRows, dtype: str, tolerance: float, out_path: Path
 ) -> Dict[str, Any]:
     """The artifact's probabilities against the training model's on the parity rows; raises
     :class:`ParityError` when float32 storage differs by ``tolerance`` or more."""

@@ -355,7 +355,7 @@ def _raw_input(raw_source, rules: IdRules, sections: Optional[List[Section]], so
 
 
 def _score(
-    module: torch.jit.ScriptModule,
+    module: Any,
     schema: Schema,
     scored: _Input,
     out_dir: Path,
@@ -505,6 +505,7 @@ def _dataset_chunks(dataset: Path, schema: Schema, files: List[str]) -> Iterator
 def _open_raw(schema: Schema, source: Path):
     """The converter that reads raw logs of the artifact's dataset format."""
     from recsys_kd.data.criteo import CriteoOptions
+    from recsys_kd.data.movielens import GENRES, MovieLensOptions
     from recsys_kd.data.prepare import PrepareConfig, open_source
 
     raw_format = schema.source.get("format", "")
@@ -514,7 +515,9 @@ def _open_raw(schema: Schema, source: Path):
             f"format {raw_format!r}, which has no raw-log form; raw logs can be scored for {list(RAW_FORMATS)}"
         )
     integers = "bucketize" if "I1" in schema.sparse_names else "log"  # how prepare treated Criteo's I1..I13
-    return open_source(PrepareConfig(format=raw_format, inputs=[str(source)], criteo=CriteoOptions(integers=integers)))
+    genres = MovieLensOptions(genres=GENRES in schema.sparse_names)  # whether prepare added MovieLens genres
+    return open_source(PrepareConfig(format=raw_format, inputs=[str(source)], criteo=CriteoOptions(integers=integers),
+                                     movielens=genres))
 
 
 def _id_rules(schema: Schema, vocab_dir: Optional[Union[str, Path]]) -> IdRules:

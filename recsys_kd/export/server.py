@@ -1,11 +1,15 @@
 """The ``serve`` stage: an HTTP JSON endpoint over a serving artifact, on the standard library alone.
 
-Loads only the artifact (:func:`~recsys_kd.export.artifact.load_artifact`, torch only) and answers on
+Loads only the artifact (:func:`~recsys_kd.export.artifact.load_artifact`, torch only: TorchScript or
+compiled ``.pt2``) and answers on
 ``host:port`` (default ``127.0.0.1:8080``) with a :class:`~recsys_kd.export.http_pool.PooledHTTPServer`:
 a listen backlog of ``backlog``; one read-ahead thread that buffers up to ``max_connections`` requests
 as they arrive, each within ``request_timeout`` seconds of its accept (``408`` past it), so that a slow
 client holds no worker; a fixed pool of ``workers`` threads that answer complete requests from a queue
-of at most ``queue_size`` (``503`` at once beyond either bound).
+of at most ``queue_size`` (``503`` at once beyond either bound). The workers parse and check requests;
+the model runs on one thread that batches concurrent requests (:class:`~recsys_kd.export.batching.MicroBatcher`:
+while other requests are being read, a batch waits for them at most ``batch_wait_ms``, up to
+``max_batch_rows`` rows), so that many small requests approach the artifact's batched rate.
 
 ``POST /predict`` with ``Content-Type: application/json`` (or none) and a body of at most
 ``max_body_bytes``::
@@ -53,6 +57,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -65,6 +70,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from recsys_kd.export.artifact import load_artifact
+from recsys_kd.export.batching import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, MicroBatcher
 from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
                                         DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS,
                                         DeadlineRequestHandler, PooledHTTPServer)
@@ -105,6 +111,8 @@ class Predictor:
         max_instances (int): the most instances one request may hold.
         max_dense_abs (float): the bound on |dense value| when the dense transform has no range of its
             own (``DENSE_RANGES``).
+        batcher (Optional[MicroBatcher]): runs the model calls, batched with other requests'; None:
+            each call runs on the caller's thread.
 
     Example::
 
@@ -112,9 +120,10 @@ class Predictor:
         predictor.predict({"instances": [{"C1": 5, ...}]})  # [0.031...]
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: Dict[str, Any], max_instances: int = DEFAULT_MAX_INSTANCES,
-                 max_dense_abs: float = DEFAULT_MAX_DENSE_ABS) -> None:
+    def __init__(self, module: Any, metadata: Dict[str, Any], max_instances: int = DEFAULT_MAX_INSTANCES,
+                 max_dense_abs: float = DEFAULT_MAX_DENSE_ABS, batcher: Optional[MicroBatcher] = None) -> None:
         self.module = module
+        self.batcher = batcher
         self.metadata = metadata
         self.max_instances = max_instances
         contract = metadata["model"]["input"]
@@ -130,11 +139,15 @@ class Predictor:
         self.any_multi_hot = any(multi_hot for _, _, multi_hot in self.sparse)
         self.known = set(self.dense) | {name for name, _, _ in self.sparse}
 
-    def predict(self, payload: Any) -> List[float]:
-        """Probabilities [B] of a parsed request body; raises :class:`RequestError` for a bad one."""
+    def predict(self, payload: Any, arrival: Any = None) -> List[float]:
+        """Probabilities [B] of a parsed request body; raises :class:`RequestError` for a bad one.
+        ``arrival``: the request's announcement to the batcher (:meth:`MicroBatcher.arriving`)."""
         dense, ids, offsets = self.tensors(payload)
-        with torch.no_grad():
-            probabilities = self.module(dense, ids, offsets)
+        if self.batcher is not None:
+            probabilities = self.batcher.run(dense, ids, offsets, arrival)
+        else:
+            with torch.no_grad():
+                probabilities = self.module(dense, ids, offsets)
         finite = torch.isfinite(probabilities)
         if not bool(finite.all()):  # inputs in range can still overflow a model's float32 arithmetic
             index = int((~finite).nonzero()[0, 0])
@@ -303,9 +316,16 @@ class ModelServer(PooledHTTPServer):
         super().__init__(address, _Handler, max_body_bytes=max_body_bytes, quiet=quiet, **options)
 
     def limits(self) -> Dict[str, Any]:
+        batcher = self.predictor.batcher
         return {"max_body_bytes": self.max_body_bytes, "workers": self.workers, "queue_size": self.queue_size,
                 "backlog": self.request_queue_size, "max_connections": self.max_connections,
-                "request_timeout_s": self.request_timeout}
+                "request_timeout_s": self.request_timeout, "batching": batcher.stats() if batcher else None}
+
+    def server_close(self) -> None:
+        """As :class:`PooledHTTPServer`'s (complete requests are answered), then the model thread stops."""
+        super().server_close()
+        if self.predictor.batcher is not None:
+            self.predictor.batcher.close()
 
 
 class _Handler(DeadlineRequestHandler):
@@ -327,9 +347,11 @@ class _Handler(DeadlineRequestHandler):
             else:
                 self._send(404, {"error": f"no such path {self.path!r}; use POST /predict or GET /health"})
             return
+        batcher = self.server.predictor.batcher
         try:
-            payload = self._read_json()
-            probabilities = self.server.predictor.predict(payload)
+            with batcher.arriving() if batcher is not None else contextlib.nullcontext() as arrival:
+                payload = self._read_json()
+                probabilities = self.server.predictor.predict(payload, arrival)
         except RequestError as error:
             self._send(error.status, error.body())
             return
@@ -411,6 +433,8 @@ def make_server(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_dense_abs: float = DEFAULT_MAX_DENSE_ABS,
     verify: bool = True,
+    batch_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
 ) -> ModelServer:
     """
     Loads the artifact and binds the server (not yet serving: call ``serve_forever``).
@@ -432,15 +456,18 @@ def make_server(
             408 past it.
         max_dense_abs: the bound on |dense value| when the dense transform has no range of its own.
         verify: check the artifact against the checksum in its export record first.
+        batch_wait_ms: the longest a model call waits for requests being read to join it.
+        max_batch_rows: the most rows of one model call (a larger request runs alone).
     """
     if min(max_body_bytes, max_instances, threads, workers, queue_size, backlog, max_connections) < 1:
         raise ValueError("max_body_bytes, max_instances, threads, workers, queue_size, backlog and max_connections "
                          "must be >= 1")
-    if not (request_timeout > 0 and max_dense_abs > 0):
-        raise ValueError("request_timeout and max_dense_abs must be > 0")
+    if not (request_timeout > 0 and max_dense_abs > 0) or batch_wait_ms < 0 or max_batch_rows < 1:
+        raise ValueError("request_timeout and max_dense_abs must be > 0, batch_wait_ms >= 0, max_batch_rows >= 1")
     torch.set_num_threads(threads)
     module, metadata = load_artifact(artifact, verify=verify)
-    return ModelServer((host, port), Predictor(module, metadata, max_instances, max_dense_abs), max_body_bytes,
+    batcher = MicroBatcher(module, max_batch_rows, batch_wait_ms / 1000)
+    return ModelServer((host, port), Predictor(module, metadata, max_instances, max_dense_abs, batcher), max_body_bytes,
                        quiet=quiet, workers=workers, queue_size=queue_size, backlog=backlog,
                        max_connections=max_connections, request_timeout=request_timeout)
 
@@ -459,9 +486,10 @@ def serve(artifact: Union[str, Path], **options: Any) -> None:
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     host, port = server.server_address[:2]
     health = server.predictor.health()
+    max_batch, wait = server.predictor.batcher.max_rows, server.predictor.batcher.max_wait_s * 1000
     print(f"serving {health['model']} ({artifact}) on http://{host}:{port}: POST /predict, GET /health; "
           f"{server.workers} workers, queue {server.queue_size}, {server.max_connections} connections, request "
-          f"deadline {server.request_timeout:g} s; "
+          f"deadline {server.request_timeout:g} s; batches of <= {max_batch} rows, wait <= {wait:g} ms; "
           "Ctrl-C or SIGTERM stops", flush=True)
     try:
         server.serve_forever()

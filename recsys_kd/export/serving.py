@@ -51,14 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_kd.export.tables import (
-    STORAGE_DTYPES,
-    field_tables,
-    fused_storage,
-    lookup_buffers,
-    low_rank_projections,
-    stacked_up_projections,
-)
+from recsys_kd.export.dagfm_serving import serving_head
+from recsys_kd.export.tables import (STORAGE_DTYPES, field_tables, fused_storage, lookup_buffers, low_rank_projections,
+                                     stacked_up_projections)
 
 if TYPE_CHECKING:  # pragma: no cover
     from recsys_kd.models.zoo import CTRModel
@@ -180,7 +175,7 @@ class ServingModel(nn.Module):
             first_order_dense = model.first_order.weights.dense_weight
             first_order_bias = model.first_order.bias
         up_weights, up_biases, codes_to_head = low_rank_projections(embedding, sparse_names)
-        head = copy.deepcopy(model.head).eval()
+        head = serving_head(copy.deepcopy(model.head).eval())[0]
         return cls(
             head,
             tables,
@@ -220,12 +215,21 @@ class ServingModel(nn.Module):
         if dense.dtype != torch.float32:
             raise ValueError("dense must be float32")
         batch_size = dense.size(0)
-        num_features = self.num_sparse
         rows, single = _bag_rows(
             ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature, self.sparse_names
         )
         if batch_size == 0:  # some heads cannot reshape an empty batch
             return torch.zeros(0)
+        return self.logits_from_rows(dense, rows, offsets, single)
+
+    def logits_from_rows(
+        self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool
+    ) -> torch.Tensor:
+        """The model past the input checks: logits [B] of ``dense`` [B >= 1, n_dense], the fused-table
+        ``rows`` [N] of the ids (``_bag_rows``) and the bag ``offsets``, unused when ``single`` (one id
+        per bag, ``rows`` [B * F_sparse])."""
+        batch_size = dense.size(0)
+        num_features = self.num_sparse
         width = self.table_width
         columns = width + (1 if self.with_first_order else 0)
         # the lookup: every field of every example in one gather (+ sum pooling of the bags)

@@ -9,6 +9,7 @@ Building the buffers: every table ``[V_f, w_f]`` is zero-padded to the widest ``
 row-wise, with the first-order weight as one more column, stored float32, fp16 or int8
 (:func:`fused_storage`, :func:`quantize_rows_int8`); :func:`lookup_buffers` says where each feature's
 rows start; the up-projections become one batched ``[F, D, W]`` stack (:func:`stacked_up_projections`).
+:func:`serving_bytes` reports the sizes: per example gathered from the table, and the rest.
 """
 
 from __future__ import annotations
@@ -167,3 +168,21 @@ def low_rank_projections(
         weights[f] = embedding.up_weight[i, :, : int(ranks[name])].detach()  # stored padded to k_max
         biases[f] = embedding.up_bias[i].detach()
     return weights, biases, False
+
+
+def serving_bytes(serving: nn.Module) -> Dict[str, int]:
+    """
+    A serving module's sizes: its fused table's rows, all its bytes, the bytes one example gathers
+    from the table (one row per sparse field) and the bytes of the rest (head, projections), which a
+    call reads once whatever its batch size.
+    """
+    tensors = [*serving.buffers(), *serving.parameters()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    table = [serving.weight, serving.codes, serving.row_params]
+    row_bytes = sum(t.shape[1] * t.element_size() for t in table if t.shape[0] > 0)
+    return {
+        "fused_table_rows": int(serving.num_embeddings.sum()),
+        "bytes": total,
+        "gathered_bytes_per_example": serving.num_sparse * row_bytes,
+        "head_bytes": total - sum(t.numel() * t.element_size() for t in table),
+    }

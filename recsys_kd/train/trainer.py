@@ -197,7 +197,8 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
             if progress.global_step % config.log_every_steps == 0:
                 rate = window_samples / max(time.time() - window_started, 1e-9)
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
-                run.log.write({"step": progress.global_step, "epoch": progress.epoch, "loss": loss, "samples_per_second": rate})
+                run.log.write({"step": progress.global_step, "epoch": progress.epoch, "loss": loss, "lr": run.rates.current[-1],
+                              "samples_per_second": rate})
                 window_started, window_samples = time.time(), 0
             at_max = config.max_steps and progress.global_step >= config.max_steps
             epoch_end = progress.step_in_epoch == steps

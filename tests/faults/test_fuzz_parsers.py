@@ -1,6 +1,6 @@
 """Fuzzing the raw-log parsers of every format: Criteo TSV (Kaggle ``train.txt``), Criteo 1TB ``day_N``
 (plain and .gz), Avazu CSV, MovieLens GroupLens ``::`` (``ratings.dat``) and RecBole atomic
-(``.inter``).
+(``.inter``), users' own tables (``format: table``, CSV and JSON lines) and libSVM / libFM files.
 
 Each example is a file of generated lines: real sample lines, the same with one field mutated (emptied,
 random or non-UTF-8 bytes, huge or negative numbers, NaN, an extra or a missing separator, a runaway
@@ -11,10 +11,11 @@ even when the text holds Unicode line separators), a header, or dropped by the f
 rule (MovieLens rating 3).
 
 The default suite runs 200 examples per format (up to 30 lines each: a few thousand lines per format,
-the same examples every run, ~23 s in all); ``-m slow`` runs 1,500 random examples per format (~20,000
+the same examples every run, ~23 s in all), 50 for the table and libSVM formats; ``-m slow`` runs 1,500 random examples per format (~20,000
 lines each, ~3 min in all).
 """
 
+import dataclasses
 import gzip
 import json
 import os
@@ -29,9 +30,13 @@ from hypothesis import strategies as st
 
 from recsys_kd.data.avazu import AvazuSource
 from recsys_kd.data.criteo import CriteoOptions, CriteoSource
+from recsys_kd.data.libsvm import LibSVMOptions, LibSVMSource
 from recsys_kd.data.movielens import MovieLensSource
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.rawtext import MAX_LINE_BYTES
+from recsys_kd.data.split import SplitConfig
+from recsys_kd.data.table import TableSource
+from recsys_kd.data.table_spec import DenseColumn, LabelRule, MultiHotColumn, TableOptions, TimeColumn
 
 TALLY = "RECSYS_KD_FUZZ_TALLY"  # a file each example appends its line count to
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
@@ -90,15 +95,16 @@ def _line_count(data: bytes) -> int:
     return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
-def _account(source, path_lines: Dict[str, int], headers: int, quarantine_dir: Path) -> None:
-    """Runs the source to the end; asserts every line is converted, quarantined, a header or dropped."""
+def _account(source, path_lines: Dict[str, int], headers: int, quarantine_dir: Path, row_id_offset: int = 0) -> None:
+    """Runs the source to the end; asserts every line is converted, quarantined, a header or dropped.
+    ``row_id_offset``: a row's line index minus its row_id (1 for a table's CSV, whose header has none)."""
     quarantine = Quarantine(quarantine_dir / "quarantine.jsonl")
     converted: List[np.ndarray] = []
     for chunk in source.chunks(quarantine):
         converted.append(chunk.table.column("row_id").to_numpy())
         assert chunk.table.num_rows == 0 or chunk.table.column("label").null_count == 0
     quarantine.close()
-    row_ids = np.concatenate(converted) if converted else np.zeros(0, np.int64)
+    row_ids = (np.concatenate(converted) if converted else np.zeros(0, np.int64)) + row_id_offset
     entries = [json.loads(line) for line in (quarantine_dir / "quarantine.jsonl").read_text("utf-8").splitlines()]
     quarantined = np.array([entry["line"] - 1 for entry in entries], np.int64)
     assert len(entries) == quarantine.total and not np.intersect1d(quarantined, row_ids).size
@@ -126,6 +132,13 @@ def samples(shared_data) -> Dict[str, List[bytes]]:
         "recbole_header": first(ml / "ml-100k.inter", 1),
         "grouplens": [b"%d::%d::%d::97830%04d" % (u, i, r, u * i) for u in range(1, 7) for i in range(1, 6)
                       for r in (1, 3, 5)],
+        "table": [b"%d,u%d,%.2f,%d,a|b%s,17000%05d,K\xc3\xb6ln" % (i % 2, i, i * 1.5, i % 90, b"|c" * (i % 3), i)
+                  for i in range(40)],
+        "jsonl": [json.dumps({"clicked": i % 2, "user": f"u{i}", "price": i * 1.5, "age": i % 90,
+                              "tags": ["a", "b"] if i % 2 else "a|c", "ts": 1_700_000_000 + i}).encode()
+                  for i in range(40)],
+        "libsvm": [b"%s %d:1 %d:1" % ([b"-1", b"+1", b"0", b"1"][i % 4], i, i + 50) for i in range(40)],
+        "libfm": [b"%s 0:%d:1 1:%d:1 2:%d:1" % ([b"-1", b"+1"][i % 2], i, i % 7, i % 3) for i in range(40)],
     }
 
 
@@ -186,6 +199,38 @@ def _fuzz_movielens(samples, draw, folder: Path, layout: str) -> None:
                  Path(scratch))
 
 
+TABLE_HEADER = b"clicked,user,price,age,tags,ts,city"
+TABLE_SPEC = TableOptions(
+    label=LabelRule(column="clicked"),
+    dense=[DenseColumn("price", transform="standardize"), DenseColumn("age", transform="bucketize", boundaries=[18, 40])],
+    sparse=["user"], multi_hot=[MultiHotColumn("tags", max_length=2)], time=TimeColumn("ts"),
+)
+
+
+def _fuzz_table(samples, draw, kind: str) -> None:
+    if kind == "csv":
+        data = TABLE_HEADER + b"\n" + _text(draw, samples["table"], b",", 7, 30)
+        spec, name, headers = dataclasses.replace(TABLE_SPEC, sparse=["user", "city"]), "logs.csv", 1
+    else:
+        data = _text(draw, samples["jsonl"], b",", 6, 30)
+        spec, name, headers = TABLE_SPEC, "logs.jsonl", 0
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(data)
+        source = TableSource([path], spec, SplitConfig(), block_bytes=draw(BLOCKS))
+        _account(source, {name: _line_count(data)}, headers, Path(folder), row_id_offset=headers)
+
+
+def _fuzz_libsvm(samples, draw) -> None:
+    layout = draw(st.sampled_from(["libsvm", "libfm"]))
+    data = _text(draw, samples[layout], b" ", 4, 30)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train.txt"
+        path.write_bytes(data)
+        options = LibSVMOptions(layout=layout, fields=[0, 1, 2] if layout == "libfm" else [])
+        _account(LibSVMSource([path], options, block_bytes=draw(BLOCKS)), {path.name: _line_count(data)}, 0, Path(folder))
+
+
 # --- the default suite: ~200 examples per format ------------------------------------------------------
 
 
@@ -219,11 +264,32 @@ def test_fuzz_movielens_recbole_atomic(samples, recbole_dir, data):
     _fuzz_movielens(samples, data.draw, recbole_dir, "recbole")
 
 
+TABLES = settings(FAST, max_examples=50)
+
+
+@TABLES
+@given(st.data())
+def test_fuzz_table_csv(samples, data):
+    _fuzz_table(samples, data.draw, "csv")
+
+
+@TABLES
+@given(st.data())
+def test_fuzz_table_jsonl(samples, data):
+    _fuzz_table(samples, data.draw, "jsonl")
+
+
+@TABLES
+@given(st.data())
+def test_fuzz_libsvm_and_libfm(samples, data):
+    _fuzz_libsvm(samples, data.draw)
+
+
 # --- the larger run: 1,500 random examples per format ------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["criteo", "day", "avazu", "grouplens", "recbole"])
+@pytest.mark.parametrize("kind", ["criteo", "day", "avazu", "grouplens", "recbole", "csv", "jsonl", "libsvm"])
 @SLOW
 @given(data=st.data())
 def test_fuzz_every_format_longer(samples, grouplens_dir, recbole_dir, kind, data):
@@ -231,5 +297,9 @@ def test_fuzz_every_format_longer(samples, grouplens_dir, recbole_dir, kind, dat
         _fuzz_criteo(samples, data.draw, "day_0" if kind == "day" else None, kind == "day" and data.draw(st.booleans()))
     elif kind == "avazu":
         _fuzz_avazu(samples, data.draw)
+    elif kind in ("csv", "jsonl"):
+        _fuzz_table(samples, data.draw, kind)
+    elif kind == "libsvm":
+        _fuzz_libsvm(samples, data.draw)
     else:
         _fuzz_movielens(samples, data.draw, grouplens_dir if kind == "grouplens" else recbole_dir, kind)
