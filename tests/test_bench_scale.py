@@ -2,25 +2,15 @@
 training rate leaves out the warm-up window. (Its timings are a tool's output, never a test's.)"""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 from recsys_kd.config import from_dict
 from recsys_kd.recipe import Recipe
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_scale.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_scale", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_tool
 
 
 def test_the_bench_recipe_validates_and_bounds_the_training_stages(tmp_path):
-    tool = load_tool()
+    tool = load_tool("bench_scale")
     args = argparse.Namespace(max_steps=7, log_every=2, batch_size=256)
     recipe = from_dict(Recipe, tool.recipe(tmp_path / "run", tmp_path / "raw.txt", args), "bench")
     assert recipe.train.max_steps == 7 and recipe.distill.max_steps == 7
@@ -30,14 +20,14 @@ def test_the_bench_recipe_validates_and_bounds_the_training_stages(tmp_path):
 
 
 def test_a_stage_brings_the_stages_it_needs_in_pipeline_order():
-    tool = load_tool()
+    tool = load_tool("bench_scale")
     assert tool.stages_to_run(["score"]) == ["prepare", "train", "infer", "distill", "export", "score"]
     assert tool.stages_to_run(["prepare"]) == ["prepare"]
     assert tool.stages_to_run(["compress", "prepare"]) == ["prepare", "train", "infer", "distill", "compress"]
 
 
 def test_the_training_rate_is_the_median_window_after_the_warm_up(tmp_path):
-    tool = load_tool()
+    tool = load_tool("bench_scale")
     log = tmp_path / "metrics.jsonl"
     entries = [{"step": 1, "samples_per_second": 100.0}, {"step": 1, "valid": {"auc": 0.5}},
                {"step": 2, "samples_per_second": 10.0}, {"step": 3, "samples_per_second": 30.0},
