@@ -1,6 +1,8 @@
 """Shared test helpers: reading back a prepared dataset in full (small datasets only)."""
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +12,15 @@ from recsys_kd.data.schema import IdRule, Schema, SparseFeature
 import torch
 
 IDENTITY = IdRule(kind="identity")
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_schema(with_hour: bool = True) -> Schema:

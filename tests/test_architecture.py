@@ -160,3 +160,43 @@ def test_readme_map_links_every_doc():
         assert f"docs/{doc.name}" in readme, f"README's map does not link docs/{doc.name}"
     for target in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)(?:#[\w-]+)?\)", readme):
         assert (PROJECT / target).exists(), f"README links {target}, which does not exist"
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
+               "gather_object", "scatter", "scatter_object_list", "barrier", "all_to_all", "all_to_all_single",
+               "send", "recv", "isend", "irecv"}
+
+
+def collective_calls(source: str) -> List[str]:
+    """``torch.distributed`` collectives that ``source`` calls or imports: ``dist.X(...)`` for any
+    alias of ``torch.distributed``, ``torch.distributed.X(...)``, and ``from torch.distributed import X``."""
+    tree = ast.parse(source)
+    aliases = {"torch.distributed"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update(alias.asname for alias in node.names if alias.name == "torch.distributed" and alias.asname)
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            found.extend(alias.name for alias in node.names if alias.name in COLLECTIVES)
+            aliases.update(alias.asname or alias.name for alias in node.names if alias.name == "distributed")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            aliases.update(alias.asname or alias.name for alias in node.names if alias.name == "distributed")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in aliases:
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_only_the_distributed_module_calls_collectives():
+    """NCCL reduces CUDA tensors only: recsys_kd.distributed moves every collective's tensors to the
+    collective device, so no other module may call one itself."""
+    calls = {name: collective_calls(path.read_text()) for name, path in MODULES.items() if name != "recsys_kd.distributed"}
+    assert not {name: found for name, found in calls.items() if found}, "collectives outside recsys_kd.distributed"
+
+
+def test_the_collective_checker_sees_every_spelling():
+    source = ("import torch.distributed as d\nfrom torch import distributed\nfrom torch.distributed import barrier\n"
+              "d.all_reduce(x)\ndistributed.broadcast(x, 0)\ntorch.distributed.all_gather(a, b)\nd.get_rank()\n")
+    assert sorted(collective_calls(source)) == sorted(["barrier", "d.all_reduce", "distributed.broadcast",
+                                                        "torch.distributed.all_gather"])

@@ -2,7 +2,6 @@
 dataset holds the same rows, labels, ids and dense values, and its feature map the same tables."""
 
 import ast
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,11 @@ import pytest
 
 from recsys_kd.data.schema import Schema
 from recsys_kd.recipe import load_recipe
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_peers.py"
+from tests.helpers import load_tool
 
 
 def bench_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_peers")
 
 
 @pytest.mark.multiprocess

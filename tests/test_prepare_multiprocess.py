@@ -1,6 +1,7 @@
 """``prepare`` on 2 gloo ranks writes the dataset 1 process writes: row for row, ids, splits,
-vocabularies and quarantine, for Criteo, Avazu, MovieLens (with genres too) and libFM inputs, hash and vocabulary ids and
-every split method; a rank's failure fails both ranks and publishes nothing.
+vocabularies and quarantine, for Criteo, Avazu, MovieLens (with genres too), libFM and table inputs
+(CSV, TSV, gzipped JSON lines and Parquet in one input, standardize statistics fitted over the ranks), hash
+and vocabulary ids and every split method; a rank's failure fails both ranks and publishes nothing.
 
 All 2-rank runs happen in one spawned pair of processes (one launch for every config,
 :func:`tests.ranks.call_on_ranks`); the 1-process references run here."""
@@ -16,18 +17,39 @@ from typing import Dict
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_kd.config import from_dict
+import pyarrow as pa
+
+from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.prepare import PrepareConfig, prepare
+from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.rawtext import count_lines, read_delimited
 from recsys_kd.data.schema import Schema
 from recsys_kd.data.sections import deal_files, place
-from recsys_kd.data.split import SPLITS
+from recsys_kd.data.split import SPLITS, SplitConfig
+from recsys_kd.data.table import TableSource
 from tests.helpers import read_split
 from tests.ranks import call_on_ranks
+from tests.test_table_format import logical_rows, spec as table_spec, write_delimited, write_jsonl, write_parquet
 
 WORLD_SIZE = 2
 SMALL_BLOCKS = {"block_bytes": 65536, "row_group_rows": 500, "rows_per_part": 1000, "progress": False}
 BAD_CRITEO_LINES = ["1\tnot\tenough\tcolumns", "0" + "\t" * 13 + "\tzz" + "\t" * 25, "2" + "\t" * 39]
+BAD_TABLE_LINES = ["1,2,3\n", "2,7,1.0,30,4.5,a,1700000000,Paris\n", "0,7,x,30,4.5,a,1700000000,Paris\n"]
+
+
+def write_table_inputs(folder: Path) -> None:
+    """One input of the four file formats: gzipped JSON lines (dealt whole), a plain CSV with a header and
+    bad rows (cut inside by 2 ranks), Parquet in row groups of 97 rows, a plain TSV."""
+    folder.mkdir()
+    rows = logical_rows()
+    write_jsonl(folder / "a.jsonl.gz", rows[:60])
+    write_delimited(folder / "b.csv", rows * 3, ",")
+    with open(folder / "b.csv", "r+") as handle:
+        lines = handle.readlines()
+        handle.seek(0)
+        handle.writelines(lines[:500] + BAD_TABLE_LINES + lines[500:])
+    write_parquet(folder / "c.parquet", rows)
+    write_delimited(folder / "d.tsv", rows[:100], "\t")
 
 
 def write_inputs(shared: Path, root: Path) -> Dict[str, Dict]:
@@ -61,6 +83,9 @@ def write_inputs(shared: Path, root: Path) -> Dict[str, Dict]:
     (root / "libfm" / "train.libfm").write_text("\n".join(libfm[:2000]) + "\n")
     (root / "libfm" / "test.libfm").write_text("\n".join(libfm[2000:]) + "\n")
 
+    write_table_inputs(root / "table")
+    table = to_dict(table_spec())
+
     criteo_inputs = [str(root / "criteo" / "day_0"), str(root / "criteo" / "day_1.gz")]
     avazu_inputs = [str(root / "avazu")]
     # 12 bad lines of ~3400: 0.35% overall, ~0.7% of rank 0's half: judged on global counts it passes
@@ -83,6 +108,10 @@ def write_inputs(shared: Path, root: Path) -> Dict[str, Dict]:
                                           "split": {"method": "random"}},
         "libfm_vocab_permutation": {"format": "libsvm", "inputs": [str(root / "libfm")], "ids": {"rule": "vocab"},
                                     "split": {"method": "permutation"}},
+        "table_vocab_permutation": {"format": "table", "inputs": [str(root / "table")], "table": table,
+                                    "ids": {"rule": "vocab"}, "split": {"method": "permutation"}},
+        "table_hash_sequential": {"format": "table", "inputs": [str(root / "table")], "table": table,
+                                  "ids": {"rule": "hash", "num_embeddings": 500}, "split": {"method": "sequential"}},
         "synthetic_sequential": {"format": "synthetic", "split": {"method": "sequential"},
                                  "synthetic": {"rows": 3000, "chunk_rows": 400, "sparse_features": 4, "dense_features": 2}},
         "fails_on_rank_1": {"format": "criteo", "inputs": [str(root / "criteo_truncated" / "day_0"),
@@ -121,6 +150,7 @@ def test_two_ranks_write_the_one_process_dataset(runs) -> None:
         one, two = root / "one" / name, root / "two" / name
         schema_one, schema_two = Schema.load(one), Schema.load(two)
         assert schema_one.sparse == schema_two.sparse and schema_one.dense == schema_two.dense, name
+        assert schema_one.dense_transform == schema_two.dense_transform, name  # table's standardize figures
         for split in SPLITS:
             # the parts in order hold the rows in input order: the same table, row for row
             assert read_split(one, split).equals(read_split(two, split)), (name, split)
@@ -141,6 +171,9 @@ def test_two_ranks_write_the_one_process_dataset(runs) -> None:
     criteo = json.loads((root / "one" / "criteo_vocab_day" / "prepare.json").read_text())
     assert criteo["quarantined_total"] == len(BAD_CRITEO_LINES) * 4
     assert json.loads((root / "one" / "movielens_hash_random" / "prepare.json").read_text())["dropped_by_rule"]
+    table = json.loads((root / "one" / "table_vocab_permutation" / "prepare.json").read_text())
+    assert table["quarantined_total"] == len(BAD_TABLE_LINES)
+    assert "score: (v - " in Schema.load(root / "one" / "table_hash_sequential").dense_transform
 
 
 @pytest.mark.multiprocess
@@ -181,3 +214,24 @@ def test_dealt_sections_cut_at_line_starts_and_number_lines_as_one_pass(tmp_path
                     for n in block.lines]
             assert read == numbers[index], (world_size, index)
         assert sum(map(sum, counts)) == len(lines) + 50
+
+
+def test_table_sections_read_the_whole_input_row_for_row(tmp_path: Path) -> None:
+    """Dealt to 1..9 ranks (Parquet cut at row group starts, the CSV at line starts after its header),
+    the sections' rows and quarantine, read in rank order, are the whole input's."""
+    write_table_inputs(tmp_path / "table")
+    source = TableSource(sorted((tmp_path / "table").iterdir()), table_spec(), SplitConfig(), block_bytes=4096)
+    quarantine = Quarantine(tmp_path / "whole.jsonl")
+    whole = pa.concat_tables([chunk.table for chunk in source.chunks(quarantine)])
+    quarantine.close()
+    parquet_cuts = set()
+    for world_size in (1, 2, 3, 9):
+        spans = source.deal(world_size)
+        placed = place(spans, [[source.count_lines(section) for section in span] for span in spans])
+        quarantine = Quarantine(tmp_path / f"{world_size}.jsonl")
+        dealt = pa.concat_tables([chunk.table for span in placed for chunk in source.chunks(quarantine, span)])
+        quarantine.close()
+        assert dealt.equals(whole), world_size
+        assert (tmp_path / f"{world_size}.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+        parquet_cuts.update(s.first_line for span in placed for s in span if s.file == 2 and s.start > 0)
+    assert parquet_cuts and all(line % 97 == 0 for line in parquet_cuts)  # inside the Parquet file: row groups

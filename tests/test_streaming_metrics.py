@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recsys_kd.train.metrics import StreamingMetrics, auc, logloss
+from recsys_kd.train.metrics import StreamingMetrics, auc, logloss, prediction_metrics
 
 
 def _stream(rows: int = 20_000, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -90,3 +92,16 @@ def test_all_reduce_over_two_ranks_equals_one_pass(tmp_path: Path) -> None:
         assert got["rows"] == expected["rows"] and got["positives"] == expected["positives"]
         assert got["auc"] == expected["auc"] and got["auc_max_error"] == expected["auc_max_error"]
         assert got["logloss"] == pytest.approx(expected["logloss"], rel=1e-12)
+
+
+def test_streaming_evaluation_metrics_bound_the_exact_ones() -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(5000, generator=generator).round(decimals=2)  # ties, as real scores have
+    labels = (torch.rand(5000, generator=generator) < torch.sigmoid(logits)).float()
+    exact = prediction_metrics(labels, logits, streaming=False)
+    streaming = prediction_metrics(labels, logits, streaming=True)
+    assert streaming["rows"] == exact["rows"] == 5000
+    assert abs(streaming["auc"] - exact["auc"]) <= streaming["auc_max_error"] + 1e-12
+    assert streaming["logloss"] == pytest.approx(exact["logloss"], rel=1e-6)
+    empty = prediction_metrics(torch.zeros(0), torch.zeros(0), streaming=True)
+    assert empty["rows"] == 0 and math.isnan(empty["auc"])

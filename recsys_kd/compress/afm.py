@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from recsys_kd.distributed import all_reduce
 from recsys_kd.models.low_rank import factored_linear
 
 _F64 = torch.float64
@@ -68,7 +69,7 @@ class LayerStatistics:
         device (Optional[torch.device]): where the sums live.
 
     The sums are the tensors of :meth:`tensors` (``sum`` ``[(G,) n]``, ``outer`` ``[(G,) n, n]``,
-    ``count`` ``[]``): ``dist.all_reduce`` each with SUM, in place, to combine ranks (or call
+    ``count`` ``[]``): ``recsys_kd.distributed.all_reduce`` each (SUM), in place, to combine ranks (or call
     :meth:`all_reduce`).
 
     Example::
@@ -119,10 +120,8 @@ class LayerStatistics:
 
     def all_reduce(self, group: Optional[object] = None) -> "LayerStatistics":
         """Sums the accumulators over the ranks of ``group`` (float64 SUM, exact on gloo); returns self."""
-        import torch.distributed as dist
-
         for tensor in self.tensors():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            all_reduce(tensor, group=group)
         return self
 
     def state_dict(self) -> Dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ from recsys_kd.compress.surgery import (
     fused_first_layer,
     rank_from_spec,
 )
+from recsys_kd.distributed import all_reduce, broadcast_from, collective_device, reduce_to
 from recsys_kd.models.embedding import FieldEmbedding
 from recsys_kd.models.low_rank import LowRankStep, find_mlp, low_rank_field_embedding, table_configs
 from recsys_kd.models.zoo import CTRModel
@@ -65,18 +66,30 @@ class TableShards:
     replicated: bool
     column_split: bool
     dtype: torch.dtype
+    device: torch.device
 
     @classmethod
     def of(cls, value: Any) -> "TableShards":
         if not isinstance(value, ShardedTensor):
-            return cls(tuple(value.shape), [(value, 0, 0)], list(range(dist.get_world_size())), True, False, value.dtype)
+            return cls(tuple(value.shape), [(value, 0, 0)], list(range(dist.get_world_size())), True, False, value.dtype,
+                       value.device)
         metadata = value.metadata()
         everywhere = metadata.shards_metadata
         size = tuple(value.size())
         local = [(s.tensor, s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]) for s in value.local_shards()]
         holders = sorted({meta.placement.rank() for meta in everywhere})
         column_split = any(meta.shard_sizes[1] != size[1] for meta in everywhere)
-        return cls(size, local, holders, False, column_split, metadata.tensor_properties.dtype)
+        device = local[0][0].device if local else collective_device()  # holds none: where its work runs
+        return cls(size, local, holders, False, column_split, metadata.tensor_properties.dtype, device)
+
+
+def shard_placement(rank: int, device: torch.device) -> str:
+    """A shard's placement as ShardMetadata names it: ``rank:<r>/<device>`` (``rank:1/cuda:1``,
+    ``rank:0/cpu``), the device where the shard's tensor lives (a CUDA device without index: the
+    current one)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return f"rank:{rank}/{device}"
 
 
 def row_blocks(num_rows: int, owners: Sequence[int]) -> List[Tuple[int, int, int]]:
@@ -102,6 +115,8 @@ def project_table(
     """
     k = u_k.shape[1]
     num_rows = table.size[0]
+    device = table.device
+    u_k, mu = u_k.to(device), mu.to(device)
     if table.replicated:
         block, _, _ = table.local[0]
         return afm_embedding_rows(block, u_k, mu, centered)
@@ -110,24 +125,24 @@ def project_table(
     if not table.column_split:
         for block, row0, _ in table.local:
             rows = afm_embedding_rows(block, u_k, mu, centered)
-            shards.append(Shard(rows, ShardMetadata([row0, 0], [block.shape[0], k], f"rank:{rank}/cpu")))
+            shards.append(Shard(rows, ShardMetadata([row0, 0], [block.shape[0], k], shard_placement(rank, device))))
     else:
         dtype = table.dtype
         for owner, start, stop in row_blocks(num_rows, table.holders):
             pieces = []
             for chunk_start in range(start, stop, chunk_rows):
                 chunk_stop = min(stop, chunk_start + chunk_rows)
-                partial = torch.zeros(chunk_stop - chunk_start, k, dtype=torch.float64)
+                partial = torch.zeros(chunk_stop - chunk_start, k, dtype=torch.float64, device=device)
                 for block, row0, col0 in table.local:
                     rows = block[chunk_start - row0 : chunk_stop - row0]
                     width = block.shape[1]
                     partial += afm_embedding_columns(rows, u_k[col0 : col0 + width], mu[col0 : col0 + width], centered)
-                dist.reduce(partial, dst=owner)
+                reduce_to(partial, dst=owner)
                 if rank == owner:
                     pieces.append(partial.to(dtype))
             if rank == owner and stop > start:
-                rows = torch.cat(pieces) if pieces else torch.zeros(0, k, dtype=dtype)
-                shards.append(Shard(rows, ShardMetadata([start, 0], [stop - start, k], f"rank:{rank}/cpu")))
+                rows = torch.cat(pieces) if pieces else torch.zeros(0, k, dtype=dtype, device=device)
+                shards.append(Shard(rows, ShardMetadata([start, 0], [stop - start, k], shard_placement(rank, device))))
     return ShardedTensor._init_from_local_shards(shards, [num_rows, k])
 
 
@@ -136,18 +151,17 @@ def table_gram(table: TableShards, chunk_rows: int = 1 << 20) -> torch.Tensor:
     d = table.size[1]
     if table.replicated:
         return embedding_gram(table.local[0][0])
-    gram = torch.zeros(d, d, dtype=torch.float64)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=table.device)
     if not table.column_split:
         for block, _, _ in table.local:
             gram += embedding_gram(block)
-        dist.all_reduce(gram)
-        return gram
+        return all_reduce(gram)
     for chunk_start in range(0, table.size[0], chunk_rows):
         chunk_stop = min(table.size[0], chunk_start + chunk_rows)
-        rows = torch.zeros(chunk_stop - chunk_start, d, dtype=torch.float64)
+        rows = torch.zeros(chunk_stop - chunk_start, d, dtype=torch.float64, device=table.device)
         for block, row0, col0 in table.local:
             rows[:, col0 : col0 + block.shape[1]] += block[chunk_start - row0 : chunk_stop - row0].to(torch.float64)
-        dist.all_reduce(rows)
+        all_reduce(rows)
         gram += embedding_gram(rows)
     return gram
 
@@ -155,7 +169,7 @@ def table_gram(table: TableShards, chunk_rows: int = 1 << 20) -> torch.Tensor:
 def broadcast_from_main(*tensors: torch.Tensor) -> None:
     """In place: rank 0's values everywhere (the factors are computed once, applied identically)."""
     for tensor in tensors:
-        dist.broadcast(tensor, src=0)
+        broadcast_from(tensor, src=0)
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -252,7 +266,7 @@ def compress_sharded_embeddings(
             mu = moments.mean()
         else:
             spectrum, vectors = pca(table_gram(table, chunk_rows))
-            mu = torch.zeros(d, dtype=torch.float64)
+            mu = torch.zeros(d, dtype=torch.float64, device=table.device)
         broadcast_from_main(spectrum, vectors, mu)
         k = rank_from_spec(ranks[name], spectrum, name)
         u_k = vectors[:, :k].contiguous()

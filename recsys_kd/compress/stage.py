@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from recsys_kd.compress.sharded import compress_sharded_embeddings, compress_sharded_mlp, sharded_statistics
@@ -48,7 +47,7 @@ from recsys_kd.config import ConfigError, to_dict
 from recsys_kd.data.batch import padding_batch
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
-from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
+from recsys_kd.distributed import DistributedContext, barrier, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.low_rank import can_fuse
 from recsys_kd.models.zoo import ModelConfig, build_model
@@ -208,7 +207,7 @@ def compress(config: CompressConfig, reader_config: ReaderConfig) -> Dict[str, A
     }
     if ctx.is_main:
         atomic_write_json(output / COMPRESS_RECORD, record)
-    dist.barrier()
+    barrier()
     return record
 
 
@@ -285,7 +284,7 @@ def compress_step(
         atomic_write_json(step_dir / COMPRESS_STEP_RECORD, record)
         tqdm.write(f"{method} {step.what}: valid auc {metrics['valid']['auc']:.5f}, test auc {metrics['test']['auc']:.5f}, "
                    f"{record['parameters']['total']:,} parameters", file=sys.stderr)
-    dist.barrier()
+    barrier()
     return record
 
 

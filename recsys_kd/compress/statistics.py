@@ -25,6 +25,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_kd.compress.afm import LayerStatistics
+from recsys_kd.distributed import all_reduce
 from recsys_kd.models.embedding import FieldEmbedding
 from recsys_kd.models.layers import MLP
 from recsys_kd.models.low_rank import LowRankFieldEmbedding, find_mlp
@@ -61,10 +62,8 @@ class ModelStatistics:
         return out
 
     def all_reduce(self, group: Optional[object] = None) -> "ModelStatistics":
-        import torch.distributed as dist
-
         for tensor in self.tensors():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            all_reduce(tensor, group=group)
         return self
 
     def merge(self, other: "ModelStatistics") -> "ModelStatistics":
@@ -115,7 +114,8 @@ class StatisticsHooks:
             ):
                 raise ValueError("field statistics need an embedding module that returns [B, F, D]")
             self.stats.field_names = list(embedding.field_names)
-            self.stats.field_stats = LayerStatistics(embedding.embedding_dim, groups=embedding.num_fields)
+            self.stats.field_stats = LayerStatistics(embedding.embedding_dim, groups=embedding.num_fields,
+                                                     device=_compute_device(model))
             self._handles.append(embedding.register_forward_hook(self._hook(self.stats.field_stats)))
 
     def _hook(self, stats: LayerStatistics) -> Callable[..., None]:
@@ -135,6 +135,15 @@ class StatisticsHooks:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+def _compute_device(model: nn.Module) -> torch.device:
+    """Where the model computes (its first materialised parameter's device; the CPU when it has
+    none): the field statistics accumulate there, next to the embeddings they read."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 def _batch_inputs(batch: Any) -> Tuple[torch.Tensor, KeyedJaggedTensor]:

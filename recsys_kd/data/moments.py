@@ -1,12 +1,13 @@
 """Exact, order-independent sums and moments of float64 values (standardize statistics of
-``format: table``): the same figures however the input is chunked or dealt to ranks."""
+``format: table``): the same figures however the input is chunked or dealt to ranks (each rank's
+moments travel as JSON, :meth:`Moments.to_json`, and add up exactly)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -49,6 +50,19 @@ class Moments:
         self.count += len(values)
         self.total.add(values)
         self.squares.add(np.square(values))
+
+    def to_json(self) -> List:
+        """[count, sum, sum of squares], the sums as hexadecimal integer units (exact, and free of the
+        decimal digit limit Python puts on reading long integers)."""
+        return [self.count, format(self.total.units, "x"), format(self.squares.units, "x")]
+
+    @classmethod
+    def from_json(cls, value: List) -> "Moments":
+        return cls(value[0], ExactSum(int(value[1], 16)), ExactSum(int(value[2], 16)))
+
+    def __add__(self, other: "Moments") -> "Moments":
+        """The moments of both sets of values (two ranks' shares, say)."""
+        return Moments(self.count + other.count, self.total + other.total, self.squares + other.squares)
 
     def mean_std(self) -> Tuple[float, float]:
         """(mean, population std); (0, 1) without values, std 1 when the values are constant."""

@@ -10,9 +10,10 @@ partial dataset under the final name; a rerun removes the staging directories ki
 beside the output as ``<name>.quarantine.jsonl`` (removed by the next successful run).
 
 On N ranks (torchrun / torchx; the output on storage every rank sees) the same steps run on every
-rank over its share of the input: files and byte ranges of plain files cut at line starts
-(:mod:`~recsys_kd.data.sections`), placed by a count of their lines so row_ids and quarantined line
-numbers are one process's. Hash ids need nothing more; vocabulary counts meet in hash-partitioned
+rank over its share of the input: files and byte ranges of plain files cut at line starts (Parquet
+at row group starts; :mod:`~recsys_kd.data.sections`), placed by a count of their lines so row_ids and
+quarantined line numbers are one process's; statistics a source fits over the whole input (``format:
+table``'s standardize) are gathered as exact sums. Hash ids need nothing more; vocabulary counts meet in hash-partitioned
 files (:mod:`~recsys_kd.data.vocabularies`) and are ordered as one process orders them; count-based splits
 use the global count and each rank's offset in it. Each rank writes its parts and quarantine in its
 own folder of rank 0's staging directory; rank 0 moves them into the one-process layout (parts
@@ -172,6 +173,8 @@ def _build(config: PrepareConfig, source: RawSource, staging: Path, output: Path
     if ranks.world_size > 1:
         me.directory = staging / f".rank-{ranks.rank:05d}"
         me.sections = placed_sections(source, me.rank, me.world_size)
+    if hasattr(source, "fit"):  # statistics of the whole input the conversion needs (collective)
+        source.fit(me.sections, me.rank)
     keep_at = kept_quarantine(output)
     counter = VocabularyCounter(_vocab_features(source)) if config.ids.rule == "vocab" else None
     kept_rows = first_position = None
@@ -406,9 +409,7 @@ def _chunks(config: PrepareConfig, source: RawSource, quarantine: Optional[Quara
         total=total, desc=f"prepare {label}", unit="B" if source.info.name != "synthetic" else "row",
         unit_scale=True, disable=not config.progress or me.rank != 0, mininterval=1.0,
     ) as bar:
-        # alone, the source's whole input: a source that cannot be dealt needs no sections argument
-        chunks = source.chunks(quarantine) if me.sections is None else source.chunks(quarantine, me.sections)
-        for chunk in prefetch(chunks, depth=1):
+        for chunk in prefetch(source.chunks(quarantine, me.sections), depth=1):
             bar.update(chunk.progress)
             yield chunk
 

@@ -3,7 +3,8 @@ numbers them.
 
 :func:`deal_files` cuts the input files, taken as one byte stream, at ``r * total / N`` for each rank r:
 in a plain file at the first line start at or after that byte; a compressed file (``.gz``, ``.bz2`` ...),
-which cannot be entered in the middle, at whichever of its ends is nearer. Rank r's span follows rank
+which cannot be entered in the middle, at whichever of its ends is nearer (a source may cut its own
+kinds of file elsewhere: ``format: table`` cuts Parquet at row group starts). Rank r's span follows rank
 r - 1's, so the ranks' rows taken in rank order are the input's rows in order. Every rank computes the
 same cut from the file sizes and a few bytes at each cut point; no communication.
 
@@ -25,21 +26,34 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from recsys_kd.data.rawtext import count_lines, is_compressed, line_start
-from recsys_kd.data.source import InputError, RawSource, Section
+from recsys_kd.data.source import RawSource, Section
 from recsys_kd.distributed import from_rank, gather_outcome
 
 
-def deal_files(files: Sequence[Path], world_size: int) -> List[List[Section]]:
-    """``files`` cut into ``world_size`` contiguous spans of sections (empty sections left out)."""
+# Where a span may end in a file: (path, byte offset in it, its size) -> the nearest allowed byte.
+Boundary = Callable[[Path, int, int], int]
+
+
+def text_boundary(path: Path, offset: int, size: int) -> int:
+    """A text file's cut: the first line start at or after ``offset`` in a plain file; in a compressed
+    one, whichever end is nearer."""
+    if is_compressed(path):
+        return 0 if offset < size / 2 else size
+    return line_start(Path(path), offset)
+
+
+def deal_files(files: Sequence[Path], world_size: int, boundary: Boundary = text_boundary) -> List[List[Section]]:
+    """``files`` cut into ``world_size`` contiguous spans of sections (empty sections left out), each
+    cut where ``boundary`` allows."""
     sizes = [os.path.getsize(path) for path in files]
     starts = [sum(sizes[:index]) for index in range(len(files))]
     total = sum(sizes)
     cuts = [0]
     for rank in range(1, world_size):
-        cuts.append(max(cuts[-1], _cut(files, sizes, starts, rank * total // world_size)))
+        cuts.append(max(cuts[-1], _cut(files, sizes, starts, rank * total // world_size, boundary)))
     cuts.append(total)
     spans = []
     for begin, end in zip(cuts, cuts[1:]):
@@ -52,13 +66,11 @@ def deal_files(files: Sequence[Path], world_size: int) -> List[List[Section]]:
     return spans
 
 
-def _cut(files: Sequence[Path], sizes: List[int], starts: List[int], offset: int) -> int:
-    """The global byte where a span ending near ``offset`` ends: a line start, or a compressed file's end."""
+def _cut(files: Sequence[Path], sizes: List[int], starts: List[int], offset: int, boundary: Boundary) -> int:
+    """The global byte where a span ending near ``offset`` ends: where ``boundary`` allows in its file."""
     for path, start, size in zip(files, starts, sizes):
         if start <= offset < start + size:
-            if is_compressed(path):
-                return start if offset - start < size / 2 else start + size
-            return start + line_start(Path(path), offset - start)
+            return start + boundary(Path(path), offset - start, size)
     return offset
 
 
@@ -108,8 +120,6 @@ def placed_sections(source: RawSource, rank: int, world_size: int) -> List[Secti
     """Rank ``rank``'s sections, placed (collective: every rank calls it): rank 0 deals the input,
     every rank counts its own sections' lines, and the gathered counts place every section."""
     def deal() -> List[List[Dict]]:
-        if not hasattr(source, "deal"):
-            raise InputError(f"format {source.info.name!r} cannot be dealt to ranks; read it on one process")
         return [[dataclasses.asdict(section) for section in span] for span in source.deal(world_size)]
 
     spans = [[Section(**section) for section in span] for span in from_rank(0, deal)]

@@ -3,7 +3,9 @@
 A source is read once or twice (a second pass when vocabularies or a count-based split need one);
 both passes must yield identical rows, and only the pass given a quarantine reports bad rows. On N
 ranks each rank reads the :class:`Section` s dealt to it (:meth:`RawSource.deal`), numbered as one
-process numbers them, so every row keeps its row_id and every refused line its line number.
+process numbers them, so every row keeps its row_id and every refused line its line number. A source
+whose conversion needs figures of the whole input (``format: table``'s standardize statistics) also
+has ``fit(sections, rank)``, which ``prepare`` calls on every rank (collective) before the passes.
 
 Columns of each yielded table:
     row_id   int64    unique, increasing source row index (physical line across the input files)

@@ -26,16 +26,26 @@ Parquet: row number) and a reason naming the column: ``bad_label:<col>``, ``bad_
 ``bad_time:<col>``, ``invalid_utf8:<col>``, ``bad_value:<col>`` (a JSON object or array where a
 scalar belongs), ``bad_json``, plus the raw-text reasons of :mod:`~recsys_kd.data.rawtext`.
 A column missing from a file is an error naming the file and the column.
+
+On N ranks (:meth:`TableSource.deal`) the input is cut as the other text formats' is: plain CSV/TSV/JSON
+lines at line starts (every rank reads a CSV/TSV header from its file's start), a compressed file whole,
+a Parquet file at row group starts; a section's "lines" are its records (header not counted), so the
+gathered counts place every row_id as one process numbers it. Standardize statistics are each rank's
+exact sums over its training rows, gathered and added (:meth:`TableSource.fit`).
+
+Longer than 500 lines because the four file readers, each with its section (rank share) reading, and
+the vectorized column conversions belong to the one spec they implement.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Counter, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Counter, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -46,14 +56,17 @@ from recsys_kd.data import fields
 from recsys_kd.data import split as splitting
 from recsys_kd.data.moments import Moments
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import LINE, one_line, read_delimited, read_lines
+from recsys_kd.data.rawtext import LINE, count_lines, one_line, read_delimited, read_lines
 from recsys_kd.data.schema import ROW_ID
-from recsys_kd.data.source import DAY, LABEL, InputError, SourceChunk, SourceInfo
+from recsys_kd.data.sections import deal_files, text_boundary
+from recsys_kd.data.source import DAY, LABEL, InputError, Section, SourceChunk, SourceInfo
 from recsys_kd.data.table_spec import DenseColumn, MultiHotColumn, TableOptions
+from recsys_kd.distributed import gather_outcome
 
 DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
 SECONDS_PER_DAY = 86400
 PARQUET_BATCH_ROWS = 65536
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
 SUFFIXES = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -102,6 +115,7 @@ class TableSource:
         options = TableOptions(label=LabelRule(column="clicked"), sparse=["user", "item"],
                                dense=[DenseColumn("price", transform="log")])
         source = TableSource([Path("logs.csv")], options, SplitConfig())
+        source.fit()   # standardize statistics (else the first chunks() call fits them)
         for chunk in source.chunks(quarantine):
             chunk.table   # row_id, label, price (float32), user, item (string)
     """
@@ -127,8 +141,11 @@ class TableSource:
         )
         self.dropped_by_rule: Dict[str, int] = {}
         self.standardized = [d.column for d in options.dense if d.transform == "standardize"]
-        self.statistics: Dict[str, Tuple[float, float]] = self._fit_statistics() if self.standardized else {}
-        self.info.dense_transform = self.dense_transform
+        self.statistics: Optional[Dict[str, Tuple[float, float]]] = None  # by fit()
+        # Every CSV/TSV file's columns, read and checked up front: a rank whose share misses a file's
+        # start (or an empty file, dealt to no rank) still fails on a missing column as one process does.
+        self.names = {index: self._columns(path, _DELIMITERS[kind]) for index, (path, kind)
+                      in enumerate(zip(self.files, self.formats)) if kind in _DELIMITERS}
 
     @property
     def dense_transform(self) -> str:
@@ -149,42 +166,90 @@ class TableSource:
     def progress_total(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
 
-    def chunks(self, quarantine: Optional[Quarantine]) -> Iterator[SourceChunk]:
-        for table, size in self._converted(quarantine):
+    def chunks(self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None) -> Iterator[SourceChunk]:
+        if self.statistics is None:
+            if sections is not None:
+                raise RuntimeError("TableSource.fit(sections, rank) must run on every rank before chunks(sections)")
+            self.fit()
+        for table, size in self._converted(quarantine, sections):
             yield SourceChunk(self._standardize(table), size)
+
+    # ---------------------------------------------------------------------------------- N ranks
+
+    def deal(self, world_size: int) -> List[List[Section]]:
+        """The files cut into ``world_size`` spans: text at line starts (compressed: whole), Parquet at
+        row group starts."""
+        return deal_files(self.files, world_size, self._boundary)
+
+    def _boundary(self, path: Path, offset: int, size: int) -> int:
+        if self.formats[self.files.index(path)] != "parquet":
+            return text_boundary(path, offset, size)
+        later = [start for start in _row_group_starts(path) if start >= offset]
+        return later[0] if later else size  # the first group's start counts as the file's: see _row_group_starts
+
+    def count_lines(self, section: Section) -> int:
+        """The records of ``section`` (lines, a CSV/TSV header not counted; Parquet rows)."""
+        path, kind = self.files[section.file], self.formats[section.file]
+        if kind == "parquet":
+            return sum(rows for _, rows in _section_row_groups(path, section))
+        lines = count_lines(path, section)
+        header = kind in ("csv", "tsv") and self.options.header and section.start == 0
+        return max(lines - 1, 0) if header else lines
+
+    def fit(self, sections: Optional[Sequence[Section]] = None, rank: int = 0) -> None:
+        """Fits the standardize statistics over the training split's rows of the whole input (and sets
+        ``info.dense_transform``). On N ranks every rank calls it (collective) with its placed
+        ``sections`` and its ``rank``: each sums its own rows exactly; the sums are gathered and added, so
+        the figures are one process's, bit for bit."""
+        self.statistics = self._fit_statistics(sections, rank) if self.standardized else {}
+        self.info.dense_transform = self.dense_transform
 
     # ------------------------------------------------------------------------------------ passes
 
-    def _converted(self, quarantine: Optional[Quarantine]) -> Iterator[Tuple[pa.Table, int]]:
-        """Converted rows (standardized columns still raw float64, NaN = missing) and their bytes."""
+    def _converted(
+        self, quarantine: Optional[Quarantine], sections: Optional[Sequence[Section]] = None
+    ) -> Iterator[Tuple[pa.Table, int]]:
+        """Converted rows (standardized columns still raw float64, NaN = missing) and their bytes, of
+        the whole input or of ``sections`` (placed: a section's first record's row_id is ``first_row``)."""
         dropped: Counter[str] = collections.Counter()
         record_base = 0
-        for path, kind in zip(self.files, self.formats):
+        pieces = [(index, None) for index in range(len(self.files))] if sections is None else [
+            (section.file, section) for section in sections]
+        for index, section in pieces:
+            base = record_base if section is None else section.first_row - section.first_line
             records = 0
-            for block in self._blocks(path, kind, quarantine):
-                yield self._convert(block, record_base, quarantine, dropped), block.size
+            for block in self._blocks(index, quarantine, section):
+                yield self._convert(block, base, quarantine, dropped), block.size
                 records = block.records_end
             record_base += records
         # Replaced, not added to, at the end of each full pass: a second pass counts the same rows.
         self.dropped_by_rule = dict(sorted(dropped.items()))
 
-    def _fit_statistics(self) -> Dict[str, Tuple[float, float]]:
+    def _fit_statistics(self, sections: Optional[Sequence[Section]], rank: int) -> Dict[str, Tuple[float, float]]:
         """Mean and std of each standardized column over the training split's rows (exact sums, so
-        any chunking gives the same figures); a count-based split counts the kept rows first."""
+        any chunking or dealing gives the same figures); a count-based split counts the kept rows first
+        (on N ranks: every rank's, so each knows its first row's position)."""
         split = self.split
-        kept_rows, ranks = None, None
+        kept_rows, ranks, position = None, None, 0
         if split.needs_count:
-            kept_rows = sum(table.num_rows for table, _ in self._converted(None))
+            counts = gather_outcome(lambda: sum(table.num_rows for table, _ in self._converted(None, sections)))
+            kept_rows, position = sum(counts), sum(counts[:rank])
             ranks = splitting.permutation_ranks(kept_rows, split.seed) if split.method == "permutation" else None
-        moments = {name: Moments() for name in self.standardized}
-        position = 0
-        for table, _ in self._converted(None):
-            train = splitting.assign(split, table, position, kept_rows, ranks) == splitting.TRAIN
-            position += table.num_rows
-            for name in self.standardized:
-                values = table.column(name).to_numpy()
-                moments[name].add(values[train & ~np.isnan(values)])
-        return {name: m.mean_std() for name, m in moments.items()}
+
+        def own_moments() -> Dict[str, List]:
+            moments = {name: Moments() for name in self.standardized}
+            start = position
+            for table, _ in self._converted(None, sections):
+                train = splitting.assign(split, table, start, kept_rows, ranks) == splitting.TRAIN
+                start += table.num_rows
+                for name in self.standardized:
+                    values = table.column(name).to_numpy()
+                    moments[name].add(values[train & ~np.isnan(values)])
+            return {name: m.to_json() for name, m in moments.items()}
+
+        gathered = gather_outcome(own_moments)
+        return {name: sum((Moments.from_json(g[name]) for g in gathered), Moments()).mean_std()
+                for name in self.standardized}
 
     def _standardize(self, table: pa.Table) -> pa.Table:
         for name in self.standardized:
@@ -196,12 +261,14 @@ class TableSource:
 
     # ------------------------------------------------------------------------------- file readers
 
-    def _blocks(self, path: Path, kind: str, quarantine: Optional[Quarantine]) -> Iterator[_Block]:
-        if kind in ("csv", "tsv"):
-            return self._delimited_blocks(path, "," if kind == "csv" else "\t", quarantine)
+    def _blocks(self, index: int, quarantine: Optional[Quarantine], section: Optional[Section]) -> Iterator[_Block]:
+        """The blocks of file ``index``, or of its ``section``; records numbered within the file either way."""
+        path, kind = self.files[index], self.formats[index]
+        if kind in _DELIMITERS:
+            return self._delimited_blocks(path, _DELIMITERS[kind], self.names[index], quarantine, section)
         if kind == "jsonl":
-            return self._json_blocks(path, quarantine)
-        return self._parquet_blocks(path)
+            return self._json_blocks(path, quarantine, section)
+        return self._parquet_blocks(path, section)
 
     def _header(self, path: Path, delimiter: str) -> List[str]:
         if not self.options.header:
@@ -219,7 +286,8 @@ class TableSource:
         if missing:
             raise InputError(f"{path}: no column {', '.join(map(repr, missing))} {where} (has: {', '.join(names)})")
 
-    def _delimited_blocks(self, path: Path, delimiter: str, quarantine: Optional[Quarantine]) -> Iterator[_Block]:
+    def _columns(self, path: Path, delimiter: str) -> List[str]:
+        """A CSV/TSV file's column names (its header, or ``columns``), checked against the spec."""
         try:
             names = self._header(path, delimiter)
         except (OSError, EOFError, pa.ArrowInvalid) as error:
@@ -227,9 +295,16 @@ class TableSource:
                 raise
             raise InputError(f"{path}: cannot read (truncated or corrupt?): {one_line(error)}") from error
         self._check_columns(path, names, "in the header" if self.options.header else "in table.columns")
+        return names
+
+    def _delimited_blocks(
+        self, path: Path, delimiter: str, names: List[str], quarantine: Optional[Quarantine], section: Optional[Section]
+    ) -> Iterator[_Block]:
         offset = 1 if self.options.header else 0
+        if section is not None and section.start > 0:  # numbered by records; read_delimited by lines
+            section = dataclasses.replace(section, first_line=section.first_line + offset)
         blocks = read_delimited(path, names, delimiter, quarantine, skip_header=self.options.header,
-                                block_bytes=self.block_bytes)
+                                block_bytes=self.block_bytes, section=section)
         for raw in blocks:
             table = raw.table
 
@@ -240,10 +315,10 @@ class TableSource:
             columns = {name: table.column(name).combine_chunks() for name in self.options.needed}
             yield _Block(str(path), columns, raw.lines - offset, raw.lines + 1, text, raw.size, max(raw.line_end - offset, 0))
 
-    def _json_blocks(self, path: Path, quarantine: Optional[Quarantine]) -> Iterator[_Block]:
+    def _json_blocks(self, path: Path, quarantine: Optional[Quarantine], section: Optional[Section]) -> Iterator[_Block]:
         needed = self.options.needed
         separators = {m.column: m.separator for m in self.options.multi_hot}
-        for raw in read_lines(path, quarantine, block_bytes=self.block_bytes):
+        for raw in read_lines(path, quarantine, block_bytes=self.block_bytes, section=section):
             lines = raw.table.column(LINE).combine_chunks().to_pylist()
             values: Dict[str, list] = {name: [] for name in needed}
             good = np.ones(len(lines), dtype=bool)
@@ -268,13 +343,8 @@ class TableSource:
             yield _Block(str(path), columns, kept, kept + 1,
                          lambda i, kept_lines=kept_lines: kept_lines[i].decode("utf-8", "replace"), raw.size, raw.line_end)
 
-    def _parquet_blocks(self, path: Path) -> Iterator[_Block]:
-        try:
-            parquet = pq.ParquetFile(path)
-        except (OSError, pa.ArrowInvalid) as error:
-            if isinstance(error, FileNotFoundError):
-                raise
-            raise InputError(f"{path}: cannot read as Parquet: {one_line(error)}") from error
+    def _parquet_blocks(self, path: Path, section: Optional[Section]) -> Iterator[_Block]:
+        parquet = _parquet_file(path)
         arrow_schema = parquet.schema_arrow
         self._check_columns(path, arrow_schema.names, "in the file")
         needed = self.options.needed
@@ -283,11 +353,17 @@ class TableSource:
             kind = arrow_schema.field(name).type
             if name not in listed and (pa.types.is_nested(kind) or pa.types.is_dictionary(kind)):
                 raise InputError(f"{path}: column {name!r} holds {kind}; only multi_hot columns may hold lists")
-        rows = parquet.metadata.num_rows
-        size = os.path.getsize(path)
-        start = 0
+        groups = _section_row_groups(path, section) if section is not None else None
+        if groups == []:  # a share of the file's bytes holding no row group's start
+            return
+        rows = parquet.metadata.num_rows if groups is None else sum(count for _, count in groups)
+        size = os.path.getsize(path) if section is None else section.size
+        first = 0 if groups is None or not groups else sum(
+            parquet.metadata.row_group(group).num_rows for group in range(groups[0][0]))
+        start = first
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=needed):
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=needed,
+                                              row_groups=None if groups is None else [group for group, _ in groups]):
                 columns = {name: _parquet_text(batch.column(name)) for name in needed}
                 records = np.arange(start, start + batch.num_rows, dtype=np.int64)
 
@@ -295,7 +371,8 @@ class TableSource:
                     values = {name: column[index].as_py() for name, column in columns.items()}
                     return json.dumps(values, ensure_ascii=False, default=lambda raw: raw.decode("utf-8", "replace"))
 
-                progress = size * (start + batch.num_rows) // max(rows, 1) - size * start // max(rows, 1)
+                done = start - first
+                progress = size * (done + batch.num_rows) // max(rows, 1) - size * done // max(rows, 1)
                 yield _Block(str(path), columns, records, records + 1, text, progress, start + batch.num_rows)
                 start += batch.num_rows
         except (OSError, pa.ArrowInvalid) as error:
@@ -379,6 +456,32 @@ class TableSource:
         if rule.threshold is not None:
             return np.where(values >= rule.threshold, 1.0, 0.0), bad | missing, nothing
         return np.where(values == 1, 1.0, 0.0), bad | missing | ~np.isin(values, (0.0, 1.0)), nothing
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise InputError(f"{path}: cannot read as Parquet: {one_line(error)}") from error
+
+
+def _row_group_starts(path: Path) -> List[int]:
+    """The byte where each row group of Parquet file ``path`` starts (its first column chunk's first page)."""
+    metadata = _parquet_file(path).metadata
+    starts = []
+    for group in range(metadata.num_row_groups):
+        chunks = [metadata.row_group(group).column(c) for c in range(metadata.num_columns)]
+        starts.append(min(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks))
+    return [0, *starts[1:]] if starts else starts  # the magic bytes before the first go with it
+
+
+def _section_row_groups(path: Path, section: Section) -> List[Tuple[int, int]]:
+    """(index, rows) of the row groups of Parquet file ``path`` that start inside ``section``'s bytes."""
+    metadata = _parquet_file(path).metadata
+    return [(group, metadata.row_group(group).num_rows) for group, start in enumerate(_row_group_starts(path))
+            if section.start <= start < section.end]
 
 
 def _json_row(line: bytes, needed: List[str], separators: Dict[str, str]) -> Tuple[list, Optional[str]]:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -36,7 +35,7 @@ from recsys_kd.data.parts import PartWriter, part_complete, part_schema
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.distill.config import hint_column, teacher_column
-from recsys_kd.distributed import init_distributed, max_over_ranks, sum_over_ranks
+from recsys_kd.distributed import barrier, init_distributed, max_over_ranks, sum_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import CTRModel, build_model
 from recsys_kd.runs import INFER_RECORD, SIDE_INPUT_FILE, OutputError, TrainOutput
@@ -135,7 +134,7 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
         atomic_write_json(output / SIDE_INPUT_FILE,
                           {"dataset": str(dataset), "columns": columns, "vectors": vectors, "splits": splits})
         atomic_write_json(output / INFER_RECORD, record)
-    dist.barrier()
+    barrier()
     return record
 
 
@@ -145,7 +144,8 @@ def _build_teachers(config: InferConfig, schema: Schema) -> Tuple[Dict[str, nn.M
         source = TrainOutput(spec.train_output)
         if not source.finished():
             raise OutputError(f"teacher {spec.name!r}: {source.record_path} not found; train it first")
-        teachers[spec.name] = build_model(schema, checkpoint.recorded_model_config(source))
+        # tables on the meta device: each rank materialises its shards, then loads them from the checkpoint
+        teachers[spec.name] = build_model(schema, checkpoint.recorded_model_config(source), embedding_device=torch.device("meta"))
         records[spec.name] = source.record
     return teachers, records
 
@@ -172,7 +172,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
     if ctx.is_main:
         for stale in (output / split).glob(".*.tmp"):  # parts a killed run had begun
             stale.unlink()
-    dist.barrier()
+    barrier()
     scored = 0
     rounds = -(-len(files) // ctx.world_size)
     bar = tqdm(total=len(files), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
@@ -197,7 +197,7 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
             writer.close()
         bar.update(min(ctx.world_size, len(files) - round_index * ctx.world_size))
     bar.close()
-    dist.barrier()
+    barrier()
     return scored
 
 

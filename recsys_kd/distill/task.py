@@ -140,7 +140,8 @@ class DistillationObjective(Objective):
     def task(self, model: CTRModel, schema: Schema, config: StudentConfig) -> nn.Module:
         distill = self.config
         gate = TeacherGate(len(distill.teachers)) if distill.aggregation == "gate" else None
-        teacher = build_model(schema, self._cotrain_config()) if distill.scheme == "cotrain" else None
+        teacher = (build_model(schema, self._cotrain_config(), embedding_device=torch.device("meta"))
+                   if distill.scheme == "cotrain" else None)
         return DistillationTask(model, distill, config.optim.l2_embedding, gate=gate, teacher=teacher,
                                 projections=self._projections(model, teacher))
 

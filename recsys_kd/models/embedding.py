@@ -6,6 +6,8 @@ integer features arrive as dense columns (projected here) or were bucketized int
 field order, which DAGFM's edges depend on, is the same in both cases.
 """
 
+import hashlib
+import math
 from functools import partial
 from typing import List, Optional
 
@@ -23,6 +25,66 @@ DENSE_MODES = ("projected", "none")
 # every interaction term start near zero, so training begins close to the constant model. It lives in
 # each table's config because DistributedModelParallel re-initialises the tables it shards through it.
 EMBEDDING_STD = 1e-4
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def seeded_table_block(
+    seed: int, table: str, row0: int, num_rows: int, col0: int, num_cols: int, embedding_dim: int,
+    device: Optional[torch.device] = None, std: float = EMBEDDING_STD,
+) -> torch.Tensor:
+    r"""
+    Rows ``[row0, row0 + num_rows)``, columns ``[col0, col0 + num_cols)`` of table ``table``'s seeded
+    initial values, ``[num_rows, num_cols]`` float32 ~ N(0, ``std``), computed on ``device``.
+
+    Element ``(r, c)`` depends only on ``(seed, table, r * embedding_dim + c)``: a counter-based RNG
+    (splitmix64 of the counter, two draws, Box-Muller), so any block of a table (a row shard, a
+    column shard, a chunk of either) is initialised without the rest and every sharding plan, and
+    every number of ranks, starts from the same table.
+
+    Example::
+
+        shard = seeded_table_block(0, "model.embedding.ebc.embedding_bags.t_C1.weight", 1000, 500, 0, 16, 16)
+    """
+    key = _to_signed(_splitmix64_int(seed & _MASK64 ^ int.from_bytes(hashlib.blake2b(table.encode(), digest_size=8).digest(), "little")))
+    rows = torch.arange(row0, row0 + num_rows, dtype=torch.int64, device=device)
+    cols = torch.arange(col0, col0 + num_cols, dtype=torch.int64, device=device)
+    counter = (rows[:, None] * embedding_dim + cols[None, :]) * 2
+    first = _unit_interval(_splitmix64(key + (counter + 1) * _to_signed(_GOLDEN)))
+    second = _unit_interval(_splitmix64(key + (counter + 2) * _to_signed(_GOLDEN)))
+    normal = torch.sqrt(-2.0 * torch.log(first)) * torch.cos(2.0 * math.pi * second)
+    return (normal * std).to(torch.float32)
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors read as uint64 (multiplication wraps modulo 2**64)."""
+    z = z ^ _shift_right(z, 30)
+    z = z * _to_signed(0xBF58476D1CE4E5B9)
+    z = z ^ _shift_right(z, 27)
+    z = z * _to_signed(0x94D049BB133111EB)
+    return z ^ _shift_right(z, 31)
+
+
+def _splitmix64_int(z: int) -> int:
+    z = (z + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 ``z``."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _unit_interval(z: torch.Tensor) -> torch.Tensor:
+    """The top 53 bits of each word as a float64 in (0, 1]."""
+    return (_shift_right(z, 11) + 1).to(torch.float64) * 2.0 ** -53
+
+
+def _to_signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 class FieldEmbedding(nn.Module):

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from recsys_kd.distributed import all_gather_json
+from recsys_kd.distributed import all_gather_json, barrier
 from recsys_kd.io import atomic_write_json, atomic_write_text, file_crc32
 from recsys_kd.runs import BEST, LATEST, OutputError, TrainOutput, is_checkpoint
 from recsys_kd.train.safe_dcp import METADATA, CheckpointError, dcp_load, read_metadata
@@ -79,7 +79,7 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-    dist.barrier()
+    barrier()
     dcp.save(state, checkpoint_id=str(staging))
     atomic_write_json(staging / f"rank_{rank}.json", {"world_size": dist.get_world_size(), **rank_state})
     # DCP names this rank's files __<rank>_*; rank 0 (the coordinator) wrote .metadata before dcp.save returned
@@ -106,7 +106,7 @@ def save(directory: Path, name: str, state: Dict[str, Any], rank_state: Dict[str
                 steps = sorted(p for p in directory.glob("step_*") if p.is_dir())
                 for old in steps[:-keep]:
                     shutil.rmtree(old)
-    dist.barrier()
+    barrier()
     return final
 
 

@@ -16,13 +16,14 @@ from recsys_kd.train.sharding import ShardingConfig
 
 @dataclass
 class OptimConfig:
-    """Sharded tables train with a fused optimizer (CPU kernels: sgd, adagrad, rowwise_adagrad);
+    """Sharded tables train with a fused optimizer (CPU and CUDA kernels: sgd, adagrad, rowwise_adagrad;
+    CUDA only: adam, partial_rowwise_adam, whose FBGEMM kernels have no CPU form);
     data-parallel tables and every dense parameter with ``dense`` (adam, adagrad or sgd).
 
     ``l2_embedding`` adds l2 * mean over the batch of ||e||^2 of the looked-up field embeddings (the
     regulariser of the KD-DAGFM/RecBole code); ``l2_dense`` is weight decay on dense parameters."""
 
-    embedding: Literal["sgd", "adagrad", "rowwise_adagrad"] = "adagrad"
+    embedding: Literal["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam"] = "adagrad"
     embedding_lr: float = 0.05
     dense: Literal["adam", "adagrad", "sgd"] = "adam"
     lr: float = 1e-3
@@ -50,7 +51,9 @@ class TrainConfig:
     first and stays the best model unless training beats it, so a fine-tuning never hands on a worse
     model than it was given. ``freeze_embeddings`` keeps the tables fixed. ``verify_checkpoints:
     false`` loads checkpoints (resume, best model, ``init_from``) without checking their files against
-    ``checksums.json``."""
+    ``checksums.json``. ``eval_metrics``: ``exact`` gathers every prediction to every rank (exact AUC,
+    the same for any number of ranks); ``streaming`` merges per-rank AUC histograms instead (constant
+    memory and traffic, AUC within its reported ``auc_max_error``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -62,6 +65,7 @@ class TrainConfig:
     eval_every_epochs: float = 0.0
     eval_every_samples: int = 0
     eval_batch_size: int = 8192
+    eval_metrics: Literal["exact", "streaming"] = "exact"
     monitor: Literal["auc", "logloss", "distill_loss"] = "auc"
     patience: int = 2
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

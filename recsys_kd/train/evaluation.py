@@ -3,7 +3,8 @@ ranks, plus the task's own losses and, on request, its other predictors.
 
 Ranks step together (sharded lookups are collective): a rank whose rows run out first evaluates
 padding batches whose outputs are dropped. Predictions are gathered, so every rank computes the same
-exact figures as one process would.
+exact figures as one process would; or, streaming, per-rank AUC histograms are summed over ranks
+(constant memory and traffic; the AUC within its reported ``auc_max_error``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recsys_kd.data.batch import padding_batch
 from recsys_kd.data.reader import ParquetReader
-from recsys_kd.distributed import DistributedContext, max_over_ranks
-from recsys_kd.train.metrics import classification_metrics, gather_predictions
+from recsys_kd.distributed import DistributedContext, all_reduce, max_over_ranks
+from recsys_kd.train.metrics import prediction_metrics
 
 
-def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, predictors: bool = False) -> Dict[str, Any]:
+def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, predictors: bool = False,
+             streaming: bool = False) -> Dict[str, Any]:
     """
     Collective. Scores the task module ``dmp`` (``forward(batch) -> (loss, TaskOutputs)``) over
     ``reader``'s split.
@@ -29,6 +30,8 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, pre
         ``auc``, ``logloss``, ``rows`` of the model's logits; ``<name>_loss``: the mean over rows of
         each of the task's named losses; with ``predictors``, ``predictors``: name -> the ``auc``,
         ``logloss`` and ``rows`` of each other predictor the task outputs (absent when it has none).
+        ``streaming``: metrics from per-rank AUC histograms merged over ranks instead of gathered
+        predictions (:func:`~recsys_kd.train.metrics.prediction_metrics`; adds ``auc_max_error``).
     """
     steps = max_over_ranks(reader.num_batches())
     batches = iter(reader)
@@ -60,18 +63,17 @@ def evaluate(dmp: nn.Module, reader: ParquetReader, ctx: DistributedContext, pre
                 scored[name].append(values.float().cpu())
     dmp.train()
     local_labels = torch.cat(labels) if labels else torch.zeros(0)
-    metrics = _scores(local_labels, logits)
+    metrics = prediction_metrics(local_labels, _cat(logits), streaming)
     if loss_sums:
         totals = torch.tensor([*loss_sums.values(), float(local_labels.shape[0])], dtype=torch.float64)
-        dist.all_reduce(totals)
+        all_reduce(totals)
         for index, name in enumerate(loss_sums):
             metrics[f"{name}_loss"] = float(totals[index] / max(float(totals[-1]), 1.0))
     if scored:
-        metrics["predictors"] = {name: _scores(local_labels, values) for name, values in scored.items()}
+        metrics["predictors"] = {name: prediction_metrics(local_labels, _cat(values), streaming)
+                                 for name, values in scored.items()}
     return metrics
 
 
-def _scores(labels: torch.Tensor, logits: List[torch.Tensor]) -> Dict[str, float]:
-    local = torch.cat(logits) if logits else torch.zeros(0)
-    gathered = gather_predictions(labels, local)
-    return classification_metrics(gathered["labels"], gathered["logits"])
+def _cat(values: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(values) if values else torch.zeros(0)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recsys_kd.distributed import all_gather_rows, all_reduce
+
 EPSILON = 1e-7
 AUC_BUCKET_BITS = 20  # streaming AUC: 2**20 histogram buckets per label
 
@@ -48,23 +50,30 @@ def logloss(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 def gather_predictions(labels: torch.Tensor, logits: torch.Tensor) -> Dict[str, np.ndarray]:
     """All ranks' labels and logits, concatenated in rank order (every rank gets all)."""
-    local = torch.stack([labels.double().cpu(), logits.double().cpu()])
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return {"labels": local[0].numpy(), "logits": local[1].numpy()}
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([local.shape[1]], dtype=torch.int64))
-    largest = int(max(c.item() for c in counts))
-    padded = torch.zeros(2, largest, dtype=torch.float64)
-    padded[:, : local.shape[1]] = local
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    merged = torch.cat([g[:, : int(c.item())] for g, c in zip(gathered, counts)], dim=1)
-    return {"labels": merged[0].numpy(), "logits": merged[1].numpy()}
+    local = torch.stack([labels.double().cpu(), logits.double().cpu()], dim=1)  # [n, 2]
+    merged = all_gather_rows(local)
+    return {"labels": merged[:, 0].numpy(), "logits": merged[:, 1].numpy()}
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
     probabilities = 1.0 / (1.0 + np.exp(-logits))
     return {"auc": auc(labels, logits), "logloss": logloss(labels, probabilities), "rows": int(len(labels))}
+
+
+def prediction_metrics(labels: torch.Tensor, logits: torch.Tensor, streaming: bool) -> Dict[str, float]:
+    """Collective: ``auc``, ``logloss`` and ``rows`` of every rank's ``labels`` and ``logits`` ``[n_r]``:
+    exact (predictions gathered to every rank) or, ``streaming``, from per-rank
+    :class:`StreamingMetrics` summed over ranks (adds ``auc_max_error``; the AUC is within it of the
+    exact one). The same figures on every rank."""
+    if not streaming:
+        gathered = gather_predictions(labels, logits)
+        return classification_metrics(gathered["labels"], gathered["logits"])
+    metrics = StreamingMetrics()
+    metrics.update(labels.double().cpu().numpy(), torch.sigmoid(logits.double()).cpu().numpy())
+    result = metrics.all_reduce().result()
+    if result is None:
+        return {"auc": float("nan"), "logloss": float("nan"), "rows": 0, "auc_max_error": 0.0}
+    return {key: result[key] for key in ("auc", "logloss", "rows", "auc_max_error")}
 
 
 class StreamingMetrics:
@@ -110,12 +119,8 @@ class StreamingMetrics:
         without a process group or with one process. Returns self."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        counts = torch.from_numpy(np.concatenate([self.positives, self.negatives, [self.rows]])).to(device)
-        loss = torch.tensor([self.loss_sum], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        dist.all_reduce(loss)
-        counts = counts.cpu().numpy()
+        counts = all_reduce(torch.from_numpy(np.concatenate([self.positives, self.negatives, [self.rows]]))).numpy()
+        loss = all_reduce(torch.tensor([self.loss_sum], dtype=torch.float64))
         buckets = len(self.positives)
         self.positives, self.negatives = counts[:buckets].copy(), counts[buckets:2 * buckets].copy()
         self.rows, self.loss_sum = int(counts[-1]), float(loss.item())

@@ -8,15 +8,26 @@ from typing import Dict, Iterable
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim import RowWiseAdagrad
+from torchrec.optim import PartialRowWiseAdam, RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys_kd.config import ConfigError
 from recsys_kd.train.config import OptimConfig
 from recsys_kd.train.sharding import ShardingConfig, data_parallel_tables
 
-_FUSED = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
+_FUSED = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
+          "adam": torch.optim.Adam, "partial_rowwise_adam": PartialRowWiseAdam}
+CUDA_ONLY_TABLE_OPTIMIZERS = ("adam", "partial_rowwise_adam")  # FBGEMM has no CPU kernel for them
+
+
+def check_table_optimizer(optim: OptimConfig, device: torch.device, frozen: bool) -> None:
+    """Refuses, before sharding, a fused table optimizer without a kernel on ``device`` (FBGEMM's
+    Adam and partial row-wise Adam run on CUDA only; torchrec would fail deep in sharding)."""
+    if not frozen and optim.embedding in CUDA_ONLY_TABLE_OPTIMIZERS and device.type != "cuda":
+        raise ConfigError(f"train.optim.embedding: {optim.embedding} has FBGEMM kernels on CUDA only and this run is "
+                          f"on {device.type}; use sgd, adagrad or rowwise_adagrad")
 
 
 def attach_table_optimizer(module: nn.Module, optim: OptimConfig, sharding: ShardingConfig, frozen: bool) -> None:

@@ -15,6 +15,7 @@ runtime (which reads LOCAL_WORLD_SIZE) keeps them on one.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
@@ -22,6 +23,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel, ShardingEnv
@@ -30,10 +32,12 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_kd.distributed import DistributedContext
+from recsys_kd.models.embedding import seeded_table_block
 
 # torchrec's planner default (torchrec.distributed.planner.constants.BATCH_SIZE), used when no batch size is known
 DEFAULT_PLANNER_BATCH_SIZE = 512
 MEMINFO = Path("/proc/meminfo")
+_TABLE_WEIGHT = re.compile(r"\.embedding_bags\.[^.]+\.weight$")
 
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
@@ -80,6 +84,12 @@ def table_configs(model: nn.Module) -> Dict[str, "object"]:
             for config in module.embedding_bag_configs():
                 tables[config.name] = config
     return tables
+
+
+def fused_optimizer_tables(model: nn.Module) -> List[str]:
+    """Tables whose weight has an optimizer applied in the backward pass (a fused table optimizer)."""
+    return [name for module in model.modules() if isinstance(module, EmbeddingBagCollection)
+            for name, bag in module.embedding_bags.items() if getattr(bag.weight, "_optimizer_classes", None)]
 
 
 def data_parallel_tables(model: nn.Module, config: ShardingConfig) -> List[str]:
@@ -179,14 +189,25 @@ def host_memory() -> int:
     raise OSError(f"{MEMINFO}: no MemTotal line")
 
 
-def table_constraints(model: nn.Module, config: ShardingConfig) -> Dict[str, ParameterConstraints]:
+def table_constraints(model: nn.Module, config: ShardingConfig, device_type: str) -> Dict[str, ParameterConstraints]:
     """The configured sharding type of every table not left to the planner (``auto``), with the
     kernel that type needs: dense for data_parallel (plain DDP parameters, any optimizer), fused
-    otherwise."""
+    otherwise.
+
+    Under ``auto``, a table given a fused optimizer (:func:`~recsys_kd.train.optimizers.attach_table_optimizer`)
+    is never made data-parallel: the planner may choose it for a small table on one number of ranks
+    and not on another, and the table would then train with the dense optimizer instead of its own
+    and its checkpoint would not resume on the other number of ranks."""
     constraints = {}
+    sharded_types = [kind for kind in EmbeddingBagCollectionSharderAnyDevice().sharding_types(device_type)
+                     if kind != ShardingType.DATA_PARALLEL.value]
+    fused = fused_optimizer_tables(model)
     for name, table in table_configs(model).items():
         kind = config.type_of(name, table.embedding_dim)
         if kind == "auto":
+            if name in fused:
+                constraints[name] = ParameterConstraints(sharding_types=sharded_types,
+                                                         compute_kernels=[EmbeddingComputeKernel.FUSED.value])
             continue
         kernel = EmbeddingComputeKernel.DENSE.value if kind == "data_parallel" else EmbeddingComputeKernel.FUSED.value
         min_partition = None
@@ -203,7 +224,7 @@ def planner(
     log its statistics table; ``options``: more EmbeddingShardingPlanner arguments (``callbacks``)."""
     return EmbeddingShardingPlanner(
         topology=topology.planner_topology(), batch_size=topology.batch_size,
-        constraints=table_constraints(model, config), debug=debug, **options,
+        constraints=table_constraints(model, config, topology.device), debug=debug, **options,
     )
 
 
@@ -261,3 +282,25 @@ class OneProcessDataParallel(DataParallelWrapper):
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         del dmp, env, device  # nothing to wrap: one process has no other replica to average with
 
+
+@torch.no_grad()
+def seed_tables(dmp: nn.Module, seed: int, chunk_rows: int = 1 << 16) -> None:
+    """Fills every embedding table this rank holds (its shards, or the whole of a data-parallel
+    table) with the seeded values of :func:`~recsys_kd.models.embedding.seeded_table_block`, on the
+    shard's device, ``chunk_rows`` rows at a time: no rank ever builds a table it does not hold, and
+    every sharding plan and number of ranks starts from the same tables. Each table's stream is named
+    by its state-dict key, so two models' tables of one name (a student and its co-trained teacher)
+    start apart."""
+    for key, value in dmp.state_dict().items():
+        if not _TABLE_WEIGHT.search(key):
+            continue
+        if isinstance(value, ShardedTensor):
+            dim = value.size()[1]
+            blocks = [(s.tensor, s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]) for s in value.local_shards()]
+        else:
+            dim, blocks = value.shape[1], [(value, 0, 0)]
+        for block, row0, col0 in blocks:
+            for start in range(0, block.shape[0], chunk_rows):
+                stop = min(block.shape[0], start + chunk_rows)
+                values = seeded_table_block(seed, key, row0 + start, stop - start, col0, block.shape[1], dim, block.device)
+                block[start:stop].copy_(values)

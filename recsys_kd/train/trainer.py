@@ -18,7 +18,6 @@ exact and identical on every rank and for any number of ranks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -37,16 +35,16 @@ from recsys_kd.config import ConfigError, to_dict
 from recsys_kd.data.batch import padding_batch
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
-from recsys_kd.distributed import DistributedContext, init_distributed, max_over_ranks
+from recsys_kd.distributed import DistributedContext, barrier, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
 from recsys_kd.models.zoo import build_model
 from recsys_kd.runs import TrainOutput, is_checkpoint
 from recsys_kd.train import checkpoint, hooks
 from recsys_kd.train.config import TrainConfig
 from recsys_kd.train.evaluation import evaluate
-from recsys_kd.train.optimizers import attach_table_optimizer, combined_optimizer
+from recsys_kd.train.optimizers import attach_table_optimizer, check_table_optimizer, combined_optimizer
 from recsys_kd.train.schedule import LearningRates, lr_scale, steps_between_evaluations
-from recsys_kd.train.sharding import describe_plan, shard
+from recsys_kd.train.sharding import describe_plan, seed_tables, shard
 from recsys_kd.train.task import Objective
 
 
@@ -85,6 +83,10 @@ class _Run:
         return ParquetReader(self.dataset, split, self.eval_config, self.ctx.rank, self.ctx.world_size,
                              side_inputs=self.objective.side_inputs())
 
+    def evaluate(self, split: str, predictors: bool = False) -> Dict[str, Any]:
+        """Collective: the task module's metrics on ``split`` (:func:`~recsys_kd.train.evaluation.evaluate`)."""
+        return evaluate(self.dmp, self.reader(split), self.ctx, predictors, streaming=self.config.eval_metrics == "streaming")
+
 
 def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
           objective: Optional[Objective] = None) -> Dict[str, Any]:
@@ -98,8 +100,8 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     output = TrainOutput(config.output)
     schema = Schema.load(dataset)
     objective.check_inputs(verify=reader_config.verify)
-    torch.manual_seed(config.seed)
-    model = build_model(schema, config.model)
+    torch.manual_seed(config.seed)  # dense parameters: the same on every rank
+    model = build_model(schema, config.model, embedding_device=torch.device("meta"))  # tables: shard by shard
     parameters, flops = model.num_parameters(), model.flops_per_example()
     dmp, optimizer, plan = distribute(objective.task(model, schema, config), config, ctx, reader_config.batch_size)
     columns = objective.columns()
@@ -117,7 +119,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     seconds = time.time() - started
     test = _final_test(run)
     size = {"model": config.model.name, "parameters": parameters, "flops_per_example": flops}
-    extra = objective.record(lambda split: evaluate(dmp, run.reader(split), ctx, predictors=True), test, size, schema)
+    extra = objective.record(lambda split: run.evaluate(split, predictors=True), test, size, schema)
     record = {
         "stage": "train",
         "model": config.model.name,
@@ -144,7 +146,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
     if ctx.is_main:
         atomic_write_json(output.record_path, record)
     run.log.close()
-    dist.barrier()
+    barrier()
     return record
 
 
@@ -152,13 +154,13 @@ def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext, ba
     """Collective: shards the task module with its optimizers (planned for ``batch_size`` rows per
     rank), starting from its seeded weights (or ``config.init_from``); returns (dmp, combined
     optimizer, plan)."""
-    initial = copy.deepcopy(task.state_dict()) if config.deterministic_init else None
+    check_table_optimizer(config.optim, ctx.device, frozen=config.freeze_embeddings)
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
     dmp, plan = shard(task, config.sharding, ctx, batch_size)
-    if initial is not None:
-        # DMP re-initialises the tables it shards, rank by rank; loading the seeded full model makes
-        # every world size start from identical weights (costs one full copy of the tables).
-        dmp.load_state_dict(initial)
+    if config.deterministic_init:
+        # DMP initialises the tables it materialises rank by rank; seeding each element by (seed, table,
+        # position) makes every world size and plan start from identical tables, without a full copy
+        seed_tables(dmp, config.seed)
     if config.init_from:
         checkpoint.load_init_from(dmp, Path(config.init_from), config.init_from_part, config.verify_checkpoints)
     return dmp, combined_optimizer(dmp, config.optim, config.freeze_embeddings), plan
@@ -196,6 +198,7 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
             bar.update(1)
             if progress.global_step % config.log_every_steps == 0:
                 rate = window_samples / max(time.time() - window_started, 1e-9)
+                loss = float(loss)  # the one host sync of the loss: at log steps only
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
                 run.log.write({"step": progress.global_step, "epoch": progress.epoch, "loss": loss, "lr": run.rates.current[-1],
                               "samples_per_second": rate})
@@ -218,7 +221,9 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
     return samples
 
 
-def _step(run: _Run, batch, weight: float) -> float:
+def _step(run: _Run, batch, weight: float) -> torch.Tensor:
+    """One optimizer step; returns the loss, detached and still on the device (reading it is a host
+    sync, which on CUDA would stall the queue every step)."""
     # zero_grad first: it also hands the fused tables' kernel its learning rate, which the forward
     # pass captures for the backward's in-place update (set after the forward, a changed rate would
     # reach the tables one step late, and the first step after a resume would use the configured one)
@@ -226,12 +231,12 @@ def _step(run: _Run, batch, weight: float) -> float:
     loss, _ = run.dmp(batch)
     (loss * weight).backward()
     run.optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _evaluate_and_track(run: _Run, progress: Progress) -> None:
     config = run.config
-    metrics = evaluate(run.dmp, run.reader("valid"), run.ctx)
+    metrics = run.evaluate("valid")
     value = metrics[config.monitor]
     better = progress.best is None or (value > progress.best if config.monitor == "auc" else value < progress.best)
     entry = {"step": progress.global_step, "epoch": progress.epoch, "valid": metrics, "improved": better,
@@ -273,7 +278,7 @@ def _final_test(run: _Run) -> Dict[str, Any]:
         state = {"model": run.dmp.state_dict()}
         checkpoint.load_state(run.output.best, state, run.config.verify_checkpoints)
         run.dmp.load_state_dict(state["model"])
-    return evaluate(run.dmp, run.reader("test"), run.ctx, predictors=True)
+    return run.evaluate("test", predictors=True)
 
 
 def _save(run: _Run, reader: ParquetReader, progress: Progress) -> None:
