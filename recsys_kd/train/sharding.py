@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel, ShardingEnv
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -268,9 +268,21 @@ def shard(
     """
     plan = make_plan(module, config, machine_topology(ctx.world_size, ctx.device, batch_size))
     dmp = DistributedModelParallel(
-        module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()]
+        module, device=ctx.device, plan=plan, sharders=[EmbeddingBagCollectionSharderAnyDevice()],
+        data_parallel_wrapper=OneProcessDataParallel() if ctx.world_size == 1 else None,
     )
     return dmp, plan
+
+
+class OneProcessDataParallel(DataParallelWrapper):
+    """The data-parallel wrapper of a one-process run: none. DDP's gradient allreduce over one rank
+    leaves every gradient as it is (the mean of one), but its per-step hooks, bucket copies and gloo
+    call cost CPU; without it the weights, gradients and parameter names are the same."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        del dmp, env, device  # nothing to wrap: one process has no other replica to average with
+
+
 @torch.no_grad()
 def seed_tables(dmp: nn.Module, seed: int, chunk_rows: int = 1 << 16) -> None:
     """Fills every embedding table this rank holds (its shards, or the whole of a data-parallel
