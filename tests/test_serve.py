@@ -136,9 +136,10 @@ def test_queued_requests_share_one_model_call_and_get_their_own_rows() -> None:
     (their example-major bags concatenated, offsets shifted) and hands each its own rows."""
     features = 2
     calls: List[int] = []
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
 
     def module(dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        entered.set()
         gate.wait(10)
         calls.append(int(dense.size(0)))
         starts = offsets[:-1:features]
@@ -161,10 +162,8 @@ def test_queued_requests_share_one_model_call_and_get_their_own_rows() -> None:
 
     first = threading.Thread(target=send, args=(0,))
     first.start()
+    assert entered.wait(10)  # the model thread is inside the first call, held at the gate
     deadline = time.monotonic() + 10
-    while not batcher._jobs and batcher.calls == 0 and time.monotonic() < deadline and first.is_alive():
-        time.sleep(0.01)  # the first request is taken by the model thread, held at the gate
-    time.sleep(0.05)
     others = [threading.Thread(target=send, args=(i,)) for i in (1, 2, 3)]
     for thread in others:
         thread.start()
