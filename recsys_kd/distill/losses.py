@@ -23,16 +23,43 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
+# The checks are calls fx records without running them (torch.fx.wrap): torchrec's train pipeline
+# traces the task module to find its table lookups, and a traced tensor cannot steer control flow.
+@torch.fx.wrap
 def _check_logits(name: str, x: torch.Tensor) -> None:
     if x.dim() != 1:
         raise ValueError(f"{name} must be [B] logits, got shape {tuple(x.shape)}")
 
 
+@torch.fx.wrap
 def _check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     # [B] against [B, 1] would broadcast to [B, B] and give a silently wrong loss
     if a.shape != b.shape:
         raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} differ in shape")
+
+
+@torch.fx.wrap
+def _check_hidden(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> None:
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
+        raise ValueError(
+            f"hidden vectors must be [B, H], got student {tuple(student_hidden.shape)}, "
+            f"teacher {tuple(teacher_hidden.shape)}"
+        )
+
+
+@torch.fx.wrap
+def _check_teachers(teacher_logits: torch.Tensor) -> None:
+    if teacher_logits.dim() != 2:
+        raise ValueError(f"teacher_logits must be [B, M], got shape {tuple(teacher_logits.shape)}")
+
+
+@torch.fx.wrap
+def _check_teacher_weights(teacher_logits: torch.Tensor, weights: torch.Tensor) -> None:
+    _check_teachers(teacher_logits)
+    if weights.shape != (teacher_logits.shape[1],):
+        raise ValueError(f"weights must be [M={teacher_logits.shape[1]}], got shape {tuple(weights.shape)}")
+    if bool((weights < 0).any()) or abs(float(weights.sum()) - 1.0) > 1e-5:
+        raise ValueError(f"teacher weights must be >= 0 and sum to 1, got {weights.tolist()}")
 
 
 def detach_teacher(outputs: Any) -> Any:
@@ -178,11 +205,7 @@ def hint_loss(
 
         loss = hint_loss(torch.randn(4, 8), torch.randn(4, 16), nn.Linear(16, 8, bias=False))
     """
-    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
-        raise ValueError(
-            f"hidden vectors must be [B, H], got student {tuple(student_hidden.shape)}, "
-            f"teacher {tuple(teacher_hidden.shape)}"
-        )
+    _check_hidden(student_hidden, teacher_hidden)
     projected = projection(teacher_hidden)
     _check_same("projection(teacher_hidden)", projected, "student_hidden", student_hidden)
     return (projected - student_hidden).square().sum(dim=1).mean()
@@ -205,8 +228,7 @@ def mean_teacher(teacher_logits: torch.Tensor) -> torch.Tensor:
 
         z = mean_teacher(torch.randn(4, 3))  # [4]
     """
-    if teacher_logits.dim() != 2:
-        raise ValueError(f"teacher_logits must be [B, M], got shape {tuple(teacher_logits.shape)}")
+    _check_teachers(teacher_logits)
     return teacher_logits.mean(dim=1)
 
 
@@ -227,12 +249,7 @@ def weighted_teacher(teacher_logits: torch.Tensor, weights: torch.Tensor) -> tor
 
         z = weighted_teacher(torch.randn(4, 3), torch.tensor([0.5, 0.3, 0.2]))  # [4]
     """
-    if teacher_logits.dim() != 2:
-        raise ValueError(f"teacher_logits must be [B, M], got shape {tuple(teacher_logits.shape)}")
-    if weights.shape != (teacher_logits.shape[1],):
-        raise ValueError(f"weights must be [M={teacher_logits.shape[1]}], got shape {tuple(weights.shape)}")
-    if bool((weights < 0).any()) or abs(float(weights.sum()) - 1.0) > 1e-5:
-        raise ValueError(f"teacher weights must be >= 0 and sum to 1, got {weights.tolist()}")
+    _check_teacher_weights(teacher_logits, weights)
     return teacher_logits @ weights.to(teacher_logits.dtype)
 
 

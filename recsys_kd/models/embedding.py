@@ -168,10 +168,8 @@ class FieldEmbedding(nn.Module):
         Returns:
             torch.Tensor: field embeddings, shape [B, F, D], in ``field_names`` order.
         """
-        if self.dense_weight is not None and (dense.dim() != 2 or dense.size(1) != self._num_dense):
-            raise SchemaError(
-                f"dense input has shape {list(dense.shape)}, the model expects [B, {self._num_dense}]"
-            )
+        if self.dense_weight is not None:
+            _check_dense_shape(dense, self._num_dense)
         pooled = self.ebc(sparse).to_dict()
         sparse_fields = torch.stack([pooled[name] for name in self._sparse_names], dim=1)
         if self.dense_weight is None:
@@ -182,6 +180,15 @@ class FieldEmbedding(nn.Module):
     def flops_per_example(self) -> int:
         """The dense projection's multiplies. Lookups and bag pooling are memory work and count 0."""
         return self._num_dense * self.embedding_dim
+
+
+@torch.fx.wrap
+def _check_dense_shape(dense: torch.Tensor, num_dense: int) -> None:
+    """Raises unless ``dense`` is ``[B, num_dense]``. A call fx records without running (``torch.fx.wrap``):
+    torchrec's train pipeline traces the model to find its embedding lookups, and a traced tensor's
+    shape cannot steer Python control flow."""
+    if dense.dim() != 2 or dense.size(1) != num_dense:
+        raise SchemaError(f"dense input has shape {list(dense.shape)}, the model expects [B, {num_dense}]")
 
 
 class FirstOrder(nn.Module):

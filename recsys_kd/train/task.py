@@ -49,7 +49,14 @@ def embedding_l2(fields: torch.Tensor, weight: float) -> torch.Tensor:
 
     Shapes: ``fields [B, F, D]`` (or ``[B, W]`` for fused low-rank codes) -> scalar.
     """
-    return weight * fields.pow(2).sum() / max(fields.shape[0], 1)
+    return weight * fields.pow(2).sum() / _rows_at_least_one(fields)
+
+
+@torch.fx.wrap
+def _rows_at_least_one(tensor: torch.Tensor) -> int:
+    """max(B, 1) for ``tensor [B, ...]``; a call torch.fx records without running it (the train
+    pipeline traces the task module, and a traced tensor's size cannot steer ``max``)."""
+    return max(tensor.shape[0], 1)
 
 
 class LabelTask(nn.Module):
