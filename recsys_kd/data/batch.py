@@ -33,6 +33,8 @@ class Batch(Pipelineable):
         rows_consumed: that worker's position after this batch (its ``rows_consumed`` entry).
         real_rows: how many of the B rows are real when the batch was padded (:meth:`padded_to`);
             None when all are.
+        is_padding: a :func:`padding_batch`, holding no row of the split: what a rank steps on when
+            its rows have run out (trained with weight 0, at no reader position).
     """
 
     dense: torch.Tensor
@@ -43,6 +45,7 @@ class Batch(Pipelineable):
     worker: int = 0
     rows_consumed: int = 0
     real_rows: Optional[int] = None
+    is_padding: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -137,6 +140,7 @@ def padding_batch(
         labels=torch.zeros(size),
         extras={name: torch.zeros(size, widths[name]) if name in widths else torch.zeros(size) for name in extras},
         row_ids=torch.full((size,), -1, dtype=torch.int64),
+        is_padding=True,
     )
 
 

@@ -53,7 +53,10 @@ class TrainConfig:
     false`` loads checkpoints (resume, best model, ``init_from``) without checking their files against
     ``checksums.json``. ``eval_metrics``: ``exact`` gathers every prediction to every rank (exact AUC,
     the same for any number of ranks); ``streaming`` merges per-rank AUC histograms instead (constant
-    memory and traffic, AUC within its reported ``auc_max_error``)."""
+    memory and traffic, AUC within its reported ``auc_max_error``). ``pipeline``: how steps run,
+    ``sparse_dist`` (torchrec's TrainPipelineSparseDist: on CUDA the copy and the input distribution
+    of the next batches overlap the compute; on CPU the same results as ``none``) or ``none`` (one
+    after the other; :mod:`recsys_kd.train.steps`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -80,6 +83,7 @@ class TrainConfig:
     init_from_part: Literal["all", "embeddings"] = "all"
     freeze_embeddings: bool = False
     verify_checkpoints: bool = True
+    pipeline: Literal["sparse_dist", "none"] = "sparse_dist"
 
     def validate(self) -> None:
         for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):

@@ -7,7 +7,9 @@ checkpointing, keeping the best model and stopping early; finally evaluate the b
 split and write the record ``train.json``.
 
 The trainer knows no model and no loss: the task module returns ``(loss, outputs)`` (torchrec's
-``DLRMTrain`` contract, :mod:`recsys_kd.train.task`).
+``DLRMTrain`` contract, :mod:`recsys_kd.train.task`). Its steps run through torchrec's train pipeline
+or one after the other (``train.pipeline``, :mod:`recsys_kd.train.steps`); the pipeline pulls
+batches ahead, so checkpoints save the reader position of the last batch trained.
 
 Every rank runs the same number of steps per epoch (the largest rank's batch count): a rank whose
 rows run out first steps on a zero-weight batch, so every row is trained on exactly once per epoch
@@ -32,7 +34,6 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys_kd.config import ConfigError, to_dict
-from recsys_kd.data.batch import padding_batch
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.distributed import DistributedContext, barrier, init_distributed, max_over_ranks
@@ -45,6 +46,7 @@ from recsys_kd.train.evaluation import evaluate
 from recsys_kd.train.optimizers import attach_table_optimizer, check_table_optimizer, combined_optimizer
 from recsys_kd.train.schedule import LearningRates, lr_scale, steps_between_evaluations
 from recsys_kd.train.sharding import describe_plan, seed_tables, shard
+from recsys_kd.train.steps import Steps, TrainedPosition, epoch_batches, make_steps
 from recsys_kd.train.task import Objective
 
 
@@ -78,6 +80,7 @@ class _Run:
     eval_config: ReaderConfig
     log: "MetricsLog"
     rates: LearningRates
+    steps: Steps
 
     def reader(self, split: str) -> ParquetReader:
         return ParquetReader(self.dataset, split, self.eval_config, self.ctx.rank, self.ctx.world_size,
@@ -109,7 +112,8 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
                                  ctx.rank, ctx.world_size, side_inputs=objective.side_inputs())
     eval_config = ReaderConfig(batch_size=config.eval_batch_size, validate_ids=reader_config.validate_ids, extras=columns)
     run = _Run(config, objective, ctx, dmp, optimizer, dataset, output, eval_config,
-               MetricsLog(output.metrics_log, ctx.is_main), LearningRates(optimizer, config.schedule.min_lr))
+               MetricsLog(output.metrics_log, ctx.is_main), LearningRates(optimizer, config.schedule.min_lr),
+               make_steps(config.pipeline, dmp, optimizer, ctx.device))
     progress = _resume(run, train_reader) or Progress()
     if not progress.history and config.init_from and config.init_from_part == "all":
         _evaluate_and_track(run, progress)  # the starting point: what training must beat to replace it
@@ -138,6 +142,7 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
         "best_valid": progress.best,
         "lr_reductions": progress.lr_reductions,
         "history": progress.history,
+        "train_pipeline": {"kind": config.pipeline, "pipelined_modules": run.steps.pipelined_modules()},
         "test": test,
         **extra,
         "train_seconds_this_run": round(seconds, 3),
@@ -176,23 +181,20 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
         total = config.max_steps or config.epochs * steps
         every = steps_between_evaluations(config.eval_every_steps, config.eval_every_epochs, config.eval_every_samples,
                                           steps, reader.config.batch_size * ctx.world_size)
-        batches = iter(reader)
+        position = TrainedPosition(reader)  # the steps may pull batches ahead: a checkpoint saves where training is
+        batches = epoch_batches(reader, steps - progress.step_in_epoch, ctx.world_size, pin=ctx.device.type == "cuda")
         bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"train {config.model.name} epoch {progress.epoch}",
                    unit="step", disable=not (config.progress and ctx.is_main), mininterval=1.0)
         window_started, window_samples = time.time(), 0
         while progress.step_in_epoch < steps:
             hooks.reached("train_step", ctx.rank, progress.global_step)
+            # before the step: its zero_grad hands the fused tables their rate (recsys_kd/train/steps.py)
             run.rates.apply(lr_scale(config.schedule, progress.global_step, total, progress.lr_reductions))
-            batch = next(batches, None)
-            weight = 1.0 if batch is not None else 0.0
-            if batch is None:
-                batch = padding_batch(reader.schema, reader.config.batch_size, reader.config.extras, reader.vector_widths)
-            elif ctx.world_size > 1:
-                batch = batch.padded_to(reader.config.batch_size)  # equal batches on every rank
-            loss = _step(run, batch.to(ctx.device), weight)
+            loss, batch = run.steps.progress(batches)
+            position.trained(batch)
             progress.step_in_epoch += 1
             progress.global_step += 1
-            rows = batch.rows * int(weight) * ctx.world_size
+            rows = 0 if batch.is_padding else batch.rows * ctx.world_size
             samples += rows
             window_samples += rows
             bar.update(1)
@@ -206,6 +208,7 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
             at_max = config.max_steps and progress.global_step >= config.max_steps
             epoch_end = progress.step_in_epoch == steps
             if (every and progress.global_step % every == 0) or epoch_end or at_max:
+                run.steps.pause()  # evaluation calls the model's own forward; batches in flight are kept
                 _evaluate_and_track(run, progress)
             if epoch_end:
                 progress.epoch += 1
@@ -214,24 +217,12 @@ def _train_loop(run: _Run, reader: ParquetReader, progress: Progress) -> int:
                 progress.stopped = True
             checkpoint_due = config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0
             if checkpoint_due or epoch_end or progress.stopped:
-                _save(run, reader, progress)
+                _save(run, position, progress)
             if progress.stopped or epoch_end:
                 break
         bar.close()
+    run.steps.pause()
     return samples
-
-
-def _step(run: _Run, batch, weight: float) -> torch.Tensor:
-    """One optimizer step; returns the loss, detached and still on the device (reading it is a host
-    sync, which on CUDA would stall the queue every step)."""
-    # zero_grad first: it also hands the fused tables' kernel its learning rate, which the forward
-    # pass captures for the backward's in-place update (set after the forward, a changed rate would
-    # reach the tables one step late, and the first step after a resume would use the configured one)
-    run.optimizer.zero_grad()
-    loss, _ = run.dmp(batch)
-    (loss * weight).backward()
-    run.optimizer.step()
-    return loss.detach()
 
 
 def _evaluate_and_track(run: _Run, progress: Progress) -> None:
@@ -281,8 +272,8 @@ def _final_test(run: _Run) -> Dict[str, Any]:
     return run.evaluate("test", predictors=True)
 
 
-def _save(run: _Run, reader: ParquetReader, progress: Progress) -> None:
-    rank_state = {"progress": progress.__dict__, "reader": reader.state_dict(), "rng": checkpoint.rng_state()}
+def _save(run: _Run, position: TrainedPosition, progress: Progress) -> None:
+    rank_state = {"progress": progress.__dict__, "reader": position.state_dict(), "rng": checkpoint.rng_state()}
     state = {"model": run.dmp.state_dict(), "optimizer": run.optimizer.state_dict()}
     checkpoint.save(run.output.checkpoints, f"step_{progress.global_step:09d}", state, rank_state,
                     keep=run.config.keep_checkpoints)
