@@ -1,4 +1,5 @@
-"""Sharded training on 2 gloo processes: equal to 1 process; killed and resumed equal to uninterrupted."""
+"""Sharded training on 2 gloo processes: equal to 1 process; with torchrec's train pipeline equal to the
+synchronous loop; killed and resumed equal to uninterrupted."""
 
 import json
 
@@ -84,16 +85,48 @@ def test_two_ranks_match_one_process(dataset, single_process, sharding, optimize
     assert moved > 10
 
 
-def test_killed_rank_resumes_to_the_same_result(dataset):
-    settings = dict(max_steps=14, checkpoint_every_steps=4, eval_every_steps=5, patience=10)
-    uninterrupted = recipe(dataset, "whole", BATCH, "row_wise", **settings)
-    assert run_ranks(uninterrupted, 2) == [0, 0]
-    interrupted = recipe(dataset, "killed", BATCH, "row_wise", **settings)
+KILL_SETTINGS = dict(max_steps=14, checkpoint_every_steps=4, eval_every_steps=5, patience=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset):
+    """2 row-wise ranks, 14 steps, evaluated every 5: with torchrec's train pipeline (the default)."""
+    assert run_ranks(recipe(dataset, "whole", BATCH, "row_wise", **KILL_SETTINGS), 2) == [0, 0]
+    return record(dataset, "whole")
+
+
+def test_the_train_pipeline_trains_as_the_synchronous_loop_on_two_ranks(dataset, uninterrupted):
+    """TrainPipelineSparseDist (each step distributing the next batch's ids ahead, paused for each
+    evaluation) ends bit for bit where the synchronous loop does: the same validation history, test
+    metrics and weights."""
+    pipelined = uninterrupted
+    assert pipelined["train_pipeline"] == {"kind": "sparse_dist",
+                                           "pipelined_modules": ["model.embedding.ebc", "model.first_order.weights.ebc"]}
+    name = "whole_synchronous"
+    assert run_ranks(recipe(dataset, name, BATCH, "row_wise", pipeline="none", **KILL_SETTINGS), 2) == [0, 0]
+    synchronous = record(dataset, name)
+    assert synchronous["train_pipeline"] == {"kind": "none", "pipelined_modules": []}
+    assert [h["step"] for h in pipelined["history"]] == [5, 10, 14]
+    assert [h["valid"] for h in pipelined["history"]] == [h["valid"] for h in synchronous["history"]]
+    assert pipelined["test"] == synchronous["test"]
+    a = final_weights(dataset / "whole", dataset / "data", MODEL)
+    b = final_weights(dataset / name, dataset / "data", MODEL)
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_killed_rank_resumes_to_the_same_result(dataset, uninterrupted):
+    """Killed after 10 steps. The step-8 checkpoint was saved while the train pipeline held batches 9
+    and 10 (pulled ahead): it holds the reader position after batch 8, so the resumed run reads every
+    row once and ends where the uninterrupted run does."""
+    interrupted = recipe(dataset, "killed", BATCH, "row_wise", **KILL_SETTINGS)
     codes = run_ranks(interrupted, 2, fault="train_step=1:10")
     assert codes[1] == -9 and not (dataset / "killed" / "train.json").exists()
     assert (dataset / "killed" / "checkpoints" / "latest").read_text().strip() == "step_000000008"
     assert run_ranks(interrupted, 2) == [0, 0]
-    whole, resumed = record(dataset, "whole"), record(dataset, "killed")
+    whole, resumed = uninterrupted, record(dataset, "killed")
+    assert resumed["train_pipeline"]["kind"] == "sparse_dist"
     assert resumed["steps"] == whole["steps"] == 14
     assert [h["step"] for h in resumed["history"]] == [h["step"] for h in whole["history"]] == [5, 10, 14]
     for a, b in zip(resumed["history"], whole["history"]):
