@@ -5,8 +5,9 @@
 # CPU part: the installed stack and its version guard, a planner topology for 2 hosts x 8 GPUs, a tiny
 # train killed and resumed (gloo, through the CLI), infer and compress (AFM and SVD) from it, export,
 # FBGEMM's fused TBE kernel on the CPU (the same check as on CUDA). CUDA part, on every visible GPU:
-# the fused TBE kernel, the NCCL collectives, train killed and resumed (NCCL, DCP checkpoints), infer,
-# compress, export from the GPU checkpoint, samples/s and GPU utilisation. PYTHON (default
+# the fused TBE kernel, the NCCL collectives, train killed and resumed (NCCL, DCP checkpoints), torchrec's
+# train pipeline against the synchronous loop (pinned batches, side streams), infer, compress, export
+# from the GPU checkpoint, samples/s and GPU utilisation. PYTHON (default
 # .venv/bin/python) runs everything; SMOKE_DIR keeps the work directory (default: a temporary one,
 # removed at the end).
 set -uo pipefail
@@ -102,6 +103,17 @@ export_artifact() {  # SOURCE ARTIFACT
   [ -s "$2" ] && echo "artifact $(du -h "$2" | cut -f1), parity checked by export"
 }
 
+pipeline_vs_synchronous() {  # LAUNCHER...: the same CUDA run with train.pipeline sparse_dist and none
+  local args=(train -c "$recipe" "prepare.output=$work/data" train.backend=nccl train.max_steps=40 train.epochs=1
+              train.eval_every_steps=15 train.progress=false reader.batch_size=256 "train.model.mlp_layers=[64]")
+  local kind
+  for kind in sparse_dist none; do
+    "$@" -m recsys_kd.cli "${args[@]}" "train.output=$work/pipeline_$kind" "train.pipeline=$kind" \
+        > "$work/pipeline_$kind.log" 2>&1 || { tail -5 "$work/pipeline_$kind.log"; return 1; }
+  done
+  "$python" tools/gpu_smoke_checks.py pipeline "$work/pipeline_sparse_dist" "$work/pipeline_none" "$work/data"
+}
+
 throughput() {  # NGPU: samples/s of a longer CUDA run and the GPU utilisation meanwhile
   local output=$work/train_speed
   "$python" tools/gpu_smoke_checks.py utilisation 60 "$work/utilisation.json" &
@@ -130,17 +142,18 @@ check "export from the CPU checkpoint" export_artifact "$work/train_gloo" "$work
 check "fused TBE kernel (FBGEMM, CPU)" "$python" tools/gpu_smoke_checks.py tbe cpu
 
 cuda_checks=("fused TBE kernel (FBGEMM, CUDA)" "NCCL collectives (all GPUs)" "train, SIGKILL, resume (NCCL, DCP)"
-             "infer: teacher scores (NCCL)" "compress: AFM and SVD (NCCL)" "export from the GPU checkpoint"
+             "train pipeline = synchronous (CUDA)" "infer: teacher scores (NCCL)" "compress: AFM and SVD (NCCL)" "export from the GPU checkpoint"
              "samples/s and GPU utilisation")
 launcher=("$python" -m torch.distributed.run --standalone --nproc_per_node)
 if [ "$cuda" = 1 ]; then
   check "${cuda_checks[0]}" "$python" tools/gpu_smoke_checks.py tbe cuda
   check "${cuda_checks[1]}" "${launcher[@]}" "$gpus" tools/gpu_smoke_checks.py collectives
   check "${cuda_checks[2]}" train_kill_resume "$work/train_nccl" nccl "${launcher[@]}" "$gpus"
-  check "${cuda_checks[3]}" infer_teacher "$work/train_nccl" "$work/soft_nccl" nccl "${launcher[@]}" "$gpus"
-  check "${cuda_checks[4]}" compress_both "$work/train_nccl" "$work/compress_nccl" nccl "${launcher[@]}" "$gpus"
-  check "${cuda_checks[5]}" export_artifact "$work/train_nccl" "$work/nccl.pt"
-  check "${cuda_checks[6]}" throughput "$gpus"
+  check "${cuda_checks[3]}" pipeline_vs_synchronous "${launcher[@]}" "$gpus"
+  check "${cuda_checks[4]}" infer_teacher "$work/train_nccl" "$work/soft_nccl" nccl "${launcher[@]}" "$gpus"
+  check "${cuda_checks[5]}" compress_both "$work/train_nccl" "$work/compress_nccl" nccl "${launcher[@]}" "$gpus"
+  check "${cuda_checks[6]}" export_artifact "$work/train_nccl" "$work/nccl.pt"
+  check "${cuda_checks[7]}" throughput "$gpus"
 else
   for name in "${cuda_checks[@]}"; do skip "$name"; done
 fi

@@ -7,6 +7,7 @@
     python tools/gpu_smoke_checks.py resumed TRAIN_JSON STEPS           # a resumed run finished its steps
     python tools/gpu_smoke_checks.py speed TRAIN_JSON UTILISATION_JSON  # samples/s and utilisation, one line
     python tools/gpu_smoke_checks.py compressed COMPRESS_JSON           # both chains ran, AUCs on one line
+    python tools/gpu_smoke_checks.py pipeline PIPELINED SYNCHRONOUS DATA  # train.pipeline sparse_dist vs none
 """
 
 from __future__ import annotations
@@ -102,6 +103,41 @@ def compressed(record_path: str) -> None:
         for method, row in final.items()))
 
 
+def pipeline(pipelined: str, synchronous: str, dataset: str) -> None:
+    """Two train outputs of the same run, with torchrec's TrainPipelineSparseDist (batch i+1's copy and
+    input distribution on side streams while batch i trains) and one step after the other: it found the
+    table lookups, ends at the same validation history and weights (CUDA kernels may sum in another
+    order: within float tolerance), and the epoch's host batches are pinned; their samples/s."""
+    from pathlib import Path
+
+    from recsys_kd.data.reader import ParquetReader, ReaderConfig
+    from recsys_kd.runs import TrainOutput
+    from recsys_kd.train.checkpoint import load_model
+    from recsys_kd.train.steps import epoch_batches
+
+    records = {}
+    for name, path in (("sparse_dist", pipelined), ("none", synchronous)):
+        with open(Path(path) / "train.json") as source:
+            records[name] = json.load(source)
+        assert records[name]["train_pipeline"]["kind"] == name, records[name]["train_pipeline"]
+    assert records["sparse_dist"]["train_pipeline"]["pipelined_modules"], "the pipeline found no table lookup"
+    a, b = records["sparse_dist"], records["none"]
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] and a["steps"] == b["steps"]
+    for x, y in zip(a["history"], b["history"]):
+        for metric in ("auc", "logloss"):
+            assert abs(x["valid"][metric] - y["valid"][metric]) < 1e-4, (x["step"], metric, x["valid"], y["valid"])
+    weights = [load_model(TrainOutput(Path(path)), TrainOutput(Path(path)).latest().name).state_dict()
+               for path in (pipelined, synchronous)]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-3, atol=1e-4, msg=key)
+    reader = ParquetReader(Path(dataset), "train", ReaderConfig(batch_size=256), 0, 1)
+    batch = next(epoch_batches(reader, 1, 1, pin=True))
+    assert batch.dense.is_pinned() and batch.sparse.values().is_pinned() and batch.labels.is_pinned()
+    print(f"train pipeline: {', '.join(a['train_pipeline']['pipelined_modules'])} pipelined, {a['steps']} steps equal "
+          f"to the synchronous loop; {a['samples_per_second_this_run']:,.0f} vs "
+          f"{b['samples_per_second_this_run']:,.0f} samples/s; host batches pinned")
+
+
 def speed(record_path: str, utilisation_path: str) -> None:
     with open(record_path) as source:
         record = json.load(source)
@@ -128,5 +164,7 @@ if __name__ == "__main__":
         speed(sys.argv[2], sys.argv[3])
     elif command == "compressed":
         compressed(sys.argv[2])
+    elif command == "pipeline":
+        pipeline(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
-        sys.exit(f"unknown check {command!r} (tbe, collectives, utilisation, resumed, speed, compressed)")
+        sys.exit(f"unknown check {command!r} (tbe, collectives, utilisation, resumed, speed, compressed, pipeline)")
