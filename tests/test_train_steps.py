@@ -179,7 +179,6 @@ def test_every_model_and_task_module_is_pipelined(name):
     batch = dataclasses.replace(tiny_batch(schema, 0, 16), extras=extras)
     loss, _ = steps.progress(iter([batch]))
     steps.pause()
-    tables = sorted(path.removeprefix("_dmp_wrapped_module.") for path, module in dmp.named_modules()
-                    if isinstance(module, ShardedEmbeddingBagCollection))
+    tables = sorted(path for path, module in dmp.module.named_modules() if isinstance(module, ShardedEmbeddingBagCollection))
     assert steps.pipelined_modules() == tables == (expected or tables) and tables
     assert torch.isfinite(loss)

@@ -148,8 +148,8 @@ class PipelinedSteps:
     def pipelined_modules(self) -> List[str]:
         """The sharded modules whose input distribution the pipeline has run ahead (those it found
         called on an attribute of the batch when it traced the task module)."""
-        return sorted(name.removeprefix("_dmp_wrapped_module.") for name, module in self._dmp.named_modules()
-                      if getattr(module, "is_pipelined", False))
+        task = self._dmp.module  # DistributedModelParallel's task module, without its DDP wrapper
+        return sorted(name for name, module in task.named_modules() if getattr(module, "is_pipelined", False))
 
     def _pull(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         for batch in batches:
