@@ -1,10 +1,13 @@
 """The serving module: a plain-tensor, torch-only, scriptable copy of a trained ``CTRModel``.
 
-Input contract (``forward(dense, ids, offsets) -> probabilities``)::
+Input contract (``forward(dense, ids, offsets, weights=None) -> probabilities``)::
 
     dense    float32 [B, n_dense]        the schema's dense columns, in schema order ([B, 0] when none)
     ids      int64   [N]                 sparse ids, concatenated bag after bag
     offsets  int64   [B * F_sparse + 1]  bag boundaries: bag k holds ids[offsets[k] : offsets[k + 1]]
+    weights  float32 [N]                 only for a model of weighted features (libSVM/libFM values):
+                                         each id's value, 1.0 for the ids of unweighted features; a bag
+                                         pools sum(weight * row). Required there, refused elsewhere
 
 Bags are **example-major**: bag ``k = b * F_sparse + f`` holds example ``b``'s ids of sparse feature ``f``
 (``schema.sparse`` order), so one example's request is one contiguous slice of ``ids`` and requests are
@@ -89,6 +92,7 @@ class ServingModel(nn.Module):
         up_biases (Optional[List[Optional[torch.Tensor]]]): the matching biases ``[D]`` (None: zero).
         codes_to_head (bool): the head reads the concatenated codes ``[B, n_dense * D + sum_f w_f]``
             (AFM up-projections fused into its first Linear) instead of ``[B, F, D]`` fields.
+        weighted (bool): the model's features are weighted: ``forward`` takes each id's weight.
 
     Shapes: ``dense [B, n_dense]``, ``ids [N]``, ``offsets [B * F_sparse + 1] -> [B]``.
 
@@ -114,6 +118,7 @@ class ServingModel(nn.Module):
         up_weights: Optional[List[Optional[torch.Tensor]]] = None,
         up_biases: Optional[List[Optional[torch.Tensor]]] = None,
         codes_to_head: bool = False,
+        weighted: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(tables, sparse_names, storage, up_weights, codes_to_head, first_order_tables)
@@ -131,6 +136,7 @@ class ServingModel(nn.Module):
         self.embedding_dim: int = dim
         self.table_width: int = width
         self.with_first_order: bool = first_order_tables is not None
+        self.weighted: bool = weighted
         self.storage: str = storage
         self._int8: bool = storage == "int8"
         self._fp16: bool = storage == "fp16"
@@ -190,22 +196,29 @@ class ServingModel(nn.Module):
             up_weights=up_weights,
             up_biases=up_biases,
             codes_to_head=codes_to_head,
+            weighted=bool(embedding.ebc.is_weighted()),
         )
 
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """
         Args:
             dense (torch.Tensor): float32 [B, n_dense].
             ids (torch.Tensor): int64 [N], example-major bags.
             offsets (torch.Tensor): int64 [B * F_sparse + 1].
+            weights (Optional[torch.Tensor]): float32 [N], each id's weight; exactly when the model is
+                weighted.
 
         Returns:
             torch.Tensor: click probabilities, float32 [B].
         """
-        return torch.sigmoid(self.forward_logits(dense, ids, offsets))
+        return torch.sigmoid(self.forward_logits(dense, ids, offsets, weights))
 
     @torch.jit.export
-    def forward_logits(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward_logits(
+        self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """As :meth:`forward`, returning logits [B]."""
         if dense.dim() != 2 or dense.size(1) != self.num_dense_inputs:
             raise ValueError(
@@ -215,29 +228,36 @@ class ServingModel(nn.Module):
         if dense.dtype != torch.float32:
             raise ValueError("dense must be float32")
         batch_size = dense.size(0)
+        _check_weights(weights, ids, self.weighted)
         rows, single = _bag_rows(
             ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature, self.sparse_names
         )
         if batch_size == 0:  # some heads cannot reshape an empty batch
             return torch.zeros(0)
-        return self.logits_from_rows(dense, rows, offsets, single)
+        return self.logits_from_rows(dense, rows, offsets, single, weights)
 
     def logits_from_rows(
-        self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool
+        self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool,
+        weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The model past the input checks: logits [B] of ``dense`` [B >= 1, n_dense], the fused-table
         ``rows`` [N] of the ids (``_bag_rows``) and the bag ``offsets``, unused when ``single`` (one id
-        per bag, ``rows`` [B * F_sparse])."""
+        per bag, ``rows`` [B * F_sparse]); ``weights`` [N] scale the ids' rows before pooling."""
         batch_size = dense.size(0)
         num_features = self.num_sparse
         width = self.table_width
         columns = width + (1 if self.with_first_order else 0)
         # the lookup: every field of every example in one gather (+ sum pooling of the bags)
-        if self._int8:
-            params = self.row_params.index_select(0, rows)  # [N, 2 (+1)]: scale, bias (, first-order weight)
-            values = self.codes.index_select(0, rows).float() * params[:, 0:1] + params[:, 1:2]
-            if self.with_first_order:
-                values = torch.cat([values, params[:, 2:3]], dim=1)
+        if self._int8 or weights is not None:
+            if self._int8:
+                params = self.row_params.index_select(0, rows)  # [N, 2 (+1)]: scale, bias (, first-order weight)
+                values = self.codes.index_select(0, rows).float() * params[:, 0:1] + params[:, 1:2]
+                if self.with_first_order:
+                    values = torch.cat([values, params[:, 2:3]], dim=1)
+            else:
+                values = F.embedding(rows, self.weight).float()  # [N, W (+1)]
+            if weights is not None:  # each id's row (first-order weight too) times its value
+                values = values * weights.unsqueeze(1)
             if single:
                 pooled = values
             else:
@@ -364,6 +384,20 @@ def _dense_buffers(
 # class in a process. Artifacts loaded with torch.jit.load are not affected.
 
 
+def _check_weights(weights: Optional[torch.Tensor], ids: torch.Tensor, weighted: bool) -> None:
+    """Weights [N] float32, one per id, exactly when the model is weighted."""
+    if weights is None:
+        if weighted:
+            raise ValueError("this model's features are weighted (libSVM/libFM values): pass weights, float32 [N], one per id")
+        return
+    if not weighted:
+        raise ValueError("this model's features are not weighted: pass no weights")
+    if weights.dim() != 1 or weights.dtype != torch.float32 or weights.size(0) != ids.size(0):
+        raise ValueError(
+            f"weights must be a 1-D float32 tensor with one weight per id ({ids.size(0)}), got shape {list(weights.shape)}"
+        )
+
+
 def _bag_rows(
     ids: torch.Tensor,
     offsets: torch.Tensor,
@@ -476,9 +510,23 @@ def example_major_inputs(
         Tuple[torch.Tensor, torch.Tensor]: ``ids`` int64 [N] and ``offsets`` int64 [B * F + 1],
         example-major.
     """
+    return _example_major(values.to(torch.int64), lengths, batch_size, num_features)
+
+
+def example_major_weights(
+    weights: torch.Tensor, lengths: torch.Tensor, batch_size: int, num_features: int
+) -> torch.Tensor:
+    """A ``KeyedJaggedTensor``'s key-major ``weights()`` [N] in the example-major order
+    :func:`example_major_inputs` gives its ids: the serving module's ``weights`` float32 [N]."""
+    return _example_major(weights.to(torch.float32), lengths, batch_size, num_features)[0]
+
+
+def _example_major(
+    values: torch.Tensor, lengths: torch.Tensor, batch_size: int, num_features: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Key-major jagged ``values`` (any dtype) in example-major order, and the bag offsets."""
     if lengths.numel() != batch_size * num_features:
         raise ValueError(f"lengths has {lengths.numel()} bags, expected B * F = {batch_size} * {num_features}")
-    values = values.to(torch.int64)
     lengths = lengths.to(torch.int64)
     if bool((lengths == 1).all()):  # single-valued: a transpose
         ids = values.view(num_features, batch_size).t().reshape(-1)
