@@ -250,8 +250,8 @@ class LibSVMSource(DealtFiles):
             "row_id": pa.array(row_base + block.lines[keep], pa.int64()),
             LABEL: pa.array(tokens.labels[keep], pa.float32()),
         }
-        token_value = tokens.value[token_kept].astype(np.float32)
         weighted = self.options.values == "weight"
+        token_value = tokens.value[token_kept].astype(np.float32) if weighted else None
         if self.layout == "libfm":
             token_fields, token_index = tokens.field[token_kept], tokens.index[token_kept]
             for number in self.fields:
