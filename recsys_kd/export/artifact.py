@@ -29,6 +29,9 @@ Example::
     record = export_artifact(Path("runs/criteo/dagfm"), Path("runs/criteo/dagfm.pt"))
     module, metadata = load_artifact("runs/criteo/dagfm.pt")   # torch only
     probabilities = module(dense, ids, offsets)            # a weighted dataset's model: (..., weights)
+
+Longer than 500 lines because export is one flow (load, script, save, load back, check parity, time,
+record) whose steps and input contract read best beside it.
 """
 
 from __future__ import annotations
@@ -438,6 +441,16 @@ def _parity_split(schema: Schema) -> str:
         if split in schema.splits and schema.splits[split].rows > 0:
             return split
     raise ArtifactError(f"dataset {schema.name!r} has no rows to check parity on")
+
+
+def unweighted_contract(metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """The artifact's input contract, for a consumer that passes no weights (``serve``: JSON instances
+    carry ids only); ArtifactError for a model of weighted features, whose values would be lost."""
+    contract = metadata["model"]["input"]
+    if "weights" in contract:
+        raise ArtifactError("this model's features are weighted (libSVM/libFM values): serve does not take "
+                            "weights yet; score them with `recsys-kd score`")
+    return contract
 
 
 def _input_contract(schema: Schema, serving: ServingModel, missing_id: int, oov_id: int) -> Dict[str, Any]:
