@@ -381,7 +381,7 @@ def test_libfm_field_index_value(tmp_path):
 def test_libsvm_index_value_with_minus_one_labels(tmp_path):
     lines = ["-1 3:1 17:1 4:0", "+1 1:1 2:0.5 # a comment", "-1", "+1\t9:1  10:1", "1 5:x"]
     (tmp_path / "a.svm").write_text("\n".join(lines) + "\n")
-    source = LibSVMSource([tmp_path / "a.svm"], LibSVMOptions(max_length=1))
+    source = LibSVMSource([tmp_path / "a.svm"], LibSVMOptions(max_length=1, values="presence"))
     assert source.layout == "libsvm" and source.info.multi_hot == ["features"]
     from recsys_kd.data.quarantine import Quarantine
 
