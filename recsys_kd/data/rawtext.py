@@ -273,10 +273,10 @@ def split_line(line: bytes, delimiter: str, quote_char: Optional[str] = None) ->
     separator, quote = ord(delimiter), ord(quote_char)
     if quote_char.encode() not in line:
         return line.split(delimiter.encode())
-    bad_quote, unterminated, quoted = _check_quotes(buffer, separator, quote, 1)
+    bad_quote, unterminated, fields = _check_quotes(buffer, separator, quote, 1)
     if bad_quote[0] or unterminated[0]:
         raise MalformedLine(BAD_QUOTE if bad_quote[0] else UNTERMINATED_QUOTE)
-    names = [f"f{index}" for index in range(int((~quoted).sum()) + 1)]
+    names = [f"f{index}" for index in range(int(fields[0]))]
     table, _, _ = _split_block(buffer, separator, names, "", 0, None, False, quote)
     return [table.column(name)[0].as_py() for name in names]
 
@@ -324,14 +324,14 @@ def _split_block(
     line_count = len(newlines)
     starts = np.concatenate([[0], newlines[:-1] + 1])
     separator_positions = np.flatnonzero(buffer == separator)
-    quoted_block = quote is not None and bool(np.any(buffer == quote))
-    bad_quote = unterminated = np.zeros(line_count, dtype=bool)
-    if quoted_block:
-        bad_quote, unterminated, quoted = _check_quotes(buffer, separator, quote, line_count)
-        separator_positions = separator_positions[~quoted]
     # Separators before each line end minus those before its start (sorted positions, so a binary
     # search per line instead of a pass over every byte).
     fields = np.searchsorted(separator_positions, newlines) - np.searchsorted(separator_positions, starts) + 1
+    quoted_block = quote is not None and bool(np.any(buffer == quote))
+    bad_quote = unterminated = np.zeros(line_count, dtype=bool)
+    if quoted_block:
+        bad_quote, unterminated, quoted_lines, quoted_fields = _quoted_lines(buffer, separator, quote, newlines, starts)
+        fields[quoted_lines] = quoted_fields
     too_long = newlines - starts > MAX_LINE_BYTES
     # Arrow's parser ends a row at a bare '\r' too; only "\r\n" (or a final '\r') is a line ending here.
     returns = np.flatnonzero(buffer == CARRIAGE_RETURN)
@@ -378,11 +378,30 @@ def _split_block(
     return table, numbers[good], line_count
 
 
+def _quoted_lines(
+    buffer: np.ndarray, separator: int, quote: int, line_ends: np.ndarray, starts: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_check_quotes` of the lines of a block that hold a quote (copied out when not all do, so
+    a block quoted here and there pays for those lines only): (per line: a quote out of place, an
+    unterminated quote; the lines holding a quote and their fields)."""
+    quotes_before_end = np.searchsorted(np.flatnonzero(buffer == quote), line_ends)
+    holds_quote = np.diff(quotes_before_end, prepend=0) > 0
+    lines = np.flatnonzero(holds_quote)
+    if len(lines) < len(line_ends):
+        lengths = np.minimum(line_ends + 1, len(buffer)) - starts
+        buffer = buffer[np.repeat(holds_quote, lengths)]
+    misplaced, open_at_end, fields = _check_quotes(buffer, separator, quote, len(lines))
+    bad_quote = np.zeros(len(line_ends), dtype=bool)
+    unterminated = np.zeros(len(line_ends), dtype=bool)
+    bad_quote[lines], unterminated[lines] = misplaced, open_at_end
+    return bad_quote, unterminated, lines, fields
+
+
 def _check_quotes(
     buffer: np.ndarray, separator: int, quote: int, line_count: int
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """RFC 4180 quoting of every line of a block: (lines with a quote out of place, lines ending inside
-    a quoted field, which of the block's separators lie inside quotes).
+    """RFC 4180 quoting of every line of a block of ``line_count`` lines: per line, (a quote out of
+    place, the line ends inside a quoted field, its fields: separators outside quotes + 1).
 
     Numbered within its line, an even quote opens a quoted field and must start a field (line start or
     after a separator), or be the second of a doubled quote; an odd one closes it and must end the field
@@ -409,5 +428,6 @@ def _check_quotes(
     bad_quote = np.zeros(line_count, dtype=bool)
     bad_quote[line_of_quote[misplaced]] = True
     unterminated = (np.bincount(line_of_quote, minlength=line_count) % 2 == 1) & ~bad_quote
-    quoted = ordinal[kind == separator] % 2 == 1
-    return bad_quote, unterminated, quoted
+    is_separator = kind == separator
+    unquoted = line[is_separator][ordinal[is_separator] % 2 == 0]
+    return bad_quote, unterminated, np.bincount(unquoted, minlength=line_count) + 1
