@@ -19,8 +19,9 @@ not part of the value. A record is still one line (a quoted line break cannot be
 the input from its start, while ranks read byte ranges cut at line starts): a line that ends inside a
 quoted field is quarantined as ``unterminated_quote``, as its continuation line is, having a quote in
 the middle of a field or an odd number of quotes. A quote anywhere but at a field's start or end
-(``a"b``, ``"ab"c``) is ``bad_quote``. Lines are checked with numpy in one pass over the block's quote
-positions, and only a block holding a quote pays it; such a block is parsed by Arrow with quoting on.
+(``a"b``, ``"ab"c``) is ``bad_quote``. A block without a quote is read as without quoting; in one
+with quotes, the lines holding one are checked with numpy in one pass over their quotes, separators and
+line breaks, and the block is parsed by Arrow with quoting on.
 """
 
 from __future__ import annotations
@@ -267,12 +268,10 @@ def _skip_line(stream, buffer: np.ndarray) -> Tuple[int, int]:
 def split_line(line: bytes, delimiter: str, quote_char: Optional[str] = None) -> List[bytes]:
     """One line's fields (without its line ending) by :func:`read_delimited`'s rules, quotes removed
     (a header line); :class:`MalformedLine` (``bad_quote``, ``unterminated_quote``) when it is malformed."""
-    if quote_char is None:
+    if quote_char is None or quote_char.encode() not in line:
         return line.split(delimiter.encode())
     buffer = np.frombuffer(line, dtype=np.uint8)
     separator, quote = ord(delimiter), ord(quote_char)
-    if quote_char.encode() not in line:
-        return line.split(delimiter.encode())
     bad_quote, unterminated, fields = _check_quotes(buffer, separator, quote, 1)
     if bad_quote[0] or unterminated[0]:
         raise MalformedLine(BAD_QUOTE if bad_quote[0] else UNTERMINATED_QUOTE)
@@ -323,9 +322,9 @@ def _split_block(
         newlines = np.append(newlines, len(buffer))
     line_count = len(newlines)
     starts = np.concatenate([[0], newlines[:-1] + 1])
-    separator_positions = np.flatnonzero(buffer == separator)
     # Separators before each line end minus those before its start (sorted positions, so a binary
     # search per line instead of a pass over every byte).
+    separator_positions = np.flatnonzero(buffer == separator)
     fields = np.searchsorted(separator_positions, newlines) - np.searchsorted(separator_positions, starts) + 1
     quoted_block = quote is not None and bool(np.any(buffer == quote))
     bad_quote = unterminated = np.zeros(line_count, dtype=bool)
