@@ -45,6 +45,27 @@ from recsys_kd.data.schema import ROW_ID, SchemaError
 from recsys_kd.io import atomic_write_json
 
 
+def deal_parts(part_rows: Sequence[int], world_size: int) -> List[List[int]]:
+    """The parts each rank writes the mirror of: every part to exactly one rank, the rows balanced.
+
+    Largest part first to the rank with the fewest rows so far (ties: the lower rank), each rank's
+    parts then in input order; deterministic, so every rank computes the same dealing. Dealing by
+    index (part i to rank i mod N) would give one rank the large parts when they alternate with
+    small ones, as the parts of an N-rank ``prepare`` do (each rank's full parts, then its tail)::
+
+        deal_parts([4_194_304, 300_000, 4_194_304, 300_000], 2)  # [[0, 1], [2, 3]], not [[0, 2], [1, 3]]
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    loads = [0] * world_size
+    dealt: List[List[int]] = [[] for _ in range(world_size)]
+    for part in sorted(range(len(part_rows)), key=lambda index: (-part_rows[index], index)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        dealt[rank].append(part)
+        loads[rank] += part_rows[part]
+    return [sorted(parts) for parts in dealt]
+
+
 def part_schema(columns: Sequence[str] = (), vectors: Optional[Mapping[str, int]] = None) -> pa.Schema:
     """``row_id`` int64, then one float32 column per name in ``columns``, then one
     fixed-size list<float32>[H] column per (name, H) in ``vectors``."""

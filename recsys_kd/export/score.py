@@ -28,7 +28,7 @@ written last. A failed run publishes no part; a rerun removes the temporaries a 
 (``<split>/.part-*.tmp``, ``.score.json.*.tmp``), its own output's only.
 
 On N ranks (torchrun / torchx; ``out_dir`` on storage every rank sees) each rank scores its share:
-dataset part i on rank i mod N, its output part mirroring it as above; raw logs in the byte ranges
+dataset parts dealt by rows (:func:`~recsys_kd.data.parts.deal_parts`), each output part mirroring its input as above; raw logs in the byte ranges
 ``prepare`` would deal (:func:`~recsys_kd.data.sections.placed_sections`: same row_ids), each rank's
 parts named in rank order when published, so in input order. The bad-row check and the metrics are
 over all ranks' rows (the AUC histograms and row counts summed exactly, the logloss sums in float64),
@@ -52,7 +52,6 @@ beside that flow.
 
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 import time
@@ -69,7 +68,7 @@ from tqdm import tqdm
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.id_rules import IdRules, vocab_features
 from recsys_kd.data.integrity import verify_dataset_part
-from recsys_kd.data.parts import PartWriter, part_schema, read_row_group, row_groups
+from recsys_kd.data.parts import PartWriter, deal_parts, part_schema, read_row_group, row_groups
 from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.data.sections import placed_sections
@@ -263,11 +262,11 @@ def _published(writers: List[PartWriter], scored: "_Input", out_dir: Path, count
 
 
 def _in_input_order(parts: List[List[Dict[str, Any]]], raw: bool) -> List[Dict[str, Any]]:
-    """Every rank's published parts in input order: raw logs' rank after rank; a dataset's dealt round
-    robin (part i on rank i mod N), so taken round robin."""
+    """Every rank's published parts in input order: raw logs' rank after rank; a dataset's by name (each
+    mirrors its input part's zero-padded ``part-NNNNN`` name; :func:`deal_parts` dealt them by rows)."""
     if raw:
         return [part for rank_parts in parts for part in rank_parts]
-    return [part for round_parts in itertools.zip_longest(*parts) for part in round_parts if part is not None]
+    return sorted((part for rank_parts in parts for part in rank_parts), key=lambda part: str(part["path"]))
 
 
 def _write_record(record: Dict[str, Any], out_dir: Path, scored: "_Input", world_size: int, started: float) -> Dict[str, Any]:
@@ -328,11 +327,14 @@ def _check_arguments(artifact: Path, source: Path, out_dir: Path, batch_size: in
 
 def _dataset_input(schema: Schema, dataset: Path, split: str, verify: bool = True, rank: int = 0,
                    world_size: int = 1) -> _Input:
-    """A prepared dataset's split, checked against the artifact's features; this rank's parts (part i on
-    rank i mod N), checked against their checksums with ``verify``."""
+    """A prepared dataset's split, checked against the artifact's features; this rank's parts (dealt by
+    rows, :func:`~recsys_kd.data.parts.deal_parts`), checked against their checksums with ``verify``."""
     dataset_schema = Schema.load(dataset)
     check_same_features(schema, dataset_schema, dataset)
-    files = dataset_schema.split(split).files[rank::world_size]
+    files = dataset_schema.split(split).files
+    if world_size > 1:
+        dealt = deal_parts([pq.ParquetFile(dataset / relative).metadata.num_rows for relative in files], world_size)
+        files = [files[index] for index in dealt[rank]]
     for relative in files if verify else ():
         verify_dataset_part(dataset, split, dataset_schema.split(split), relative)
     rows = dataset_schema.split(split).rows if world_size == 1 else sum(pq.ParquetFile(dataset / f).metadata.num_rows for f in files)
