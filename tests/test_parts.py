@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_kd.data.integrity import file_checksum
-from recsys_kd.data.parts import PartWriter, deal_parts, part_complete, part_schema, row_id_checksum, sidecar_path
+from recsys_kd.data.parts import PartWriter, RowIdDigest, deal_parts, part_complete, part_schema, row_id_checksum, sidecar_path
 
 
 def test_a_part_mirrors_row_groups_and_is_published_with_its_sidecar(tmp_path: Path) -> None:
@@ -82,3 +82,12 @@ def test_alternating_large_and_small_parts_split_evenly_over_two_ranks() -> None
     rows = [4_194_304, 300_000, 4_194_304, 300_000]
     loads = [sum(rows[part] for part in parts) for parts in deal_parts(rows, 2)]
     assert loads == [4_494_304, 4_494_304]  # by index (i mod 2) one rank would get both large parts
+
+
+def test_the_row_id_digest_fed_block_by_block_equals_the_whole_parts_checksum() -> None:
+    row_ids = np.random.default_rng(0).integers(0, 10**12, 50_000)
+    digest = RowIdDigest()
+    for block in np.array_split(row_ids, 9):
+        digest.update(block)
+    assert str(digest) == row_id_checksum(row_ids) == row_id_checksum(row_ids[::-1])
+    assert digest.count == len(row_ids) and digest.total == int(row_ids.sum())

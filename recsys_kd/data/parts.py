@@ -79,12 +79,36 @@ def sidecar_path(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
 
+class RowIdDigest:
+    """The order-independent digest of row ids (count, sum and xor of their hashes), fed block by block,
+    so a part's digest needs no copy of all its ids.
+
+    Example::
+
+        digest = RowIdDigest()
+        digest.update(np.arange(4096))
+        str(digest)  # "4096:8386560:5f1c...", equal to row_id_checksum(np.arange(4096))
+    """
+
+    def __init__(self) -> None:
+        self.count, self.total, self.mixed = 0, 0, 0
+
+    def update(self, row_ids: np.ndarray) -> None:
+        if len(row_ids):
+            ids = row_ids.astype(np.int64, copy=False)
+            self.count += len(ids)
+            self.total += int(ids.sum())
+            self.mixed ^= int(np.bitwise_xor.reduce(splitmix64(ids.view(np.uint64))))
+
+    def __str__(self) -> str:
+        return f"{self.count}:{self.total}:{self.mixed:016x}"
+
+
 def row_id_checksum(row_ids: np.ndarray) -> str:
     """Order-independent digest of a part's row ids (count, sum and xor of their hashes)."""
-    hashed = splitmix64(row_ids.astype(np.int64).view(np.uint64))
-    total = int(row_ids.astype(np.int64).sum()) if len(row_ids) else 0
-    mixed = int(np.bitwise_xor.reduce(hashed)) if len(row_ids) else 0
-    return f"{len(row_ids)}:{total}:{mixed:016x}"
+    digest = RowIdDigest()
+    digest.update(row_ids)
+    return str(digest)
 
 
 def read_row_group(path: Path, row_group: int, columns: Sequence[str]) -> pa.Table:
@@ -175,7 +199,7 @@ class PartWriter:
         self.group: Optional[int] = None
         self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
         self.rows = 0
-        self.row_ids: List[np.ndarray] = []
+        self.row_id_digest = RowIdDigest()
         self.row_id_checksum: Optional[str] = None  # set when finished, with the file's checksum
         self.checksum: Optional[str] = None
         self.published = False
@@ -207,7 +231,7 @@ class PartWriter:
             start += width
         self.writer.write_table(pa.table(data, schema=self.schema), row_group_size=len(row_ids))
         self.rows += len(row_ids)
-        self.row_ids.append(row_ids)
+        self.row_id_digest.update(row_ids)
         self.pending = []
 
     def finish(self) -> None:
@@ -220,8 +244,7 @@ class PartWriter:
         except BaseException:
             self.abort()
             raise
-        ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
-        self.row_id_checksum, self.row_ids = row_id_checksum(ids), []
+        self.row_id_checksum = str(self.row_id_digest)
         self.checksum = file_checksum(self.temp)
 
     def publish(self) -> Dict[str, Any]:
