@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_kd.data.integrity import file_checksum
-from recsys_kd.data.parts import PartWriter, part_complete, part_schema, row_id_checksum, sidecar_path
+from recsys_kd.data.parts import PartWriter, RowIdDigest, deal_parts, part_complete, part_schema, row_id_checksum, sidecar_path
 
 
 def test_a_part_mirrors_row_groups_and_is_published_with_its_sidecar(tmp_path: Path) -> None:
@@ -62,3 +62,32 @@ def test_row_id_checksum_ignores_order_and_sees_any_change() -> None:
     assert row_id_checksum(ids) == row_id_checksum(ids[::-1]) == row_id_checksum(ids.astype(np.int32))
     assert row_id_checksum(ids) != row_id_checksum(np.array([5, 1, 9, 4]))
     assert row_id_checksum(np.zeros(0, np.int64)) == "0:0:0000000000000000"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_parts_are_dealt_once_each_with_the_rows_balanced(world_size: int) -> None:
+    # an N-rank prepare's parts: each rank's full parts, then its tail
+    rows = [4_194_304, 300_000, 4_194_304, 300_000, 1_000, 65_536, 0]
+    dealt = deal_parts(rows, world_size)
+    assert len(dealt) == world_size
+    assert sorted(part for parts in dealt for part in parts) == list(range(len(rows)))
+    assert all(parts == sorted(parts) for parts in dealt)  # each rank writes its parts in input order
+    loads = [sum(rows[part] for part in parts) for parts in dealt]
+    # greedy largest-first: no rank exceeds the mean by more than the largest part
+    assert max(loads) <= sum(rows) / world_size + max(rows)
+    assert deal_parts(rows, world_size) == dealt  # every rank computes the same dealing
+
+
+def test_alternating_large_and_small_parts_split_evenly_over_two_ranks() -> None:
+    rows = [4_194_304, 300_000, 4_194_304, 300_000]
+    loads = [sum(rows[part] for part in parts) for parts in deal_parts(rows, 2)]
+    assert loads == [4_494_304, 4_494_304]  # by index (i mod 2) one rank would get both large parts
+
+
+def test_the_row_id_digest_fed_block_by_block_equals_the_whole_parts_checksum() -> None:
+    row_ids = np.random.default_rng(0).integers(0, 10**12, 50_000)
+    digest = RowIdDigest()
+    for block in np.array_split(row_ids, 9):
+        digest.update(block)
+    assert str(digest) == row_id_checksum(row_ids) == row_id_checksum(row_ids[::-1])
+    assert digest.count == len(row_ids) and digest.total == int(row_ids.sum())

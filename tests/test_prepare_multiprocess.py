@@ -1,6 +1,6 @@
 """``prepare`` on 2 gloo ranks writes the dataset 1 process writes: row for row, ids, splits,
 vocabularies and quarantine, for Criteo, Avazu, MovieLens (with genres too), libFM and table inputs
-(CSV, TSV, gzipped JSON lines and Parquet in one input, standardize statistics fitted over the ranks), hash
+(a quoted CSV, TSV, gzipped JSON lines and Parquet in one input, standardize statistics fitted over the ranks), hash
 and vocabulary ids and every split method; a rank's failure fails both ranks and publishes nothing.
 
 All 2-rank runs happen in one spawned pair of processes (one launch for every config,
@@ -29,21 +29,24 @@ from recsys_kd.data.split import SPLITS, SplitConfig
 from recsys_kd.data.table import TableSource
 from tests.helpers import read_split
 from tests.ranks import call_on_ranks
-from tests.test_table_format import logical_rows, spec as table_spec, write_delimited, write_jsonl, write_parquet
+from tests.test_table_format import (logical_rows, quoted_rows, spec as table_spec, write_delimited, write_jsonl,
+                                     write_parquet, write_quoted)
 
 WORLD_SIZE = 2
 SMALL_BLOCKS = {"block_bytes": 65536, "row_group_rows": 500, "rows_per_part": 1000, "progress": False}
 BAD_CRITEO_LINES = ["1\tnot\tenough\tcolumns", "0" + "\t" * 13 + "\tzz" + "\t" * 25, "2" + "\t" * 39]
-BAD_TABLE_LINES = ["1,2,3\n", "2,7,1.0,30,4.5,a,1700000000,Paris\n", "0,7,x,30,4.5,a,1700000000,Paris\n"]
+BAD_TABLE_LINES = ["1,2,3\n", "2,7,1.0,30,4.5,a,1700000000,Paris\n", "0,7,x,30,4.5,a,1700000000,Paris\n",
+                   '1,7,1.0,30,4.5,a,1700000000,"Paris\n', '1,7,1.0,30,4.5,"a"b,1700000000,Paris\n']
 
 
 def write_table_inputs(folder: Path) -> None:
-    """One input of the four file formats: gzipped JSON lines (dealt whole), a plain CSV with a header and
-    bad rows (cut inside by 2 ranks), Parquet in row groups of 97 rows, a plain TSV."""
+    """One input of the four file formats: gzipped JSON lines (dealt whole), a plain CSV with a header,
+    quoted fields (RFC 4180: separators and quotes in values) and bad rows (cut inside by 2 ranks),
+    Parquet in row groups of 97 rows, a plain TSV."""
     folder.mkdir()
     rows = logical_rows()
     write_jsonl(folder / "a.jsonl.gz", rows[:60])
-    write_delimited(folder / "b.csv", rows * 3, ",")
+    write_quoted(folder / "b.csv", quoted_rows(rows) * 3, ",")
     with open(folder / "b.csv", "r+") as handle:
         lines = handle.readlines()
         handle.seek(0)

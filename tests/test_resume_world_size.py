@@ -4,7 +4,9 @@ sharding plan, ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from recsys_kd.data.prepare import PrepareConfig, prepare
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.synthetic import SyntheticConfig
+from recsys_kd.runs import TrainOutput
 from recsys_kd.train.checkpoint import CheckpointError, check_state_fits
 from tests.test_reader import row_ids, write_dataset
 from tests.train_jobs import run_jobs
@@ -169,13 +172,14 @@ RESUMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def resumed_runs(tmp_path_factory):
+PHASES = ("first_1", "on_2", "last_1")  # the three launches: 1 rank here, 2 rank processes, 1 rank here
+
+
+def train_phases(root: Path) -> Dict[str, List[Dict]]:
     """Per optimizer an uninterrupted 1-rank run, and per entry of RESUMES a run stopped as step 6
     starts (after the step-4 checkpoint: step 5 is lost and redone) and resumed on the other number
-    of ranks with the other sharding plan and the per-rank batch that keeps 256 rows a step. Three
-    launches: 1 rank in this process, 2 rank processes, 1 rank in this process."""
-    root = tmp_path_factory.mktemp("resume_world_size")
+    of ranks with the other sharding plan and the per-rank batch that keeps 256 rows a step: the jobs
+    of each launch."""
     synthetic = SyntheticConfig(rows=6000, seed=5, sparse_features=5, dense_features=2, max_vocab=300, chunk_rows=2000)
     # row groups of one 2-rank batch, read in order: a 1-rank step reads the rows of a 2-rank step
     prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
@@ -192,23 +196,53 @@ def resumed_runs(tmp_path_factory):
         overrides = [f"reader.batch_size={2 * BATCH // ranks}", f"train.sharding.type={sharding}"]
         return {"config": str(config), "overrides": overrides, "stop_at": stop_at}
 
-    phases = {"first_1": [], "on_2": [], "last_1": []}
+    phases: Dict[str, List[Dict]] = {phase: [] for phase in PHASES}
     for optimizer in dict.fromkeys(optimizer for optimizer, _, _ in RESUMES):
         phases["first_1"].append(job(f"whole_{optimizer}", optimizer, 1, "table_wise"))
     for optimizer, (before, after), (plan_before, plan_after) in RESUMES:
         name = f"{optimizer}_{before}to{after}"
         phases["first_1" if before == 1 else "on_2"].append(job(name, optimizer, before, plan_before, stop_at=5))
         phases["on_2" if after == 2 else "last_1"].append(job(name, optimizer, after, plan_after))
+    return phases
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """The runs of both resume tests (train, and distill and compress) in three launches, since
+    starting processes is most of a small run's time: each group's root and its jobs' outcomes per
+    phase (the 2-rank launch: its exit codes), rank 0's log of the 2-rank launch and the 1-rank
+    resumes' stderr (also in ``last_1.log``)."""
+    root = tmp_path_factory.mktemp("resume_world_size")
+    groups = {"train": train_phases(root / "train"), "stages": stage_phases(root / "stages")}
+    jobs = {phase: [job for group in groups.values() for job in group[phase]] for phase in PHASES}
+    outcomes: Dict[str, List] = {}
+    stderr = io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        first = run_jobs(phases["first_1"])
-        (root / "on_2.json").write_text(json.dumps(phases["on_2"]))
-        on_two = run_train_jobs(root / "on_2.json", 2)
-        last = run_jobs(phases["last_1"])
+        outcomes["first_1"] = run_jobs(jobs["first_1"])
+        (root / "on_2.json").write_text(json.dumps(jobs["on_2"]))
+        outcomes["on_2"] = run_train_jobs(root / "on_2.json", 2)
+        with contextlib.redirect_stderr(stderr):  # the resumes say what they resumed from
+            outcomes["last_1"] = run_jobs(jobs["last_1"])
     finally:
         torch.set_num_threads(threads)
-    return root, first, on_two, last, (root / "on_2.rank0.log").read_text()
+        (root / "last_1.log").write_text(stderr.getvalue())
+    results = {}
+    for name, group in groups.items():
+        mine = {"on_2": outcomes["on_2"]}
+        for phase in ("first_1", "last_1"):
+            before = sum(len(other[phase]) for other in list(groups.values())[: list(groups).index(name)])
+            mine[phase] = outcomes[phase][before : before + len(group[phase])]
+        results[name] = (root / name, mine)
+    return results, (root / "on_2.rank0.log").read_text(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(launches):
+    groups, log, _ = launches
+    root, outcomes = groups["train"]
+    return root, outcomes["first_1"], outcomes["on_2"], outcomes["last_1"], log
 
 
 def record(root: Path, name: str) -> Dict:
@@ -272,3 +306,100 @@ def test_a_table_whose_optimizer_changed_with_the_plan_is_named_with_the_fix(tmp
     with pytest.raises(CheckpointError, match="holds no model.extra; was it written for another model"):
         check_state_fits(tmp_path, {"model": {"extra": torch.zeros(1)}})
     check_state_fits(tmp_path, saved)  # the state it was written from fits
+
+
+# ----------------------------------------------------------------------- distill and compress resumed
+
+TEACHER = {"name": "dnn", "embedding_dim": 8, "mlp_layers": [32, 16, 16]}
+STUDENT = {"name": "dcn", "embedding_dim": 8, "mlp_layers": [16], "cross_layers": 1}
+
+
+def stage_phases(root: Path) -> Dict[str, List[Dict]]:
+    """A teacher (also the compressed model) and its soft labels; then per stage (distill: a row-wise
+    sharded student learning from the teacher's logits in the batch extras; compress: AFM on the MLP,
+    then the embeddings, each fine-tuned) an uninterrupted 1-rank run, and a run stopped on 2 ranks as
+    step 6 starts (after the step-4 checkpoint; for compress in the MLP's fine-tuning) and resumed on 1
+    rank (the student table-wise) with the per-rank batch that keeps 256 rows a step: the jobs of each
+    launch."""
+    synthetic = SyntheticConfig(rows=4000, seed=6, sparse_features=4, dense_features=2, max_vocab=200, chunk_rows=2000)
+    prepare(PrepareConfig(format="synthetic", synthetic=synthetic, output=str(root / "data"), progress=False,
+                          row_group_rows=BATCH))
+    config = str(write_recipe(root / "recipe.yaml", {
+        "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
+        "reader": {"batch_size": 2 * BATCH, "shuffle": False},
+        "train": {"model": TEACHER, "output": str(root / "teacher"), "epochs": 1, "progress": False, "max_steps": 10,
+                  "checkpoint_every_steps": 4, "eval_batch_size": 1024, "sharding": {"type": "row_wise"}},
+        "infer": {"teachers": [{"name": "dnn", "train_output": str(root / "teacher")}], "progress": False},
+        "distill": {"model": STUDENT, "epochs": 1, "progress": False, "max_steps": 8, "checkpoint_every_steps": 4,
+                    "eval_every_steps": 3, "patience": 10, "eval_batch_size": 1024, "sharding": {"type": "row_wise"},
+                    "distill": {"teachers": ["dnn"], "loss": {"hard": 0.5, "soft": 0.5, "temperature": 2.0}}},
+        "compress": {"source": str(root / "teacher"), "methods": ["afm"], "batch_size": 500, "progress": False,
+                     "sharding": {"type": "row_wise"}, "finetune": {"epochs": 1},
+                     "steps": [{"what": "mlp", "ranks": {1: 8, 2: 8}}, {"what": "embeddings", "rank": 4}]},
+    }))
+
+    def job(stage, name, ranks, stop_at=None, sharding="row_wise"):
+        overrides = [f"reader.batch_size={2 * BATCH // ranks}", f"{stage}.output={root / name}"]
+        if stage == "distill":
+            overrides.append(f"distill.sharding.type={sharding}")
+        return {"stage": stage, "config": config, "overrides": overrides, "stop_at": stop_at}
+
+    return {
+        "first_1": [{"stage": "train", "config": config}, {"stage": "infer", "config": config},
+                    job("distill", "distill_whole", 1), job("compress", "compress_whole", 1)],
+        "on_2": [job("distill", "distill_2to1", 2, stop_at=6), job("compress", "compress_2to1", 2, stop_at=6)],
+        "last_1": [job("distill", "distill_2to1", 1, sharding="table_wise"), job("compress", "compress_2to1", 1)],
+    }
+
+
+def checkpoint_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Every model tensor of the DCP checkpoint at ``path``, whatever the model (single process)."""
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {key: torch.zeros(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in stored.items()
+               if key.startswith("model.") and hasattr(meta, "size")}
+    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
+    return tensors
+
+
+def assert_close_tensors(mine: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor], name: str) -> None:
+    assert mine.keys() == theirs.keys() and len(mine) > 5, name
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+
+
+@pytest.mark.multiprocess
+def test_distill_and_compress_resumed_on_fewer_ranks_end_as_uninterrupted_runs(launches):
+    """A distillation (teacher logits read from the soft labels beside the rows) and an AFM compression
+    with fine-tuning, stopped on 2 ranks and resumed on 1, end with the metrics and weights of their
+    uninterrupted 1-rank runs, within float tolerance."""
+    groups, log_two, log_last = launches
+    root, outcomes = groups["stages"]
+    first, on_two, last = (outcomes[phase] for phase in PHASES)
+    assert first == ["0"] * 4 and on_two == [0, 0] and last == ["0"] * 2, (log_two + log_last)[-3000:]
+    resharded = "(epoch 0, step 4; written by 2 ranks, resharded to 1 (global batch 256 -> 256 rows))"
+    for checkpoints in ("distill_2to1/checkpoints", "compress_2to1/afm/step1_mlp/ft/checkpoints"):
+        assert f"resumed from {root / checkpoints / 'step_000000004'} {resharded}" in log_last, log_last[-3000:]
+
+    whole, resumed = (json.loads((root / name / "train.json").read_text()) for name in ("distill_whole", "distill_2to1"))
+    assert resumed["world_size"] == 1 and resumed["config"]["distill"]["teachers"] == ["dnn"]
+    assert resumed["steps"] == whole["steps"] == 8
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in whole["history"]] == [3, 6, 8]
+    for a, b in zip(resumed["history"], whole["history"]):
+        for metric in ("auc", "logloss", "distill_loss"):
+            assert a["valid"][metric] == pytest.approx(b["valid"][metric], abs=2e-5), ("distill", a["step"], metric)
+    for metric in ("auc", "logloss"):
+        assert resumed["test"][metric] == pytest.approx(whole["test"][metric], abs=2e-5), metric
+    assert_close_tensors(checkpoint_tensors(TrainOutput(root / "distill_2to1").latest()),
+                         checkpoint_tensors(TrainOutput(root / "distill_whole").latest()), "distill")
+
+    whole, resumed = (json.loads((root / name / "compress.json").read_text()) for name in ("compress_whole", "compress_2to1"))
+    stages = ["uncompressed", "mlp compressed", "mlp fine-tuned", "embeddings compressed", "embeddings fine-tuned"]
+    assert [row["stage"] for row in resumed["chains"]["afm"]] == [row["stage"] for row in whole["chains"]["afm"]] == stages
+    for a, b in zip(resumed["chains"]["afm"], whole["chains"]["afm"]):
+        for metric in ("valid_auc", "test_auc", "test_logloss"):
+            assert a[metric] == pytest.approx(b[metric], abs=2e-5), (a["stage"], metric)
+    for step in ("step1_mlp", "step1_mlp/ft", "step2_embeddings", "step2_embeddings/ft"):
+        mine, theirs = (TrainOutput(root / name / "afm" / step) for name in ("compress_2to1", "compress_whole"))
+        # a compression step's one checkpoint; a fine-tuning's last weights
+        assert_close_tensors(checkpoint_tensors(mine.latest() or mine.best),
+                             checkpoint_tensors(theirs.latest() or theirs.best), step)

@@ -1,12 +1,14 @@
 """Users' own logs (``format: table``: CSV, TSV, Parquet, JSON lines), libSVM/libFM files (``format:
 libsvm``) and MovieLens genres, checked against direct computations from the rows the tests write."""
 
+import csv
 import datetime
 import gzip
 import json
 import math
 import random
 import re
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,13 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from recsys_kd.cli import main
 from recsys_kd.data.ids import hash_ids
 from recsys_kd.data.libsvm import LibSVMOptions, LibSVMSource
 from recsys_kd.data.movielens import ML100K_GENRES, MovieLensOptions, MovieLensSource
 from recsys_kd.data.prepare import IdConfig, PrepareConfig, prepare
-from recsys_kd.data.quarantine import TooManyBadRows
+from recsys_kd.data.quarantine import Quarantine, TooManyBadRows
+from recsys_kd.data.rawtext import read_delimited
 from recsys_kd.data.schema import Schema
 from recsys_kd.data.source import InputError
 from recsys_kd.data.split import SplitConfig
@@ -60,6 +65,22 @@ def write_delimited(path, rows, delimiter):
     for row in rows:
         lines.append(delimiter.join("|".join(v) if k == "tags" else text(v) for k, v in row.items()))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_quoted(path, rows, delimiter, quoting=csv.QUOTE_MINIMAL, line_end="\n"):
+    """The rows as Python's csv module (as pandas, Excel, Spark) quotes them: RFC 4180."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter=delimiter, quoting=quoting, lineterminator=line_end)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow(["|".join(v) if k == "tags" else text(v) for k, v in row.items()])
+
+
+def quoted_rows(rows):
+    """The logical rows with values that need quoting: separators, quotes and tabs in cities and tags."""
+    cities = {"Paris": 'Paris, "FR"', "Berlin": "Berlin\tMitte", "Köln": '"Köln"'}
+    return [dict(row, city=cities.get(row["city"], row["city"]),
+                 tags=['e,"f"' if tag == "e" else tag for tag in row["tags"]]) for row in rows]
 
 
 def write_parquet(path, rows):
@@ -320,6 +341,154 @@ def test_missing_column_and_unknown_format_are_one_line_errors(tmp_path):
         run_table(tmp_path, [tmp_path / "lists.parquet"], "z", TableOptions(sparse=["user"]))
 
 
+# --- quoted CSV / TSV (RFC 4180) --------------------------------------------------------------------
+
+
+def test_quoted_csv_and_tsv_give_the_dataset_of_their_rows(tmp_path, rows):
+    """Quoted separators, tabs and doubled quotes in values, quoted numbers, labels, multi-hot fields and
+    header names (QUOTE_ALL), CRLF endings, blocks with and without quotes: the dataset Parquet gives."""
+    quoted = quoted_rows(rows)
+    write_parquet(tmp_path / "logs.parquet", quoted)
+    _, reference = run_table(tmp_path, [tmp_path / "logs.parquet"], "parquet")
+    expected = dataset_content(reference)
+    variants = [("all.csv", ",", csv.QUOTE_ALL, "\r\n", 16 << 20), ("minimal.csv", ",", csv.QUOTE_MINIMAL, "\n", 300),
+                ("minimal.tsv", "\t", csv.QUOTE_MINIMAL, "\n", 16 << 20)]
+    for name, delimiter, quoting, line_end, block_bytes in variants:
+        write_quoted(tmp_path / name, quoted, delimiter, quoting, line_end)
+        record, dataset = run_table(tmp_path, [tmp_path / name], name.replace(".", "_"), block_bytes=block_bytes)
+        assert record["quarantined_total"] == 0, name
+        assert dataset_content(dataset) == expected, name
+    written = (tmp_path / "all.csv").read_text(encoding="utf-8")
+    assert written.startswith('"clicked","user"') and '"Paris, ""FR"""' in written
+    assert '"Berlin\tMitte"' in (tmp_path / "minimal.tsv").read_text(encoding="utf-8")
+
+
+def test_malformed_quotes_are_quarantined_with_file_and_line(tmp_path):
+    lines = [
+        'label,user,city',
+        '1,u1,"Paris, FR"',
+        '0,"u""2""",Berlin',
+        '1,u3,"Köln" am Rhein',  # text after the closing quote
+        '0,u"4,Rom',  # a quote inside an unquoted field
+        '1,u5,"Lyon',  # no closing quote
+        '0,u6,"Nice',  # a quoted line break: the record's first line ends inside the quotes ...
+        'Côte d\'Azur",x',  # ... and its second has a quote inside a field
+        '1,"u7","Porto"',
+        '1,u8,"a","b"',  # four fields
+        '"1,u9,Oslo"',  # one field
+        '7,"u,10",Bern',  # well quoted, a bad label
+    ]
+    (tmp_path / "logs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    options = TableOptions(sparse=["user", "city"])
+    record, dataset = run_table(tmp_path, [tmp_path / "logs.csv"], "bad", options, max_bad_fraction=0.9)
+    entries = [json.loads(line) for line in (dataset / "quarantine.jsonl").read_text().splitlines()]
+    assert {(Path(e["file"]).name, e["line"]): e["reason"] for e in entries} == {
+        ("logs.csv", 4): "bad_quote", ("logs.csv", 5): "bad_quote", ("logs.csv", 6): "unterminated_quote",
+        ("logs.csv", 7): "unterminated_quote", ("logs.csv", 8): "bad_quote", ("logs.csv", 10): "wrong_column_count",
+        ("logs.csv", 11): "wrong_column_count", ("logs.csv", 12): "bad_label:label"}
+    assert [e["text"] for e in entries if e["line"] != 12] == [lines[i - 1] for i in (4, 5, 6, 7, 8, 10, 11)]
+    # a row refused after parsing is shown as a line that parses back to its values
+    assert list(csv.reader([entries[-1]["text"]])) == [["7", "u,10", "Bern"]]
+    assert values(dataset, "user") == ['u1', 'u"2"', 'u7'] and values(dataset, "city") == ["Paris, FR", "Berlin", "Porto"]
+    assert read_all(dataset)["row_id"].to_pylist() == [0, 1, 7]
+
+    # quote_char none: a quote is an ordinary character (and a quoted separator separates)
+    literal = TableOptions(sparse=["user", "city"], quote_char="none")
+    record, dataset = run_table(tmp_path, [tmp_path / "logs.csv"], "none", literal, max_bad_fraction=0.9)
+    assert set(record["quarantined"]) == {"wrong_column_count", "bad_label:label"}
+    assert 'u"4' in values(dataset, "user") and '"Köln" am Rhein' in values(dataset, "city")
+
+    (tmp_path / "header.csv").write_text('label,"user\n1,2\n')
+    with pytest.raises(InputError, match=r"header.csv:1: the header line is malformed \(unterminated_quote\)"):
+        run_table(tmp_path, [tmp_path / "header.csv"], "header", TableOptions(sparse=["user"]))
+    for wrong in (",", "\t", "\n", "''"):
+        with pytest.raises(ValueError, match="quote_char"):
+            TableOptions(quote_char=wrong).validate()
+
+
+def values(dataset, column):
+    """A vocabulary-id column's values as text, in row_id order."""
+    feature = Schema.load(dataset).feature(column)
+    vocab = pq.read_table(dataset / feature.id_rule.vocab_file)["value"].to_pylist()
+    return [vocab[i - 2] for i in read_all(dataset)[column].to_pylist()]
+
+
+def rfc4180(line, separator):
+    """A strict RFC 4180 reading of one line, written out plainly: its fields, or why it is malformed."""
+    fields, at = [], 0
+    while True:
+        if line[at:at + 1] == '"':
+            value, at = "", at + 1
+            while True:
+                close = line.find('"', at)
+                if close < 0:
+                    return "unterminated_quote"
+                value += line[at:close]
+                if line[close + 1:close + 2] != '"':
+                    break
+                value, at = value + '"', close + 2
+            at = close + 1
+            if at < len(line) and line[at] != separator:
+                return "bad_quote"
+        else:
+            end = line.find(separator, at)
+            end = len(line) if end < 0 else end
+            value = line[at:end]
+            if '"' in value:
+                return "bad_quote"
+            at = end
+        fields.append(value)
+        if at >= len(line):
+            return fields
+        at += 1
+
+
+QUOTED_LINES = st.lists(st.one_of(
+    st.text(alphabet='ab,"é ', max_size=14),  # anything, mostly malformed
+    st.lists(st.text(alphabet='ab,"é \t', max_size=5), min_size=1, max_size=4).map(  # as csv writes them
+        lambda values: csv_line(values)),
+), min_size=1, max_size=25)
+
+
+def csv_line(values):
+    out = []
+    csv.writer(WriteTo(out), quoting=csv.QUOTE_MINIMAL, lineterminator="").writerow(values)
+    return "".join(out)
+
+
+class WriteTo:
+    def __init__(self, out):
+        self.write = out.append
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(lines=QUOTED_LINES, block_bytes=st.sampled_from([64, 4096]))
+def test_quoted_lines_read_as_a_plain_rfc4180_reader_reads_them(lines, block_bytes):
+    """Every line's fields (3 expected) or quarantine reason are the plain reader's; a well-formed line
+    reads as Python's csv module reads it."""
+    names = ["a", "b", "c"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.csv"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        quarantine = Quarantine(Path(folder) / "q.jsonl")
+        blocks = list(read_delimited(path, names, ",", quarantine, block_bytes=block_bytes, quote_char='"'))
+        quarantine.close()
+        reasons = {json.loads(e)["line"] - 1: json.loads(e)["reason"]
+                   for e in (Path(folder) / "q.jsonl").read_text(encoding="utf-8").splitlines()}
+    rows = {int(line): [block.table.column(n)[i].as_py().decode() for n in names]
+            for block in blocks for i, line in enumerate(block.lines)}
+    for number, line in enumerate(lines):
+        expected = rfc4180(line, ",")
+        if isinstance(expected, str):
+            assert reasons.get(number) == expected, line
+        elif len(expected) != 3:
+            assert reasons.get(number) == "wrong_column_count", line
+        else:
+            assert rows.get(number) == expected == next(csv.reader([line], strict=True)), line
+    assert len(rows) + len(reasons) == len(lines)
+
+
 def test_the_worked_example_of_the_docs_runs(tmp_path, rows):
     """docs/prepare.md's recipe for a user's own CSV, run as a user runs it, on logs of its columns."""
     docs = (Path(__file__).resolve().parents[1] / "docs" / "prepare.md").read_text()
@@ -381,7 +550,7 @@ def test_libfm_field_index_value(tmp_path):
 def test_libsvm_index_value_with_minus_one_labels(tmp_path):
     lines = ["-1 3:1 17:1 4:0", "+1 1:1 2:0.5 # a comment", "-1", "+1\t9:1  10:1", "1 5:x"]
     (tmp_path / "a.svm").write_text("\n".join(lines) + "\n")
-    source = LibSVMSource([tmp_path / "a.svm"], LibSVMOptions(max_length=1))
+    source = LibSVMSource([tmp_path / "a.svm"], LibSVMOptions(max_length=1, values="presence"))
     assert source.layout == "libsvm" and source.info.multi_hot == ["features"]
     from recsys_kd.data.quarantine import Quarantine
 

@@ -1,5 +1,5 @@
-"""Runs several ``recsys-kd train`` jobs one after the other in one process (one rank), each perhaps
-stopped as a step starts::
+"""Runs several ``recsys-kd train`` (or ``distill``, ``compress``, ``infer``: a job's ``stage``) jobs one
+after the other in one process (one rank), each perhaps stopped as a training step starts::
 
     python -m tests.train_jobs JOBS.json     # [{"config": X.yaml, "overrides": [...], "stop_at": 5}, ...]
 
@@ -36,7 +36,8 @@ def run_jobs(jobs: Sequence[Dict[str, Any]]) -> List[str]:
 
         remove = hooks.register("train_step", stop)
         try:
-            outcomes.append(str(cli.main(["train", "--config", str(job["config"]), *job.get("overrides", [])])))
+            stage = job.get("stage", "train")
+            outcomes.append(str(cli.main([stage, "--config", str(job["config"]), *job.get("overrides", [])])))
         except Stopped:
             outcomes.append("stopped")
         finally:

@@ -85,7 +85,8 @@ def recipe(run_dir: Path, raw: Path, args: argparse.Namespace) -> Dict:
 
 def launch(arguments: List[str], processes: int, log: Path) -> Dict[str, float]:
     """``python -m recsys_kd.cli ARGUMENTS`` on ``processes`` local ranks, one torch thread each;
-    returns wall seconds and the peak RSS (MiB) of its largest process."""
+    returns wall seconds, CPU seconds (user + system of every process of the command: launcher, ranks and
+    their reader threads) and the peak RSS (MiB) of its largest process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -102,7 +103,8 @@ def launch(arguments: List[str], processes: int, log: Path) -> Dict[str, float]:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise SystemExit(f"{' '.join(arguments[:1])} on {processes} processes failed (exit {process.returncode}); "
                          f"{log}:\n{tail}")
-    return {"wall_seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
 def directory_bytes(path: Path, suffix: str = ".parquet") -> int:
@@ -174,8 +176,8 @@ def raw_logs(workdir: Path, rows: int) -> Dict:
 def print_row(row: Dict) -> None:
     rate = f"{row['rows_per_second_per_rank']:,.0f}" if row["rows_per_second_per_rank"] else "-"
     stage_seconds = f"{row['stage_seconds']:.1f}" if row["stage_seconds"] else "-"
-    print(f"{row['stage']:9} {row['rows']:>11,} {row['processes']:>5} {row['wall_seconds']:>8.1f} {stage_seconds:>8} "
-          f"{rate:>12} {row['peak_rss_mib']:>9,.0f}", flush=True)
+    print(f"{row['stage']:9} {row['rows']:>11,} {row['processes']:>5} {row['wall_seconds']:>8.1f} {row['cpu_seconds']:>8.1f} "
+          f"{stage_seconds:>8} {rate:>12} {row['peak_rss_mib']:>9,.0f}", flush=True)
 
 
 def main() -> None:
@@ -199,7 +201,7 @@ def main() -> None:
                            "batch_size": args.batch_size, "score_split": args.score_split, "torch_threads": 1},
               "sizes": [], "results": []}
     print(f"{os.cpu_count()} CPUs, load average {report['machine']['load_average_before']}; stages {', '.join(stages)}")
-    print(f"{'stage':9} {'rows':>11} {'procs':>5} {'wall s':>8} {'stage s':>8} {'rows/s/rank':>12} {'peak MiB':>9}")
+    print(f"{'stage':9} {'rows':>11} {'procs':>5} {'wall s':>8} {'cpu s':>8} {'stage s':>8} {'rows/s/rank':>12} {'peak MiB':>9}")
     for rows in args.rows:
         raw = raw_logs(args.workdir, rows)
         report["sizes"].append({"rows": rows, "raw_bytes_per_row": raw["bytes_per_row"],

@@ -24,7 +24,9 @@ class Batch(Pipelineable):
     Attributes:
         dense: [B, n_dense] float32, columns in ``schema.dense`` order.
         sparse: KeyedJaggedTensor with keys in ``schema.sparse`` order, stride B, values int64 in
-            key-major order, lengths [F * B] int32 (all 1 for single-valued features).
+            key-major order, lengths [F * B] int32 (all 1 for single-valued features); when the schema
+            has a weighted feature, weights float32 like the values (each id's value, 1.0 for the ids
+            of unweighted features), else no weights.
         labels: [B] float32.
         extras: name -> the configured extra columns: [B] float32, or [B, H] float32 for a side
             input's vector columns (fixed-size lists, e.g. teacher hint vectors).
@@ -74,13 +76,18 @@ class Batch(Pipelineable):
             return self
         keys = self.sparse.keys()
         lengths = self.sparse.lengths().view(len(keys), self.batch_size)
-        values = self.sparse.values().split(lengths.sum(dim=1).tolist())
+        per_key = lengths.sum(dim=1).tolist()
+        values = self.sparse.values().split(per_key)
         missing = torch.zeros(pad, dtype=self.sparse.values().dtype)
+        weights = self.sparse.weights_or_none()
         sparse = KeyedJaggedTensor(
             keys=keys,
             values=torch.cat([torch.cat([v, missing]) for v in values]),
             lengths=torch.cat([lengths, torch.ones(len(keys), pad, dtype=lengths.dtype)], dim=1).reshape(-1),
             stride=size,
+            weights=None if weights is None else torch.cat(
+                [torch.cat([w, w.new_ones(pad)]) for w in weights.split(per_key)]
+            ),
         )
         return dataclasses.replace(
             self,
@@ -124,9 +131,10 @@ class Batch(Pipelineable):
 def padding_batch(
     schema: Schema, size: int, extras: Sequence[str] = (), vector_widths: Optional[Dict[str, int]] = None
 ) -> Batch:
-    """``size`` rows with every feature missing (id 0), zero dense and labels, row_id -1: what a rank
-    feeds a collective forward when its own rows have run out. Extras are zero, [size], or
-    [size, H] for the columns in ``vector_widths`` (a reader's :attr:`ParquetReader.vector_widths`)."""
+    """``size`` rows with every feature missing (id 0, weight 1 when the schema is weighted), zero
+    dense and labels, row_id -1: what a rank feeds a collective forward when its own rows have run
+    out. Extras are zero, [size], or [size, H] for the columns in ``vector_widths`` (a reader's
+    :attr:`ParquetReader.vector_widths`)."""
     widths = vector_widths or {}
     keys = schema.sparse_names
     return Batch(
@@ -136,6 +144,7 @@ def padding_batch(
             values=torch.zeros(size * len(keys), dtype=torch.int64),
             lengths=torch.ones(size * len(keys), dtype=torch.int32),
             stride=size,
+            weights=torch.ones(size * len(keys)) if schema.weighted else None,
         ),
         labels=torch.zeros(size),
         extras={name: torch.zeros(size, widths[name]) if name in widths else torch.zeros(size) for name in extras},
@@ -150,7 +159,9 @@ class RowBlock:
 
     Column-major because filling from Arrow columns and slicing batches are then contiguous
     copies; single-valued sparse features share one array so a batch's KJT values are one copy.
-    Multi-hot features are (values [nnz], offsets [N + 1]) pairs.
+    Multi-hot features are (values [nnz], offsets [N + 1]) pairs. A weighted dataset's blocks also hold
+    every id's weight: ``weights`` beside ``ids`` and ``list_weights`` beside each list's values (1.0
+    for the unweighted features); an unweighted one's are empty.
     """
 
     row_ids: np.ndarray  # [N] int64
@@ -161,11 +172,14 @@ class RowBlock:
     extras: np.ndarray  # [n_extras, N] float32 (scalar extra columns)
     # per vector extra column: [N, H] float32, row-major so that a row's vector gathers as one copy
     vectors: List[np.ndarray] = field(default_factory=list)
+    weights: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))  # [n_single or 0, N]
+    list_weights: List[np.ndarray] = field(default_factory=list)  # per multi-hot feature [nnz] float32, or none
 
     @staticmethod
-    def allocate(rows: int, n_dense: int, n_single: int, n_extras: int, widths: Sequence[int] = ()) -> "RowBlock":
+    def allocate(rows: int, n_dense: int, n_single: int, n_extras: int, widths: Sequence[int] = (),
+                 weighted: bool = False) -> "RowBlock":
         """Uninitialized storage for ``rows`` rows (multi-hot lists are not pooled: left empty);
-        ``widths``: H of each vector extra column."""
+        ``widths``: H of each vector extra column; ``weighted``: room for the single ids' weights."""
         return RowBlock(
             row_ids=np.empty(rows, dtype=np.int64),
             labels=np.empty(rows, dtype=np.float32),
@@ -174,6 +188,7 @@ class RowBlock:
             lists=[],
             extras=np.empty((n_extras, rows), dtype=np.float32),
             vectors=[np.empty((rows, width), dtype=np.float32) for width in widths],
+            weights=np.empty((n_single if weighted else 0, rows), dtype=np.float32),
         )
 
     def __len__(self) -> int:
@@ -189,18 +204,22 @@ class RowBlock:
             lists=[],
             extras=self.extras[:, :rows],
             vectors=[vector[:rows] for vector in self.vectors],
+            weights=self.weights[:, :rows],
         )
 
     def take(self, rows: np.ndarray, out: "RowBlock") -> "RowBlock":
         """Gathers the rows at positions ``rows`` [len(out)] into ``out`` and returns it."""
         for source, target in ((self.row_ids, out.row_ids), (self.labels, out.labels)):
             _take(source, rows, target)
-        for sources, targets in ((self.dense, out.dense), (self.ids, out.ids), (self.extras, out.extras)):
+        for sources, targets in ((self.dense, out.dense), (self.ids, out.ids), (self.extras, out.extras),
+                                 (self.weights, out.weights)):
             for source, target in zip(sources, targets):
                 _take(source, rows, target)
         for source, target in zip(self.vectors, out.vectors):
             np.take(source, rows, axis=0, out=target, mode="clip")
-        out.lists = [_gather_list(values, offsets, rows) for values, offsets in self.lists]
+        gathered = [_list_positions(offsets, rows) for _, offsets in self.lists]
+        out.lists = [(values[source], offsets) for (values, _), (source, offsets) in zip(self.lists, gathered)]
+        out.list_weights = [weights[source] for weights, (source, _) in zip(self.list_weights, gathered)]
         return out
 
     def slice(self, start: int, stop: int) -> "RowBlock":
@@ -215,6 +234,9 @@ class RowBlock:
             lists=[_slice_list(values, offsets, start, stop) for values, offsets in self.lists],
             extras=self.extras[:, rows].copy(),
             vectors=[vector[rows].copy() for vector in self.vectors],
+            weights=self.weights[:, rows].copy(),
+            list_weights=[weights[offsets[start] : offsets[stop]].copy()
+                          for weights, (_, offsets) in zip(self.list_weights, self.lists)],
         )
 
     @staticmethod
@@ -234,6 +256,8 @@ class RowBlock:
             lists=lists,
             extras=np.concatenate([block.extras for block in blocks], axis=1),
             vectors=[np.concatenate(parts) for parts in zip(*(block.vectors for block in blocks))],
+            weights=np.concatenate([block.weights for block in blocks], axis=1),
+            list_weights=[np.concatenate(parts) for parts in zip(*(block.list_weights for block in blocks))],
         )
 
     def to_batch(
@@ -244,32 +268,41 @@ class RowBlock:
         the entries of :attr:`vectors`; ``extras`` is the order of :attr:`Batch.extras`."""
         size = len(self)
         single = sum(not feature.multi_hot for feature in schema.sparse)
+        weights: Optional[np.ndarray] = None
         if single == len(schema.sparse):
             values = self.ids.reshape(-1)
             # numpy, not torch.ones: torch's parallel fill contends with Arrow's reader threads (~2 ms/batch)
             lengths = torch.from_numpy(np.ones(values.shape[0], dtype=np.int32))
             length_per_key = [size] * single
+            if schema.weighted:
+                weights = self.weights.reshape(-1)
         else:
             singles = iter(range(single))
-            lists = iter(self.lists)
-            value_parts, length_parts = [], []
+            lists = iter(zip(self.lists, self.list_weights) if schema.weighted else ((pair, None) for pair in self.lists))
+            value_parts, length_parts, weight_parts = [], [], []
             for feature in schema.sparse:
                 if feature.multi_hot:
-                    value, offsets = next(lists)
+                    (value, offsets), weight = next(lists)
                     value_parts.append(value)
                     length_parts.append(np.diff(offsets).astype(np.int32))
                 else:
-                    value_parts.append(self.ids[next(singles)])
+                    j = next(singles)
+                    value_parts.append(self.ids[j])
                     length_parts.append(np.ones(size, dtype=np.int32))
+                    weight = self.weights[j] if schema.weighted else None
+                weight_parts.append(weight)
             values = np.concatenate(value_parts)
             lengths = torch.from_numpy(np.concatenate(length_parts))
             length_per_key = [part.shape[0] for part in value_parts]
+            if schema.weighted:
+                weights = np.concatenate(weight_parts)
         sparse = KeyedJaggedTensor(
             keys=schema.sparse_names,
             values=torch.from_numpy(values),
             lengths=lengths,
             stride=size,
             length_per_key=length_per_key,
+            weights=None if weights is None else torch.from_numpy(weights),
         )
         scalar_columns = torch.from_numpy(self.extras)
         columns = {name: scalar_columns[j] for j, name in enumerate(scalars)}
@@ -297,16 +330,16 @@ def _slice_list(
     return values[bounds[0] : bounds[-1]].copy(), bounds - bounds[0]
 
 
-def _gather_list(
-    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray
-) -> Tuple[np.ndarray, np.ndarray]:
+def _list_positions(offsets: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Where the lists of ``rows`` lie in their values array, in that order: (positions [nnz'], new
+    offsets [len(rows) + 1]); a list's values and their weights are gathered with the same positions."""
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     new_offsets = np.zeros(rows.shape[0] + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
     # position k of the output reads source starts[r] + (k - new_offsets[r]) for its row r
     source = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1], dtype=np.int64)
-    return values[source], new_offsets
+    return source, new_offsets
 
 
 def concat_lists(

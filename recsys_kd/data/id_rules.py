@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from recsys_kd.data import fields
 from recsys_kd.data.ids import hash_ids, vocab_ids
-from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, Schema, SchemaError, SparseFeature
+from recsys_kd.data.schema import RESERVED_IDS, ROW_ID, Schema, SchemaError, SparseFeature, weight_column
 from recsys_kd.data.source import LABEL
 
 
@@ -97,13 +97,17 @@ class IdRules:
     def apply(self, table: pa.Table) -> pa.Table:
         """A converter's table (``row_id``, ``label``, dense, raw sparse values, extra columns) -> the
         prepared columns: ``row_id``, the label (float32), dense (float32), sparse ids (int64, or
-        list<int64> when multi-hot), extra (float32). Sparse features are converted in parallel threads."""
+        list<int64> when multi-hot), weighted features' values (float32, or list<float32> aligned with
+        the ids), extra (float32). Sparse features are converted in parallel threads."""
         schema = self.schema
         columns = {ROW_ID: table.column(ROW_ID), schema.label: table.column(LABEL).cast(pa.float32())}
         for name in schema.dense:
             columns[name] = table.column(name).cast(pa.float32())
         converted = fields.thread_pool().map(lambda feature: self.ids(table.column(feature.name), feature), schema.sparse)
         columns.update(zip(schema.sparse_names, converted))
+        for feature in schema.sparse:
+            if feature.weighted:
+                columns[weight_column(feature.name)] = _weights(table.column(weight_column(feature.name)))
         for name in schema.extra:
             columns[name] = table.column(name).cast(pa.float32())
         return pa.table(columns)
@@ -124,3 +128,13 @@ class IdRules:
             offsets = pa.array(fields.list_offsets(values).astype(np.int32))  # a slice's too, nulls empty
             return pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int64()))
         return pa.array(ids, pa.int64())
+
+
+def _weights(values: Union[pa.Array, pa.ChunkedArray]) -> pa.Array:
+    """A weighted feature's values as float32, or list<float32> with the offsets its ids get in
+    :meth:`IdRules.ids` (a slice's too), so the two lists stay aligned."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        offsets = pa.array(fields.list_offsets(values).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, pc.list_flatten(values).cast(pa.float32()))
+    return values.cast(pa.float32())

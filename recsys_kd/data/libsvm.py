@@ -20,9 +20,17 @@ What each part becomes:
             ``libsvm.fields``, ``unknown_field``
     libSVM  one multi-hot feature ``features``: the line's indices in order (the first ``max_length``
             when set)
-    value   a feature's value must be a finite number; 0 means absent (the formats are sparse: a zero
-            is not written), any other value marks the index present. The models read categorical
-            ids, so the value itself is not kept: the format suits the one-hot (binary) releases
+    value   a feature's value must be a finite number (finite as float32 with ``values: weight``),
+            else the row is quarantined ``bad_feature``; 0 means absent (the formats are sparse: a zero
+            is not written). With ``libsvm.values: weight`` (the default, as libFM reads the format)
+            every sparse feature is ``weighted``: its ids' values are kept, float32, in
+            ``field_<f>__weight`` (1.0 where the field is missing, so a missing field keeps its
+            learnt "missing" row as in ``presence``) or ``features__weight`` (list<float32>, aligned
+            with the ids, truncated with them), and the models pool ``sum(value * embedding)``. With
+            ``values: presence`` the value only marks the index present and is not stored. Binary
+            (one-hot) releases, whose values are all 1, give the same model either way; ``presence``
+            stores and reads less. Real-valued releases (HIGGS, SUSY, covtype, tf-idf text ...) need
+            ``weight``: with ``presence`` a row of HIGGS is the same 28 indices as every other
     A malformed token (not ``int:number`` / ``int:int:number``) is quarantined ``bad_feature``.
 
 ``row_id`` is the 0-based physical line across the input files; a quarantined row's 1-based line
@@ -43,6 +51,7 @@ import pyarrow.compute as pc
 from recsys_kd.data import fields
 from recsys_kd.data.quarantine import Quarantine
 from recsys_kd.data.rawtext import LINE, WHOLE_LINE, RawBlock, one_line, read_lines, section_blocks
+from recsys_kd.data.schema import weight_column
 from recsys_kd.data.sections import DealtFiles
 from recsys_kd.data.source import LABEL, InputError, Section, SourceChunk, SourceInfo
 
@@ -53,11 +62,13 @@ FEATURES = "features"
 @dataclass
 class LibSVMOptions:
     """``layout``: ``auto``, ``libsvm`` or ``libfm``; ``fields``: a libFM input's field numbers (empty:
-    all found in the input); ``max_length``: most indices kept per libSVM line (0: all)."""
+    all found in the input); ``max_length``: most indices kept per libSVM line (0: all); ``values``:
+    ``weight`` keeps each index's value (weighted features), ``presence`` keeps only that it is there."""
 
     layout: Literal["auto", "libsvm", "libfm"] = "auto"
     fields: List[int] = field(default_factory=list)
     max_length: int = 0
+    values: Literal["weight", "presence"] = "weight"
 
     def validate(self) -> None:
         if self.max_length < 0:
@@ -91,7 +102,8 @@ class LibSVMSource(DealtFiles):
 
         source = LibSVMSource([Path("frappe.train.libfm")], LibSVMOptions())
         for chunk in source.chunks(quarantine):
-            chunk.table   # row_id, label, features (list<int64>)   -- or field_0, field_1, ... (int64)
+            chunk.table   # row_id, label, features (list<int64>), features__weight (list<float32>)
+                          # -- or field_0, field_0__weight, field_1, ... (int64, float32)
     """
 
     def __init__(self, files: List[Path], options: LibSVMOptions, block_bytes: int = 16 << 20) -> None:
@@ -111,6 +123,7 @@ class LibSVMSource(DealtFiles):
             sparse=sparse,
             multi_hot=[FEATURES] if self.layout == "libsvm" else [],
             inputs=[str(f) for f in self.files],
+            weighted=sparse if options.values == "weight" else [],
         )
         self.dropped_by_rule: Dict[str, int] = {}
 
@@ -203,6 +216,9 @@ class LibSVMSource(DealtFiles):
         field_numbers = _integers(field_text, malformed) if field_text is not None else np.full(len(index), -1)
         value = _floats(value_text, malformed)
         malformed |= ~np.isfinite(value)
+        if self.options.values == "weight":  # the value is stored as float32: it must stay finite there
+            with np.errstate(over="ignore"):
+                malformed |= ~np.isfinite(value.astype(np.float32))
         reasons = [("bad_label", label_bad), ("bad_feature", _rows_with(feature_rows, malformed, rows))]
         kept = ~malformed & (value != 0)
         if self.layout == "libfm" and self.fields:
@@ -234,6 +250,8 @@ class LibSVMSource(DealtFiles):
             "row_id": pa.array(row_base + block.lines[keep], pa.int64()),
             LABEL: pa.array(tokens.labels[keep], pa.float32()),
         }
+        weighted = self.options.values == "weight"
+        token_value = tokens.value[token_kept].astype(np.float32) if weighted else None
         if self.layout == "libfm":
             token_fields, token_index = tokens.field[token_kept], tokens.index[token_kept]
             for number in self.fields:
@@ -243,11 +261,19 @@ class LibSVMSource(DealtFiles):
                 values[token_rows[at]] = token_index[at]
                 missing[token_rows[at]] = False
                 columns[field_name(number)] = pa.array(values, pa.int64(), mask=missing)
+                if weighted:
+                    weights = np.ones(kept_rows, dtype=np.float32)
+                    weights[token_rows[at]] = token_value[at]
+                    columns[weight_column(field_name(number))] = pa.array(weights, pa.float32())
         else:
             counts = np.bincount(token_rows, minlength=kept_rows)
-            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens.index[token_kept], pa.int64()))
-            columns[FEATURES] = fields.truncate_lists(lists, self.options.max_length or None)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+            lists = pa.ListArray.from_arrays(offsets, pa.array(tokens.index[token_kept], pa.int64()))
+            limit = self.options.max_length or None
+            columns[FEATURES] = fields.truncate_lists(lists, limit)
+            if weighted:  # no nulls in either list, so the same first ``limit`` entries are kept
+                values = pa.ListArray.from_arrays(offsets, pa.array(token_value, pa.float32()))
+                columns[weight_column(FEATURES)] = fields.truncate_lists(values, limit)
         return pa.table(columns)
 
 

@@ -45,6 +45,27 @@ from recsys_kd.data.schema import ROW_ID, SchemaError
 from recsys_kd.io import atomic_write_json
 
 
+def deal_parts(part_rows: Sequence[int], world_size: int) -> List[List[int]]:
+    """The parts each rank writes the mirror of: every part to exactly one rank, the rows balanced.
+
+    Largest part first to the rank with the fewest rows so far (ties: the lower rank), each rank's
+    parts then in input order; deterministic, so every rank computes the same dealing. Dealing by
+    index (part i to rank i mod N) would give one rank the large parts when they alternate with
+    small ones, as the parts of an N-rank ``prepare`` do (each rank's full parts, then its tail)::
+
+        deal_parts([4_194_304, 300_000, 4_194_304, 300_000], 2)  # [[0, 1], [2, 3]], not [[0, 2], [1, 3]]
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    loads = [0] * world_size
+    dealt: List[List[int]] = [[] for _ in range(world_size)]
+    for part in sorted(range(len(part_rows)), key=lambda index: (-part_rows[index], index)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        dealt[rank].append(part)
+        loads[rank] += part_rows[part]
+    return [sorted(parts) for parts in dealt]
+
+
 def part_schema(columns: Sequence[str] = (), vectors: Optional[Mapping[str, int]] = None) -> pa.Schema:
     """``row_id`` int64, then one float32 column per name in ``columns``, then one
     fixed-size list<float32>[H] column per (name, H) in ``vectors``."""
@@ -58,12 +79,36 @@ def sidecar_path(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
 
+class RowIdDigest:
+    """The order-independent digest of row ids (count, sum and xor of their hashes), fed block by block,
+    so a part's digest needs no copy of all its ids.
+
+    Example::
+
+        digest = RowIdDigest()
+        digest.update(np.arange(4096))
+        str(digest)  # "4096:8386560:5f1c...", equal to row_id_checksum(np.arange(4096))
+    """
+
+    def __init__(self) -> None:
+        self.count, self.total, self.mixed = 0, 0, 0
+
+    def update(self, row_ids: np.ndarray) -> None:
+        if len(row_ids):
+            ids = row_ids.astype(np.int64, copy=False)
+            self.count += len(ids)
+            self.total += int(ids.sum())
+            self.mixed ^= int(np.bitwise_xor.reduce(splitmix64(ids.view(np.uint64))))
+
+    def __str__(self) -> str:
+        return f"{self.count}:{self.total}:{self.mixed:016x}"
+
+
 def row_id_checksum(row_ids: np.ndarray) -> str:
     """Order-independent digest of a part's row ids (count, sum and xor of their hashes)."""
-    hashed = splitmix64(row_ids.astype(np.int64).view(np.uint64))
-    total = int(row_ids.astype(np.int64).sum()) if len(row_ids) else 0
-    mixed = int(np.bitwise_xor.reduce(hashed)) if len(row_ids) else 0
-    return f"{len(row_ids)}:{total}:{mixed:016x}"
+    digest = RowIdDigest()
+    digest.update(row_ids)
+    return str(digest)
 
 
 def read_row_group(path: Path, row_group: int, columns: Sequence[str]) -> pa.Table:
@@ -154,7 +199,7 @@ class PartWriter:
         self.group: Optional[int] = None
         self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
         self.rows = 0
-        self.row_ids: List[np.ndarray] = []
+        self.row_id_digest = RowIdDigest()
         self.row_id_checksum: Optional[str] = None  # set when finished, with the file's checksum
         self.checksum: Optional[str] = None
         self.published = False
@@ -186,7 +231,7 @@ class PartWriter:
             start += width
         self.writer.write_table(pa.table(data, schema=self.schema), row_group_size=len(row_ids))
         self.rows += len(row_ids)
-        self.row_ids.append(row_ids)
+        self.row_id_digest.update(row_ids)
         self.pending = []
 
     def finish(self) -> None:
@@ -199,8 +244,7 @@ class PartWriter:
         except BaseException:
             self.abort()
             raise
-        ids = np.concatenate(self.row_ids) if self.row_ids else np.zeros(0, np.int64)
-        self.row_id_checksum, self.row_ids = row_id_checksum(ids), []
+        self.row_id_checksum = str(self.row_id_digest)
         self.checksum = file_checksum(self.temp)
 
     def publish(self) -> Dict[str, Any]:

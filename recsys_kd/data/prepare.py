@@ -428,7 +428,8 @@ def _schema(config: PrepareConfig, source: RawSource, vocabularies: Dict[str, pa
         else:
             rule = IdRule(kind="hash", seed=config.ids.seed + feature_salt(name))
             size = config.ids.sizes.get(name, config.ids.num_embeddings)
-        sparse.append(SparseFeature(name=name, num_embeddings=size, id_rule=rule, multi_hot=name in info.multi_hot))
+        sparse.append(SparseFeature(name=name, num_embeddings=size, id_rule=rule, multi_hot=name in info.multi_hot,
+                                    weighted=name in info.weighted))
     return Schema(
         name=info.name,
         label=LABEL,

@@ -1,4 +1,4 @@
-"""Streaming reader of delimited text logs (TSV/CSV without quoting) with exact line numbers.
+"""Streaming reader of delimited text logs (TSV/CSV, quoted fields optional) with exact line numbers.
 
 The file is read in blocks of whole lines; lines are split and counted with numpy, so every row
 keeps its physical line number, lines with the wrong number of columns go to the quarantine, and
@@ -12,6 +12,16 @@ longer than the buffer is skipped as it streams past, so memory stays bounded by
 that starts at a line start (a :class:`~recsys_kd.data.source.Section` dealt to one rank), its lines
 numbered from the section's first line; :func:`count_lines` counts a range's lines by the same rule
 (a line ends at ``\n``; a last line without one counts too) at memory speed.
+
+With a ``quote_char`` (``format: table``'s CSV/TSV), fields may be quoted as RFC 4180 has it: a field
+enclosed in quotes may hold the separator and doubled quotes (``""`` is one ``"``), and the quotes are
+not part of the value. A record is still one line (a quoted line break cannot be found without reading
+the input from its start, while ranks read byte ranges cut at line starts): a line that ends inside a
+quoted field is quarantined as ``unterminated_quote``, as its continuation line is, having a quote in
+the middle of a field or an odd number of quotes. A quote anywhere but at a field's start or end
+(``a"b``, ``"ab"c``) is ``bad_quote``. A block without a quote is read as without quoting; in one
+with quotes, the lines holding one are checked with numpy in one pass over their quotes, separators and
+line breaks, and the block is parsed by Arrow with quoting on.
 """
 
 from __future__ import annotations
@@ -37,6 +47,12 @@ MAX_LINE_BYTES = 512 << 10
 ARROW_BLOCK_BYTES = 1 << 20
 FIELD_TOO_LONG = "field_too_long"
 STRAY_RETURN = "stray_carriage_return"
+BAD_QUOTE = "bad_quote"
+UNTERMINATED_QUOTE = "unterminated_quote"
+
+
+class MalformedLine(ValueError):
+    """A line :func:`split_line` cannot split; the message is the quarantine reason."""
 
 
 @dataclass
@@ -61,15 +77,18 @@ def read_delimited(
     block_bytes: int = 16 << 20,
     encoding: str = "utf-8",
     section: Optional[Section] = None,
+    quote_char: Optional[str] = None,
 ) -> Iterator[RawBlock]:
     """Yields blocks of well-formed rows of ``path``; malformed lines are reported to ``quarantine``
-    (reason ``wrong_column_count``) when it is given, and skipped either way.
+    (reason ``wrong_column_count`` ...) when it is given, and skipped either way.
 
     ``encoding`` other than UTF-8 (e.g. ISO-8859-1 for GroupLens MovieLens) is transcoded to UTF-8
     before parsing. ``section``: only its bytes (a plain file's; a compressed file is read whole), lines
     numbered from its ``first_line``; ``skip_header`` then applies only to a section starting the file.
+    ``quote_char``: fields may be quoted with it (module docstring); None: no quoting.
     """
     separator = ord(delimiter)
+    quote = None if quote_char is None else ord(quote_char)
     name = str(path)
     transcode = encoding.lower().replace("-", "") not in ("utf8", "ascii")
     line_base = section.first_line if section is not None else 0
@@ -106,7 +125,7 @@ def read_delimited(
             if transcode:
                 block = np.frombuffer(block.tobytes().decode(encoding).encode("utf-8"), dtype=np.uint8)
             table, lines, line_count = _split_block(
-                block, separator, column_names, name, line_base, quarantine, skip_header and first
+                block, separator, column_names, name, line_base, quarantine, skip_header and first, quote
             )
             line_base += line_count
             first = False
@@ -246,6 +265,33 @@ def _skip_line(stream, buffer: np.ndarray) -> Tuple[int, int]:
         skipped += read
 
 
+def split_line(line: bytes, delimiter: str, quote_char: Optional[str] = None) -> List[bytes]:
+    """One line's fields (without its line ending) by :func:`read_delimited`'s rules, quotes removed
+    (a header line); :class:`MalformedLine` (``bad_quote``, ``unterminated_quote``) when it is malformed."""
+    if quote_char is None or quote_char.encode() not in line:
+        return line.split(delimiter.encode())
+    buffer = np.frombuffer(line, dtype=np.uint8)
+    separator, quote = ord(delimiter), ord(quote_char)
+    bad_quote, unterminated, fields = _check_quotes(buffer, separator, quote, 1)
+    if bad_quote[0] or unterminated[0]:
+        raise MalformedLine(BAD_QUOTE if bad_quote[0] else UNTERMINATED_QUOTE)
+    names = [f"f{index}" for index in range(int(fields[0]))]
+    table, _, _ = _split_block(buffer, separator, names, "", 0, None, False, quote)
+    return [table.column(name)[0].as_py() for name in names]
+
+
+def join_fields(values: Sequence[bytes], delimiter: str, quote_char: Optional[str] = None) -> bytes:
+    """The line :func:`split_line` splits into ``values``: a value holding the separator, the quote
+    or a line break is quoted, its quotes doubled."""
+    if quote_char is None:
+        return delimiter.encode().join(values)
+    quote = quote_char.encode()
+    special = (delimiter.encode(), quote, b"\n", b"\r")
+    return delimiter.encode().join(
+        quote + value.replace(quote, quote + quote) + quote if any(s in value for s in special) else value
+        for value in values)
+
+
 def buffer_text(data: np.ndarray, encoding: str = "utf-8") -> str:
     """Raw bytes as quarantine text (undecodable bytes replaced)."""
     return data.tobytes().rstrip(b"\r\n").decode(encoding, "replace")
@@ -268,6 +314,7 @@ def _split_block(
     line_base: int,
     quarantine: Optional[Quarantine],
     skip_first_line: bool,
+    quote: Optional[int] = None,
 ):
     expected = len(column_names)
     newlines = np.flatnonzero(buffer == NEWLINE)
@@ -279,13 +326,18 @@ def _split_block(
     # search per line instead of a pass over every byte).
     separator_positions = np.flatnonzero(buffer == separator)
     fields = np.searchsorted(separator_positions, newlines) - np.searchsorted(separator_positions, starts) + 1
+    quoted_block = quote is not None and bool(np.any(buffer == quote))
+    bad_quote = unterminated = np.zeros(line_count, dtype=bool)
+    if quoted_block:
+        bad_quote, unterminated, quoted_lines, quoted_fields = _quoted_lines(buffer, separator, quote, newlines, starts)
+        fields[quoted_lines] = quoted_fields
     too_long = newlines - starts > MAX_LINE_BYTES
     # Arrow's parser ends a row at a bare '\r' too; only "\r\n" (or a final '\r') is a line ending here.
     returns = np.flatnonzero(buffer == CARRIAGE_RETURN)
     stray = returns[(returns + 1 < len(buffer)) & (buffer[np.minimum(returns + 1, len(buffer) - 1)] != NEWLINE)]
     stray_lines = np.zeros(line_count, dtype=bool)
     stray_lines[np.searchsorted(newlines, stray)] = True
-    good = (fields == expected) & ~too_long & ~stray_lines
+    good = (fields == expected) & ~too_long & ~stray_lines & ~bad_quote & ~unterminated
     if skip_first_line:
         good[0] = False
     numbers = np.arange(line_count, dtype=np.int64) + line_base
@@ -295,7 +347,9 @@ def _split_block(
     if quarantine is not None:
         for index in bad:
             end = min(int(newlines[index]), int(starts[index]) + Quarantine.max_text_chars)
-            reason = FIELD_TOO_LONG if too_long[index] else STRAY_RETURN if stray_lines[index] else "wrong_column_count"
+            reason = (FIELD_TOO_LONG if too_long[index] else STRAY_RETURN if stray_lines[index]
+                      else BAD_QUOTE if bad_quote[index] else UNTERMINATED_QUOTE if unterminated[index]
+                      else "wrong_column_count")
             quarantine.add(file, int(numbers[index]) + 1, reason, buffer_text(buffer[starts[index] : end]))
     if not good.any():
         return _empty(column_names), numbers[good], line_count
@@ -304,10 +358,12 @@ def _split_block(
     else:
         lengths = np.minimum(newlines + 1, len(buffer)) - starts
         body = buffer[np.repeat(good, lengths)]
+    quoting = chr(quote) if quoted_block else False  # a block without quotes parses as before
     table = pacsv.read_csv(
         pa.BufferReader(pa.py_buffer(body)),
         read_options=pacsv.ReadOptions(column_names=column_names, use_threads=True, block_size=ARROW_BLOCK_BYTES),
-        parse_options=pacsv.ParseOptions(delimiter=chr(separator), quote_char=False, ignore_empty_lines=False),
+        parse_options=pacsv.ParseOptions(delimiter=chr(separator), quote_char=quoting, double_quote=True,
+                                         ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.binary() for name in column_names}, strings_can_be_null=False
         ),
@@ -319,3 +375,58 @@ def _split_block(
         last = pc.if_else(pc.ends_with(last, b"\r"), trimmed, last)
         table = table.set_column(expected - 1, column_names[-1], last)
     return table, numbers[good], line_count
+
+
+def _quoted_lines(
+    buffer: np.ndarray, separator: int, quote: int, line_ends: np.ndarray, starts: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_check_quotes` of the lines of a block that hold a quote (copied out when not all do, so
+    a block quoted here and there pays for those lines only): (per line: a quote out of place, an
+    unterminated quote; the lines holding a quote and their fields)."""
+    quotes_before_end = np.searchsorted(np.flatnonzero(buffer == quote), line_ends)
+    holds_quote = np.diff(quotes_before_end, prepend=0) > 0
+    lines = np.flatnonzero(holds_quote)
+    if len(lines) < len(line_ends):
+        lengths = np.minimum(line_ends + 1, len(buffer)) - starts
+        buffer = buffer[np.repeat(holds_quote, lengths)]
+    misplaced, open_at_end, fields = _check_quotes(buffer, separator, quote, len(lines))
+    bad_quote = np.zeros(len(line_ends), dtype=bool)
+    unterminated = np.zeros(len(line_ends), dtype=bool)
+    bad_quote[lines], unterminated[lines] = misplaced, open_at_end
+    return bad_quote, unterminated, lines, fields
+
+
+def _check_quotes(
+    buffer: np.ndarray, separator: int, quote: int, line_count: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RFC 4180 quoting of every line of a block of ``line_count`` lines: per line, (a quote out of
+    place, the line ends inside a quoted field, its fields: separators outside quotes + 1).
+
+    Numbered within its line, an even quote opens a quoted field and must start a field (line start or
+    after a separator), or be the second of a doubled quote; an odd one closes it and must end the field
+    (a separator or the line end follows), or be the first of a doubled quote. A line whose quotes all
+    pass is well quoted when their number is even, and a separator lies inside quotes when an odd
+    number of its line's quotes come before it. One pass over the block's quotes, separators and line
+    breaks in order (running counts, no search)."""
+    events = np.flatnonzero((buffer == quote) | (buffer == separator) | (buffer == NEWLINE))
+    kind = buffer[events]
+    is_quote, is_newline = kind == quote, kind == NEWLINE
+    quotes_so_far = np.cumsum(is_quote)
+    # quotes before each event in its line: those before it minus those before its line's start
+    line_base = np.maximum.accumulate(np.where(is_newline, quotes_so_far, 0))
+    ordinal = quotes_so_far - is_quote - line_base
+    line = np.cumsum(is_newline) - is_newline
+    quotes, quote_ordinal, line_of_quote = events[is_quote], ordinal[is_quote], line[is_quote]
+    doubled = quotes[1:] == quotes[:-1] + 1  # quote i and quote i + 1 are adjacent (in one line)
+    before = buffer[np.maximum(quotes - 1, 0)]
+    after = buffer[np.minimum(quotes + 1, len(buffer) - 1)]
+    opens_field = (quotes == 0) | (before == NEWLINE) | (before == separator) | np.append(False, doubled)
+    ends_field = ((quotes + 1 == len(buffer)) | (after == separator) | (after == NEWLINE)
+                  | (after == CARRIAGE_RETURN) | np.append(doubled, False))
+    misplaced = np.where(quote_ordinal % 2 == 0, ~opens_field, ~ends_field)
+    bad_quote = np.zeros(line_count, dtype=bool)
+    bad_quote[line_of_quote[misplaced]] = True
+    unterminated = (np.bincount(line_of_quote, minlength=line_count) % 2 == 1) & ~bad_quote
+    is_separator = kind == separator
+    unquoted = line[is_separator][ordinal[is_separator] % 2 == 0]
+    return bad_quote, unterminated, np.bincount(unquoted, minlength=line_count) + 1

@@ -65,7 +65,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recsys_kd.data.batch import Batch, RowBlock, concat_lists
 from recsys_kd.data.integrity import verify_dataset_part
 from recsys_kd.data.parts import read_row_group
-from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.data.schema import ROW_ID, Schema, SchemaError, weight_column
 from recsys_kd.data.side_inputs import join_side_columns, side_columns
 from recsys_kd.memory import pin_mmap_threshold
 
@@ -204,7 +204,9 @@ class ParquetReader(IterableDataset):
         self._single = [f.name for f in self.schema.sparse if not f.multi_hot]
         self._multi = [f.name for f in self.schema.sparse if f.multi_hot]
         self._single_limits = np.array([self.schema.feature(name).num_embeddings for name in self._single])
-        self._columns = [ROW_ID, self.schema.label, *self.schema.dense, *self.schema.sparse_names, *own_extras]
+        self._weighted = {f.name for f in self.schema.sparse if f.weighted}
+        self._columns = [ROW_ID, self.schema.label, *self.schema.dense, *self.schema.sparse_names,
+                         *self.schema.weight_columns, *own_extras]
         self._units = self._enumerate_units()
         self.split_rows = sum(unit.rows for unit in self._units)
         if self.split_rows != info.rows:
@@ -452,6 +454,7 @@ class ParquetReader(IterableDataset):
 
     def _check_columns(self, path: Path, arrow_schema: pa.Schema) -> None:
         multi = set(self._multi)
+        multi_weights = {weight_column(name) for name in self._multi if name in self._weighted}
         for name in self._columns:
             index = arrow_schema.get_field_index(name)
             if index < 0:
@@ -462,6 +465,9 @@ class ParquetReader(IterableDataset):
             elif name in multi:
                 is_list = pa.types.is_list(actual) or pa.types.is_large_list(actual)
                 ok, expected = is_list and actual.value_type == pa.int64(), "list<int64>"
+            elif name in multi_weights:
+                is_list = pa.types.is_list(actual) or pa.types.is_large_list(actual)
+                ok, expected = is_list and actual.value_type == pa.float32(), "list<float>"
             else:
                 ok, expected = actual == pa.float32(), "float32"
             if not ok:
@@ -531,7 +537,7 @@ class ParquetReader(IterableDataset):
 
     def _allocate(self, rows: int) -> RowBlock:
         return RowBlock.allocate(rows, len(self.schema.dense), len(self._single), len(self._scalars),
-                               list(self.vector_widths.values()))
+                                 list(self.vector_widths.values()), weighted=self.schema.weighted)
 
     def _cut(self, windows: Iterator[Tuple[RowBlock, int]]) -> Iterator[RowBlock]:
         """Batches of ``batch_size`` rows cut from the concatenated windows."""
@@ -554,6 +560,7 @@ class ParquetReader(IterableDataset):
         """Reads row groups into ``block`` (sized to their rows), in ``units`` order, checking ids
         per row group. Returns ``block``."""
         list_parts: List[_ListParts] = [([], []) for _ in self._multi]
+        weight_parts: List[List[np.ndarray]] = [[] for _ in self._multi] if self.schema.weighted else []
         start = 0
         for u in units:
             unit = self._units[u]
@@ -568,11 +575,24 @@ class ParquetReader(IterableDataset):
                 value, offset = _list_column(table, name, path)
                 values.append(value)
                 offsets.append(offset)
+            for weights, name, (values, offsets) in zip(weight_parts, self._multi, list_parts):
+                weights.append(self._list_weights(table, name, path, offsets[-1]))
             if self.config.validate_ids:
                 self._check_ids(block, rows, list_parts, path)
             start += unit.rows
         block.lists = [concat_lists(values, offsets) for values, offsets in list_parts]
+        block.list_weights = [np.concatenate(weights) for weights in weight_parts]
         return block
+
+    def _list_weights(self, table: pa.Table, name: str, path: Path, offsets: np.ndarray) -> np.ndarray:
+        """Multi-hot feature ``name``'s id weights in ``table`` [nnz] float32 (ones when it is not
+        weighted), checked to be as long as its id lists (``offsets``)."""
+        if name not in self._weighted:
+            return np.ones(int(offsets[-1]), dtype=np.float32)
+        weights, weight_offsets = _list_column(table, weight_column(name), path)
+        if not np.array_equal(weight_offsets, offsets):
+            raise SchemaError(f"{path}: column {weight_column(name)!r} has lists of other lengths than column {name!r}")
+        return weights
 
     def _fill(self, block: RowBlock, rows: slice, table: pa.Table, path: Path) -> None:
         block.row_ids[rows] = _column(table, ROW_ID, path)
@@ -581,6 +601,8 @@ class ParquetReader(IterableDataset):
             block.dense[j, rows] = _column(table, name, path)
         for j, name in enumerate(self._single):
             block.ids[j, rows] = _column(table, name, path)
+            if self.schema.weighted:
+                block.weights[j, rows] = _column(table, weight_column(name), path) if name in self._weighted else 1.0
         for j, name in enumerate(self._scalars):
             block.extras[j, rows] = _column(table, name, path)
         for vector, (name, width) in zip(block.vectors, self.vector_widths.items()):
@@ -627,12 +649,12 @@ def _vector_column(table: pa.Table, name: str, width: int, path: Path) -> np.nda
 
 
 def _list_column(table: pa.Table, name: str, path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """(values [nnz] int64, offsets [n + 1] int64) of a list<int64> column."""
+    """(values [nnz], offsets [n + 1] int64) of a list<int64> (or list<float>) column."""
     column = table.column(name)
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     values = array.flatten()
     if array.null_count or values.null_count:
-        raise SchemaError(f"{path}: column {name!r} has null lists or null ids")
+        raise SchemaError(f"{path}: column {name!r} has null lists or null values")
     offsets = array.offsets.to_numpy().astype(np.int64)
     return values.to_numpy(), offsets - offsets[0]
 

@@ -12,7 +12,9 @@ Layout of a prepared dataset directory::
 
 Columns of every part: ``row_id`` (int64, the source row's 0-based index in its input, unique in the
 dataset), the label (float32), dense features (float32), sparse features (int64, or list<int64> when
-``multi_hot``), and any ``extra`` float32 columns (e.g. teacher logits).
+``multi_hot``), for each ``weighted`` sparse feature its values ``<feature>__weight`` (float32, or
+list<float32> as long as each row's id list: the value of each id, which multiplies its embedding),
+and any ``extra`` float32 columns (e.g. teacher logits).
 
 Ids 0 and 1 are reserved in every sparse feature: 0 = value missing, 1 = value out of vocabulary
 (rare in training, or unseen when scoring raw logs). Hashing maps values into [2, num_embeddings).
@@ -35,6 +37,7 @@ MISSING_ID = 0
 OOV_ID = 1
 RESERVED_IDS = 2
 ROW_ID = "row_id"
+WEIGHT_SUFFIX = "__weight"
 
 
 class SchemaError(ValueError):
@@ -52,13 +55,23 @@ class IdRule:
     vocab_file: Optional[str] = None
 
 
+def weight_column(feature: str) -> str:
+    """The column holding the values of weighted sparse feature ``feature``'s ids."""
+    return f"{feature}{WEIGHT_SUFFIX}"
+
+
 @dataclass(frozen=True)
 class SparseFeature:
+    """A sparse feature: its table size, how raw values became ids, whether a row holds a list of ids
+    (``multi_hot``) and whether each id carries a float32 value (``weighted``, column
+    :func:`weight_column`), by which its embedding is multiplied before sum pooling."""
+
     name: str
     num_embeddings: int
     id_rule: IdRule
     multi_hot: bool = False
     source: str = ""
+    weighted: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,16 @@ class Schema:
         return [feature.name for feature in self.sparse]
 
     @property
+    def weighted(self) -> bool:
+        """Whether any sparse feature carries values: then every batch's KeyedJaggedTensor has weights
+        (ones for the unweighted features) and the embedding tables pool ``sum(value * row)``."""
+        return any(feature.weighted for feature in self.sparse)
+
+    @property
+    def weight_columns(self) -> List[str]:
+        return [weight_column(feature.name) for feature in self.sparse if feature.weighted]
+
+    @property
     def num_embeddings(self) -> Dict[str, int]:
         return {feature.name: feature.num_embeddings for feature in self.sparse}
 
@@ -121,7 +144,7 @@ class Schema:
         return None
 
     def columns(self) -> List[str]:
-        return [ROW_ID, self.label, *self.dense, *self.sparse_names, *self.extra]
+        return [ROW_ID, self.label, *self.dense, *self.sparse_names, *self.weight_columns, *self.extra]
 
     def replace(self, **changes) -> "Schema":
         return dataclasses.replace(self, **changes)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_kd.data.integrity import RERUN_INFER, verify_dataset_part
-from recsys_kd.data.parts import read_row_group, row_id_checksum, verify_part
+from recsys_kd.data.parts import RowIdDigest, read_row_group, verify_part
 from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
 from recsys_kd.runs import SIDE_INPUT_FILE
 
@@ -115,12 +115,15 @@ def verify_alignment(dataset: Path, side: Path, splits: Optional[List[str]] = No
             if verify:
                 verify_dataset_part(dataset, split, schema.split(split), relative)
             expected = verify_part(Path(side) / relative, RERUN_INFER, verify)
-            ids = pq.read_table(Path(dataset) / relative, columns=[ROW_ID]).column(ROW_ID).to_numpy()
-            if expected["row_id_checksum"] != row_id_checksum(ids):
+            digest = RowIdDigest()  # row group by row group: memory bounded by one group, not the part
+            logs = pq.ParquetFile(Path(dataset) / relative)
+            for group in range(logs.num_row_groups):
+                digest.update(logs.read_row_group(group, columns=[ROW_ID]).column(ROW_ID).to_numpy())
+            if expected["row_id_checksum"] != str(digest):
                 raise SchemaError(
                     f"{side}/{relative} is not aligned with {dataset}/{relative}: {expected['rows']} rows with "
-                    f"checksum {expected['row_id_checksum']}, the logs have {len(ids)} rows ({row_id_checksum(ids)})"
+                    f"checksum {expected['row_id_checksum']}, the logs have {digest.count} rows ({digest})"
                 )
-            rows += len(ids)
+            rows += digest.count
         checked[split] = rows
     return checked

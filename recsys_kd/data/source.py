@@ -12,6 +12,8 @@ Columns of each yielded table:
     label    float32  0 or 1
     <dense>  float32  transformed dense features
     <sparse> any Arrow type (strings, integers, or lists of them for multi-hot), null = missing
+    <sparse>__weight  float32 (list<float32> for multi-hot, as long as the ids' list): the values of a
+             ``weighted`` feature's ids, never null (1.0 where the feature is missing)
     day      int32    optional: the time bucket used by ``split.method: day``
 """
 
@@ -44,7 +46,8 @@ class SourceInfo:
     """Static facts about a source: feature columns, which sparse features are multi-hot,
     sparse features whose ids the source already made (identity rule, with their sizes), how the
     dense values were transformed (``schema.json``'s ``dense_transform``), and rows dropped on
-    purpose by the format's labelling rule (counted, reported; not quarantined)."""
+    purpose by the format's labelling rule (counted, reported; not quarantined). ``weighted``: the
+    sparse features whose ids carry values (a ``<feature>__weight`` column)."""
 
     name: str
     dense: List[str]
@@ -54,6 +57,7 @@ class SourceInfo:
     extra: List[str] = field(default_factory=list)
     inputs: List[str] = field(default_factory=list)
     dense_transform: str = "none"
+    weighted: Collection[str] = ()
 
 
 @dataclass(frozen=True)

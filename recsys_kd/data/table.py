@@ -5,9 +5,11 @@ File formats (``file_format``, or ``auto`` from each file's name: ``.csv``, ``.t
 ``.parquet``/``.pq``, ``.jsonl``/``.ndjson``/``.json``; a ``.gz``/``.bz2`` suffix on text files is
 decompressed on the fly):
 
-    csv, tsv  one record per line, no quoting (a quoted separator makes the line's column count wrong,
-              and it is quarantined); the first line names the columns (``header: true``), or
-              ``columns`` does; streamed in blocks of ``block_bytes``
+    csv, tsv  one record per line; a field may be quoted (RFC 4180: ``quote_char``, default ``"``), so
+              hold the separator and doubled quotes, but not a line break (such a record is
+              quarantined: :mod:`~recsys_kd.data.rawtext`); the first line names the columns
+              (``header: true``; quoted names too), or ``columns`` does; streamed in blocks of
+              ``block_bytes``
     parquet   any column types (numbers, strings, timestamps, lists); streamed one batch of rows at a
               time, reading only the spec's columns
     jsonl     one JSON object per line; a missing key is a missing value; multi-hot values may be
@@ -56,7 +58,8 @@ from recsys_kd.data import fields
 from recsys_kd.data import split as splitting
 from recsys_kd.data.moments import Moments
 from recsys_kd.data.quarantine import Quarantine
-from recsys_kd.data.rawtext import LINE, count_lines, one_line, read_delimited, read_lines
+from recsys_kd.data.rawtext import (LINE, MalformedLine, count_lines, join_fields, one_line, read_delimited,
+                                    read_lines, split_line)
 from recsys_kd.data.schema import ROW_ID
 from recsys_kd.data.sections import deal_files, text_boundary
 from recsys_kd.data.source import DAY, LABEL, InputError, Section, SourceChunk, SourceInfo
@@ -277,9 +280,11 @@ class TableSource:
             first = stream.read(1 << 20).split(b"\n", 1)[0]
         first = first.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r")
         try:
-            return first.decode("utf-8").split(delimiter)
+            return [name.decode("utf-8") for name in split_line(first, delimiter, self.options.quote)]
         except UnicodeDecodeError:
             raise InputError(f"{path}:1: the header line is not UTF-8") from None
+        except MalformedLine as error:
+            raise InputError(f"{path}:1: the header line is malformed ({error}): {first.decode('utf-8', 'replace')}") from None
 
     def _check_columns(self, path: Path, names: List[str], where: str) -> None:
         missing = [name for name in self.options.needed if name not in names]
@@ -303,14 +308,15 @@ class TableSource:
         offset = 1 if self.options.header else 0
         if section is not None and section.start > 0:  # numbered by records; read_delimited by lines
             section = dataclasses.replace(section, first_line=section.first_line + offset)
+        quote = self.options.quote
         blocks = read_delimited(path, names, delimiter, quarantine, skip_header=self.options.header,
-                                block_bytes=self.block_bytes, section=section)
+                                block_bytes=self.block_bytes, section=section, quote_char=quote)
         for raw in blocks:
             table = raw.table
 
             def text(index: int, table=table) -> str:
                 values = [table.column(i)[index].as_py() or b"" for i in range(table.num_columns)]
-                return delimiter.encode().join(values).decode("utf-8", "replace")
+                return join_fields(values, delimiter, quote).decode("utf-8", "replace")
 
             columns = {name: table.column(name).combine_chunks() for name in self.options.needed}
             yield _Block(str(path), columns, raw.lines - offset, raw.lines + 1, text, raw.size, max(raw.line_end - offset, 0))

@@ -1,6 +1,7 @@
 """The feature spec of users' own logs (``prepare.table``, read by :mod:`recsys_kd.data.table`).
 
-The spec (:class:`TableOptions`), each column becoming:
+The spec (:class:`TableOptions`): CSV/TSV fields may be quoted with ``quote_char`` (RFC 4180, default
+``"``; ``none`` or empty: no quoting, a quote is then an ordinary character), and each column becomes:
     label      ``label.column`` by its rule: ``threshold`` t (a number, label = value >= t), ``values``
                (text -> 0/1, the values in ``drop`` dropped by rule and counted as ``label_<value>``),
                or by default a number that must be 0 or 1
@@ -101,6 +102,7 @@ class TableOptions:
 
     file_format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
     header: bool = True
+    quote_char: str = '"'
     columns: List[str] = field(default_factory=list)
     label: LabelRule = field(default_factory=LabelRule)
     dense: List[DenseColumn] = field(default_factory=list)
@@ -109,6 +111,10 @@ class TableOptions:
     time: Optional[TimeColumn] = None
 
     def validate(self) -> None:
+        quote = self.quote
+        if quote is not None and (len(quote.encode()) != 1 or quote in ",\t\r\n"):
+            raise ValueError(f"table.quote_char must be one ASCII character other than the separators and line "
+                             f"breaks, or none (no quoting), got {self.quote_char!r}")
         if not self.header and not self.columns and self.file_format in ("csv", "tsv"):
             raise ValueError("table: header: false needs columns (the names of the columns, in order)")
         names = [*(d.column for d in self.dense), *self.sparse, *(m.column for m in self.multi_hot)]
@@ -120,6 +126,11 @@ class TableOptions:
             raise ValueError(f"table: feature name {reserved[0]!r} is reserved ({', '.join(RESERVED_NAMES)}); rename the column")
         if self.label.column in names:
             raise ValueError(f"table: the label column {self.label.column!r} is also a feature")
+
+    @property
+    def quote(self) -> Optional[str]:
+        """The character CSV/TSV fields may be quoted with; None: no quoting (``quote_char`` none or empty)."""
+        return None if self.quote_char in ("", "none") else self.quote_char
 
     @property
     def needed(self) -> List[str]:

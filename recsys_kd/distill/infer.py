@@ -3,7 +3,7 @@
 Top-down: join the process group; build every teacher from its training record and put them in one
 module that DistributedModelParallel shards (teachers of any architecture mix); load each teacher's
 checkpoint into its part of the sharded ensemble; then, split by split, each rank scores whole
-input parts (part i on rank i mod N) row group by row group, and writes an output part that mirrors
+input parts (dealt by :func:`~recsys_kd.data.parts.deal_parts`, the rows balanced) row group by row group, and writes an output part that mirrors
 the input part: same rows, same order, same row groups, columns ``row_id``, ``teacher_<name>``
 (logits) and, with ``hints``, ``hint_<name>`` (the teacher's hidden vector, the input of its output
 layer, as a fixed-size list<float32>: ECKD's hint regression). Output parts are written under a
@@ -14,7 +14,8 @@ verified before it is skipped, and a warning names it). ``side.json`` makes the 
 the reader, and :func:`~recsys_kd.data.side_inputs.verify_alignment` checks it against the logs before
 distillation.
 
-Sharded lookups are collective, so ranks step together: a rank with fewer batches in a round pads.
+Sharded lookups are collective, so ranks step together: a rank whose parts are done pads until the
+longest rank's are.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from recsys_kd.config import to_dict
 from recsys_kd.data.batch import padding_batch
-from recsys_kd.data.parts import PartWriter, part_complete, part_schema
+from recsys_kd.data.parts import PartWriter, deal_parts, part_complete, part_schema
 from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema, SchemaError
 from recsys_kd.distill.config import hint_column, teacher_column
@@ -174,36 +175,33 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
             stale.unlink()
     barrier()
     scored = 0
-    rounds = -(-len(files) // ctx.world_size)
-    bar = tqdm(total=len(files), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
-    for round_index in range(rounds):
-        index = round_index * ctx.world_size + ctx.rank
-        mine = index < len(files) and not part_complete(output / files[index], reader.file_row_groups(index),
-                                                        [*columns, *vectors])
-        groups = reader.file_row_groups(index) if mine else []
-        steps = max_over_ranks(sum(-(-rows // config.batch_size) for rows in groups))
-        batches = reader.file_batches(index) if mine else iter(())
-        if mine:
-            _parts_started[0] += 1
-            hooks.reached("infer_part", ctx.rank, _parts_started[0])
-        writer = PartWriter(output / files[index], part_schema(columns, vectors)) if mine else None
+    mine = [index for index in deal_parts([sum(reader.file_row_groups(index)) for index in range(len(files))],
+                                          ctx.world_size)[ctx.rank]
+            if not part_complete(output / files[index], reader.file_row_groups(index), [*columns, *vectors])]
+    part_steps = [sum(-(-rows // config.batch_size) for rows in reader.file_row_groups(index)) for index in mine]
+    # the forward passes are collective: every rank takes the longest rank's count, padding after its own parts
+    steps = max_over_ranks(sum(part_steps))
+    bar = tqdm(total=len(mine), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
+    for index, own_steps in zip(mine, part_steps):
+        _parts_started[0] += 1
+        hooks.reached("infer_part", ctx.rank, _parts_started[0])
+        writer = PartWriter(output / files[index], part_schema(columns, vectors))
         try:
-            scored += _score_part(config, ctx, dmp, schema, batches, steps, writer)
+            scored += _score_part(config, ctx, dmp, schema, reader.file_batches(index), own_steps, writer)
         except BaseException:
-            if writer is not None:
-                writer.abort()  # no temporary left behind by a failed part
+            writer.abort()  # no temporary left behind by a failed part
             raise
-        if writer is not None:
-            writer.close()
-        bar.update(min(ctx.world_size, len(files) - round_index * ctx.world_size))
+        writer.close()
+        bar.update(1)
+    _score_part(config, ctx, dmp, schema, iter(()), steps - sum(part_steps), None)
     bar.close()
     barrier()
     return scored
 
 
-def _score_part(config, ctx, dmp, schema: Schema, batches, steps: int, writer) -> int:
-    """``steps`` collective forward passes: this rank's batches of one part into ``writer``, then padding
-    batches (a rank with no part, or a shorter one, keeps stepping with the others). Returns rows scored."""
+def _score_part(config, ctx, dmp, schema: Schema, batches, steps: int, writer: Optional[PartWriter]) -> int:
+    """``steps`` collective forward passes: the batches of one part into ``writer``, then padding batches
+    (a rank whose parts are done keeps stepping with the others). Returns rows scored."""
     scored, padding = 0, None
     with torch.no_grad():
         for _ in range(steps):

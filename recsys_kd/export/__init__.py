@@ -8,7 +8,7 @@ Importing this package imports torch only; :func:`export_artifact` imports torch
 
 from recsys_kd.export.artifact import ArtifactError, ParityError, export_artifact, load_artifact
 from recsys_kd.export.compiled import CompilerMissing, CompiledServing
-from recsys_kd.export.serving import ServingModel, example_major_inputs, script_serving
+from recsys_kd.export.serving import ServingModel, example_major_inputs, example_major_weights, script_serving
 from recsys_kd.export.tables import quantize_rows_int8
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ParityError",
     "ServingModel",
     "example_major_inputs",
+    "example_major_weights",
     "export_artifact",
     "load_artifact",
     "quantize_rows_int8",

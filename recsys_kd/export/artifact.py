@@ -28,7 +28,10 @@ Example::
 
     record = export_artifact(Path("runs/criteo/dagfm"), Path("runs/criteo/dagfm.pt"))
     module, metadata = load_artifact("runs/criteo/dagfm.pt")   # torch only
-    probabilities = module(dense, ids, offsets)
+    probabilities = module(dense, ids, offsets)            # a weighted dataset's model: (..., weights)
+
+Longer than 500 lines because export is one flow (load, script, save, load back, check parity, time,
+record) whose steps and input contract read best beside it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ import recsys_kd
 from recsys_kd.config import to_dict
 from recsys_kd.data.schema import MISSING_ID, OOV_ID, Schema
 from recsys_kd.export.compiled import FORMATS, compile_serving, cxx_compiler, is_compiled_package, load_compiled
-from recsys_kd.export.serving import INPUT_ORDER, ServingModel, example_major_inputs, script_serving
+from recsys_kd.export.serving import (INPUT_ORDER, ServingModel, example_major_inputs, example_major_weights,
+                                      script_serving)
 from recsys_kd.export.tables import STORAGE_DTYPES, serving_bytes
 from recsys_kd.io import atomic_file, atomic_write_json, file_crc32
 from recsys_kd.runs import OutputError, TrainOutput, export_record
@@ -208,6 +212,9 @@ def export_artifact(
     out_path = Path(out_path)
     source = _open_source(train_output, checkpoint, dataset)
     schema = Schema.load(source.dataset)
+    if format == "aoti" and schema.weighted:
+        raise ArtifactError(f"{source.dataset}: weighted features (libSVM/libFM values) are not supported by "
+                            "format aoti; export with format torchscript")
 
     with _timed(timings, "load_checkpoint_s"):
         model = _load_training_model(source, verify)
@@ -228,7 +235,7 @@ def export_artifact(
         with _timed(timings, "parity_s"):
             loaded = _load_back(temp, extra_files, out_path)
             parity = _check_parity(model, loaded, rows, dtype, parity_tolerance, out_path)
-        latency = _latency(loaded, rows.dense[:1], *_first_example(rows.ids, rows.offsets, len(schema.sparse)))
+        latency = _latency(loaded, rows.dense[:1], *_first_example(rows.ids, rows.offsets, len(schema.sparse), rows.weights))
         checksum = {"crc32": file_crc32(temp), "bytes": os.path.getsize(temp)}
         if export_record(out_path).exists():
             export_record(out_path).unlink()  # never a stale record beside the new artifact
@@ -261,6 +268,7 @@ class _ParityRows(NamedTuple):
     labels: torch.Tensor
     ids: torch.Tensor
     offsets: torch.Tensor
+    weights: Optional[torch.Tensor]  # [N] example-major, for a weighted dataset
 
 
 def _open_source(train_output: Union[str, Path], checkpoint: str, dataset: Optional[Union[str, Path]]) -> _Source:
@@ -327,7 +335,10 @@ def _parity_batch(dataset: Path, schema: Schema, parity_rows: int) -> _ParityRow
     batch = next(iter(reader))
     sparse = batch.sparse
     ids, offsets = example_major_inputs(sparse.values(), sparse.lengths(), batch.batch_size, len(schema.sparse))
-    return _ParityRows(split, int(batch.batch_size), batch.dense, sparse, batch.labels, ids, offsets)
+    weights = sparse.weights_or_none()
+    if weights is not None:
+        weights = example_major_weights(weights, sparse.lengths(), batch.batch_size, len(schema.sparse))
+    return _ParityRows(split, int(batch.batch_size), batch.dense, sparse, batch.labels, ids, offsets, weights)
 
 
 def _save(scripted: torch.jit.ScriptModule, path: Path, extra_files: Dict[str, str]) -> None:
@@ -358,7 +369,7 @@ def _check_parity(
     :class:`ParityError` when float32 storage differs by ``tolerance`` or more."""
     with torch.no_grad():
         reference = torch.sigmoid(model(rows.dense, rows.sparse))
-        served = artifact(rows.dense, rows.ids, rows.offsets)
+        served = artifact(*_inputs(rows.dense, rows.ids, rows.offsets, rows.weights))
     max_diff = float((reference - served).abs().max()) if reference.numel() else 0.0
     labels = rows.labels.numpy()
     auc_model, auc_artifact = auc(labels, reference.numpy()), auc(labels, served.numpy())
@@ -432,12 +443,28 @@ def _parity_split(schema: Schema) -> str:
     raise ArtifactError(f"dataset {schema.name!r} has no rows to check parity on")
 
 
+def unweighted_contract(metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """The artifact's input contract, for a consumer that passes no weights (``serve``: JSON instances
+    carry ids only); ArtifactError for a model of weighted features, whose values would be lost."""
+    contract = metadata["model"]["input"]
+    if "weights" in contract:
+        raise ArtifactError("this model's features are weighted (libSVM/libFM values): serve does not take "
+                            "weights yet; score them with `recsys-kd score`")
+    return contract
+
+
 def _input_contract(schema: Schema, serving: ServingModel, missing_id: int, oov_id: int) -> Dict[str, Any]:
     """The ``input`` entry of ``model.json``: what ``forward`` takes and returns."""
     sparse = [
-        {"name": f.name, "num_embeddings": f.num_embeddings, "multi_hot": f.multi_hot, "id_rule": f.id_rule.kind}
+        {"name": f.name, "num_embeddings": f.num_embeddings, "multi_hot": f.multi_hot, "id_rule": f.id_rule.kind,
+         **({"weighted": f.weighted} if schema.weighted else {})}
         for f in schema.sparse
     ]
+    weighted = {
+        "signature": "forward(dense, ids, offsets, weights) -> probabilities [B]; forward_logits(...) -> logits [B]",
+        "weights": {"dtype": "float32", "shape": ["N"], "meaning": (
+            "each id's value (1.0 for the ids of unweighted features): a bag pools sum(weight * embedding row)")},
+    } if schema.weighted else {}
     return {
         "signature": "forward(dense, ids, offsets) -> probabilities [B]; forward_logits(...) -> logits [B]",
         "dense": {"dtype": "float32", "shape": ["B", len(schema.dense)], "columns": list(schema.dense),
@@ -456,6 +483,7 @@ def _input_contract(schema: Schema, serving: ServingModel, missing_id: int, oov_
         "id_range": "each id in [0, num_embeddings) of its feature, else forward raises",
         "field_order": (list(schema.dense) if serving.num_dense > 0 else []) + [f.name for f in schema.sparse],
         "output": {"dtype": "float32", "shape": ["B"], "meaning": "click probability (sigmoid of the logit)"},
+        **weighted,
     }
 
 
@@ -471,20 +499,30 @@ def _library_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
-def _first_example(ids: torch.Tensor, offsets: torch.Tensor, num_features: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _first_example(
+    ids: torch.Tensor, offsets: torch.Tensor, num_features: int, weights: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     bounds = offsets[: num_features + 1]
-    return ids[int(bounds[0]) : int(bounds[-1])].clone(), bounds - bounds[0]
+    first = slice(int(bounds[0]), int(bounds[-1]))
+    return ids[first].clone(), bounds - bounds[0], None if weights is None else weights[first].clone()
 
 
-def _latency(module, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, runs: int = 30) -> Optional[float]:
+def _inputs(dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor]) -> Tuple:
+    """The artifact's arguments: ``weights`` only for a weighted model (others take three)."""
+    return (dense, ids, offsets) if weights is None else (dense, ids, offsets, weights)
+
+
+def _latency(module, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor],
+             runs: int = 30) -> Optional[float]:
     """Median milliseconds of one batch-1 call (after warm-up), at the current thread count."""
     if dense.shape[0] == 0:
         return None
     times = []
+    inputs = _inputs(dense, ids, offsets, weights)
     with torch.no_grad():
         for run in range(runs + 5):
             t = time.perf_counter()
-            module(dense, ids, offsets)
+            module(*inputs)
             if run >= 5:
                 times.append(time.perf_counter() - t)
     times.sort()

@@ -7,7 +7,7 @@ and compiled by AOTInductor into one shared library of C++ kernels (a multiply f
 reduction, no interpreter between ops), packaged with ``schema.json`` and ``model.json`` as extra files.
 The input checks are data-dependent (an id out of range raises an error naming it), which an exported
 graph cannot hold, so :class:`CompiledServing` runs them before the call, with the very functions the
-TorchScript artifact runs (:func:`~recsys_kd.export.serving._bag_rows`), from the input contract in
+TorchScript artifact runs (:func:`~recsys_kd.export.inputs.bag_rows`), from the input contract in
 ``model.json``. It has the artifact's interface: ``module(dense, ids, offsets) -> probabilities [B]``
 and ``module.forward_logits(...)``.
 
@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from recsys_kd.export.dagfm_serving import compiled_form
-from recsys_kd.export.serving import ServingModel, _bag_rows
+from recsys_kd.export.inputs import bag_rows
+from recsys_kd.export.serving import ServingModel
 
 FORMATS = ("torchscript", "aoti")
 SUFFIXES = {"torchscript": ".pt", "aoti": ".pt2"}
@@ -175,7 +176,7 @@ class CompiledServing:
         if dense.dtype != torch.float32:
             raise ValueError("dense must be float32")
         batch_size = dense.size(0)
-        rows, single = _bag_rows(ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature,
+        rows, single = bag_rows(ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature,
                                  self.sparse_names)
         if batch_size == 0:
             return torch.zeros(0)

@@ -28,7 +28,7 @@ written last. A failed run publishes no part; a rerun removes the temporaries a 
 (``<split>/.part-*.tmp``, ``.score.json.*.tmp``), its own output's only.
 
 On N ranks (torchrun / torchx; ``out_dir`` on storage every rank sees) each rank scores its share:
-dataset part i on rank i mod N, its output part mirroring it as above; raw logs in the byte ranges
+dataset parts dealt by rows (:func:`~recsys_kd.data.parts.deal_parts`), each output part mirroring its input as above; raw logs in the byte ranges
 ``prepare`` would deal (:func:`~recsys_kd.data.sections.placed_sections`: same row_ids), each rank's
 parts named in rank order when published, so in input order. The bad-row check and the metrics are
 over all ranks' rows (the AUC histograms and row counts summed exactly, the logloss sums in float64),
@@ -52,7 +52,6 @@ beside that flow.
 
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 import time
@@ -69,14 +68,14 @@ from tqdm import tqdm
 from recsys_kd.config import from_dict, to_dict
 from recsys_kd.data.id_rules import IdRules, vocab_features
 from recsys_kd.data.integrity import verify_dataset_part
-from recsys_kd.data.parts import PartWriter, part_schema, read_row_group, row_groups
+from recsys_kd.data.parts import PartWriter, deal_parts, part_schema, read_row_group, row_groups
 from recsys_kd.data.quarantine import Quarantine, too_many_bad_rows
-from recsys_kd.data.schema import ROW_ID, Schema, SchemaError
+from recsys_kd.data.schema import ROW_ID, Schema, SchemaError, weight_column
 from recsys_kd.data.sections import placed_sections
 from recsys_kd.data.source import Section
 from recsys_kd.distributed import from_rank, gather_outcome, launched_context, sum_arrays_over_ranks
 from recsys_kd.export.artifact import ArtifactError, load_artifact
-from recsys_kd.export.serving import example_major_inputs
+from recsys_kd.export.serving import example_major_inputs, example_major_weights
 from recsys_kd.io import atomic_file, atomic_write_json, naming
 from recsys_kd.runs import QUARANTINE_FILE, SCHEMA_FILE, SCORE_RECORD
 from recsys_kd.train import hooks
@@ -263,11 +262,11 @@ def _published(writers: List[PartWriter], scored: "_Input", out_dir: Path, count
 
 
 def _in_input_order(parts: List[List[Dict[str, Any]]], raw: bool) -> List[Dict[str, Any]]:
-    """Every rank's published parts in input order: raw logs' rank after rank; a dataset's dealt round
-    robin (part i on rank i mod N), so taken round robin."""
+    """Every rank's published parts in input order: raw logs' rank after rank; a dataset's by name (each
+    mirrors its input part's zero-padded ``part-NNNNN`` name; :func:`deal_parts` dealt them by rows)."""
     if raw:
         return [part for rank_parts in parts for part in rank_parts]
-    return [part for round_parts in itertools.zip_longest(*parts) for part in round_parts if part is not None]
+    return sorted((part for rank_parts in parts for part in rank_parts), key=lambda part: str(part["path"]))
 
 
 def _write_record(record: Dict[str, Any], out_dir: Path, scored: "_Input", world_size: int, started: float) -> Dict[str, Any]:
@@ -328,11 +327,14 @@ def _check_arguments(artifact: Path, source: Path, out_dir: Path, batch_size: in
 
 def _dataset_input(schema: Schema, dataset: Path, split: str, verify: bool = True, rank: int = 0,
                    world_size: int = 1) -> _Input:
-    """A prepared dataset's split, checked against the artifact's features; this rank's parts (part i on
-    rank i mod N), checked against their checksums with ``verify``."""
+    """A prepared dataset's split, checked against the artifact's features; this rank's parts (dealt by
+    rows, :func:`~recsys_kd.data.parts.deal_parts`), checked against their checksums with ``verify``."""
     dataset_schema = Schema.load(dataset)
     check_same_features(schema, dataset_schema, dataset)
-    files = dataset_schema.split(split).files[rank::world_size]
+    files = dataset_schema.split(split).files
+    if world_size > 1:
+        dealt = deal_parts([pq.ParquetFile(dataset / relative).metadata.num_rows for relative in files], world_size)
+        files = [files[index] for index in dealt[rank]]
     for relative in files if verify else ():
         verify_dataset_part(dataset, split, dataset_schema.split(split), relative)
     rows = dataset_schema.split(split).rows if world_size == 1 else sum(pq.ParquetFile(dataset / f).metadata.num_rows for f in files)
@@ -399,7 +401,7 @@ def _score(
 
 def check_same_features(artifact_schema: Schema, dataset_schema: Schema, dataset: Path) -> None:
     """Raises SchemaError naming the first feature where the dataset differs from the artifact's schema
-    (dense columns, sparse names and order, ``num_embeddings``, id rules, multi-hot)."""
+    (dense columns, sparse names and order, ``num_embeddings``, id rules, multi-hot, weighted)."""
     where = f"{dataset / SCHEMA_FILE}"
     if dataset_schema.dense != artifact_schema.dense:
         raise SchemaError(f"{where}: dense columns {dataset_schema.dense} differ from the artifact's {artifact_schema.dense}")
@@ -413,7 +415,7 @@ def check_same_features(artifact_schema: Schema, dataset_schema: Schema, dataset
             f"{artifact_schema.sparse_names} (names and order must match)"
         )
     for ours, theirs in zip(artifact_schema.sparse, dataset_schema.sparse):
-        for key in ("num_embeddings", "id_rule", "multi_hot"):
+        for key in ("num_embeddings", "id_rule", "multi_hot", "weighted"):
             expected, got = getattr(ours, key), getattr(theirs, key)
             if expected != got:
                 if key == "id_rule":  # as schema.json writes it
@@ -423,19 +425,20 @@ def check_same_features(artifact_schema: Schema, dataset_schema: Schema, dataset
 
 def batch_inputs(
     table: pa.Table, schema: Schema, sparse_limits: np.ndarray, origin: str
-) -> Tuple[np.ndarray, Optional[np.ndarray], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Tuple[np.ndarray, Optional[np.ndarray], Tuple[torch.Tensor, ...]]:
     """
     One batch of prepared-dataset rows as the artifact's inputs.
 
     Args:
-        table (pa.Table): B rows with ``row_id``, the label (optional), the dense and the sparse columns.
+        table (pa.Table): B rows with ``row_id``, the label (optional), the dense and the sparse columns
+            (and the weighted features' weight columns).
         schema (Schema): the artifact's schema (feature order).
         sparse_limits (np.ndarray): ``num_embeddings`` per sparse feature, schema order.
         origin (str): the input file, named in errors.
 
     Returns:
         (row_ids [B] int64, labels [B] float32 or None, (dense [B, n_dense] float32, ids [N] int64,
-        offsets [B * F + 1] int64) example-major).
+        offsets [B * F + 1] int64, and for a weighted schema weights [N] float32) example-major).
 
     Raises:
         SchemaError: a null value, or an id outside ``[0, num_embeddings)`` (names feature, id, row_id).
@@ -446,7 +449,7 @@ def batch_inputs(
     dense = np.empty((size, len(schema.dense)), dtype=np.float32)
     for j, name in enumerate(schema.dense):
         dense[:, j] = _numpy(table, name, origin)
-    values, lengths = [], []
+    values, lengths, weights = [], [], []
     for f, feature in enumerate(schema.sparse):
         column = table.column(feature.name)
         if feature.multi_hot:
@@ -469,6 +472,9 @@ def batch_inputs(
             )
         values.append(ids)
         lengths.append(length)
+        if schema.weighted:
+            weights.append(_weights(table, feature.name, origin, ids.size) if feature.weighted
+                           else np.ones(ids.size, dtype=np.float32))
     if all(not feature.multi_hot for feature in schema.sparse):  # the [B, F] id matrix, row by row
         ids = torch.from_numpy(np.ascontiguousarray(np.stack(values, axis=1)).reshape(-1))
         offsets = torch.arange(size * len(values) + 1, dtype=torch.int64)
@@ -476,7 +482,23 @@ def batch_inputs(
         ids, offsets = example_major_inputs(
             torch.from_numpy(np.concatenate(values)), torch.from_numpy(np.concatenate(lengths)), size, len(values)
         )
-    return row_ids, labels, (torch.from_numpy(dense), ids, offsets)
+    if not schema.weighted:
+        return row_ids, labels, (torch.from_numpy(dense), ids, offsets)
+    example_weights = example_major_weights(torch.from_numpy(np.concatenate(weights)),
+                                            torch.from_numpy(np.concatenate(lengths)), size, len(values))
+    return row_ids, labels, (torch.from_numpy(dense), ids, offsets, example_weights)
+
+
+def _weights(table: pa.Table, feature: str, origin: str, count: int) -> np.ndarray:
+    """Weighted feature ``feature``'s weights [count] float32 (flattened when multi-hot), as many as its ids."""
+    name = weight_column(feature)
+    if name not in table.column_names:
+        raise SchemaError(f"{origin}: column {name!r} missing")
+    column = table.column(name).combine_chunks()
+    flat = column.flatten() if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) else column
+    if column.null_count or flat.null_count or len(flat) != count:
+        raise SchemaError(f"{origin}: column {name!r} has null weights or not one weight per id of {feature!r}")
+    return flat.to_numpy().astype(np.float32, copy=False)
 
 
 def _numpy(table: pa.Table, name: str, origin: str) -> np.ndarray:
@@ -491,7 +513,7 @@ def _numpy(table: pa.Table, name: str, origin: str) -> np.ndarray:
 def _dataset_chunks(dataset: Path, schema: Schema, files: List[str]) -> Iterator[_Chunk]:
     """The row groups of the split's parts ``files``, in order, each as the output part that mirrors
     its input part."""
-    columns = [ROW_ID, schema.label, *schema.dense, *schema.sparse_names]
+    columns = [ROW_ID, schema.label, *schema.dense, *schema.sparse_names, *schema.weight_columns]
     for relative in files:
         path = dataset / relative
         for group in range(row_groups(path)):

@@ -69,7 +69,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from recsys_kd.export.artifact import load_artifact
+from recsys_kd.export.artifact import load_artifact, unweighted_contract
 from recsys_kd.export.batching import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, MicroBatcher
 from recsys_kd.export.http_pool import (DEFAULT_BACKLOG, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
                                         DEFAULT_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_WORKERS,
@@ -126,7 +126,7 @@ class Predictor:
         self.batcher = batcher
         self.metadata = metadata
         self.max_instances = max_instances
-        contract = metadata["model"]["input"]
+        contract = unweighted_contract(metadata)  # JSON instances carry ids only: a weighted model is refused
         self.dense: List[str] = list(contract["dense"]["columns"])
         self.dense_used: bool = bool(contract["dense"]["used"])
         self.dense_transform = contract["dense"].get("transform") or "none"

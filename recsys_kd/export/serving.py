@@ -1,10 +1,13 @@
 """The serving module: a plain-tensor, torch-only, scriptable copy of a trained ``CTRModel``.
 
-Input contract (``forward(dense, ids, offsets) -> probabilities``)::
+Input contract (``forward(dense, ids, offsets, weights=None) -> probabilities``)::
 
     dense    float32 [B, n_dense]        the schema's dense columns, in schema order ([B, 0] when none)
     ids      int64   [N]                 sparse ids, concatenated bag after bag
     offsets  int64   [B * F_sparse + 1]  bag boundaries: bag k holds ids[offsets[k] : offsets[k + 1]]
+    weights  float32 [N]                 only for a model of weighted features (libSVM/libFM values):
+                                         each id's value, 1.0 for the ids of unweighted features; a bag
+                                         pools sum(weight * row). Required there, refused elsewhere
 
 Bags are **example-major**: bag ``k = b * F_sparse + f`` holds example ``b``'s ids of sparse feature ``f``
 (``schema.sparse`` order), so one example's request is one contiguous slice of ``ids`` and requests are
@@ -52,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_kd.export.dagfm_serving import serving_head
+from recsys_kd.export.inputs import bag_rows, check_weights
 from recsys_kd.export.tables import (STORAGE_DTYPES, field_tables, fused_storage, lookup_buffers, low_rank_projections,
                                      stacked_up_projections)
 
@@ -89,6 +93,7 @@ class ServingModel(nn.Module):
         up_biases (Optional[List[Optional[torch.Tensor]]]): the matching biases ``[D]`` (None: zero).
         codes_to_head (bool): the head reads the concatenated codes ``[B, n_dense * D + sum_f w_f]``
             (AFM up-projections fused into its first Linear) instead of ``[B, F, D]`` fields.
+        weighted (bool): the model's features are weighted: ``forward`` takes each id's weight.
 
     Shapes: ``dense [B, n_dense]``, ``ids [N]``, ``offsets [B * F_sparse + 1] -> [B]``.
 
@@ -114,6 +119,7 @@ class ServingModel(nn.Module):
         up_weights: Optional[List[Optional[torch.Tensor]]] = None,
         up_biases: Optional[List[Optional[torch.Tensor]]] = None,
         codes_to_head: bool = False,
+        weighted: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(tables, sparse_names, storage, up_weights, codes_to_head, first_order_tables)
@@ -131,6 +137,7 @@ class ServingModel(nn.Module):
         self.embedding_dim: int = dim
         self.table_width: int = width
         self.with_first_order: bool = first_order_tables is not None
+        self.weighted: bool = weighted
         self.storage: str = storage
         self._int8: bool = storage == "int8"
         self._fp16: bool = storage == "fp16"
@@ -190,22 +197,29 @@ class ServingModel(nn.Module):
             up_weights=up_weights,
             up_biases=up_biases,
             codes_to_head=codes_to_head,
+            weighted=bool(embedding.ebc.is_weighted()),
         )
 
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """
         Args:
             dense (torch.Tensor): float32 [B, n_dense].
             ids (torch.Tensor): int64 [N], example-major bags.
             offsets (torch.Tensor): int64 [B * F_sparse + 1].
+            weights (Optional[torch.Tensor]): float32 [N], each id's weight; exactly when the model is
+                weighted.
 
         Returns:
             torch.Tensor: click probabilities, float32 [B].
         """
-        return torch.sigmoid(self.forward_logits(dense, ids, offsets))
+        return torch.sigmoid(self.forward_logits(dense, ids, offsets, weights))
 
     @torch.jit.export
-    def forward_logits(self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward_logits(
+        self, dense: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """As :meth:`forward`, returning logits [B]."""
         if dense.dim() != 2 or dense.size(1) != self.num_dense_inputs:
             raise ValueError(
@@ -215,29 +229,36 @@ class ServingModel(nn.Module):
         if dense.dtype != torch.float32:
             raise ValueError("dense must be float32")
         batch_size = dense.size(0)
-        rows, single = _bag_rows(
+        check_weights(weights, ids, self.weighted)
+        rows, single = bag_rows(
             ids, offsets, batch_size, self.num_embeddings, self.row_offsets, self.bag_feature, self.sparse_names
         )
         if batch_size == 0:  # some heads cannot reshape an empty batch
             return torch.zeros(0)
-        return self.logits_from_rows(dense, rows, offsets, single)
+        return self.logits_from_rows(dense, rows, offsets, single, weights)
 
     def logits_from_rows(
-        self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool
+        self, dense: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, single: bool,
+        weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The model past the input checks: logits [B] of ``dense`` [B >= 1, n_dense], the fused-table
         ``rows`` [N] of the ids (``_bag_rows``) and the bag ``offsets``, unused when ``single`` (one id
-        per bag, ``rows`` [B * F_sparse])."""
+        per bag, ``rows`` [B * F_sparse]); ``weights`` [N] scale the ids' rows before pooling."""
         batch_size = dense.size(0)
         num_features = self.num_sparse
         width = self.table_width
         columns = width + (1 if self.with_first_order else 0)
         # the lookup: every field of every example in one gather (+ sum pooling of the bags)
-        if self._int8:
-            params = self.row_params.index_select(0, rows)  # [N, 2 (+1)]: scale, bias (, first-order weight)
-            values = self.codes.index_select(0, rows).float() * params[:, 0:1] + params[:, 1:2]
-            if self.with_first_order:
-                values = torch.cat([values, params[:, 2:3]], dim=1)
+        if self._int8 or weights is not None:
+            if self._int8:
+                params = self.row_params.index_select(0, rows)  # [N, 2 (+1)]: scale, bias (, first-order weight)
+                values = self.codes.index_select(0, rows).float() * params[:, 0:1] + params[:, 1:2]
+                if self.with_first_order:
+                    values = torch.cat([values, params[:, 2:3]], dim=1)
+            else:
+                values = F.embedding(rows, self.weight).float()  # [N, W (+1)]
+            if weights is not None:  # each id's row (first-order weight too) times its value
+                values = values * weights.unsqueeze(1)
             if single:
                 pooled = values
             else:
@@ -358,79 +379,6 @@ def _dense_buffers(
     }
 
 
-# Input checks are free functions called from the exported methods, never private methods: a frozen
-# module drops its non-preserved methods, and an error raised in code inlined from one of them made
-# torch 2.13's interpreter crash (a dangling call-stack entry) in the second frozen instance of the
-# class in a process. Artifacts loaded with torch.jit.load are not affected.
-
-
-def _bag_rows(
-    ids: torch.Tensor,
-    offsets: torch.Tensor,
-    batch_size: int,
-    num_embeddings: torch.Tensor,
-    row_offsets: torch.Tensor,
-    bag_feature: torch.Tensor,
-    sparse_names: List[str],
-) -> Tuple[torch.Tensor, bool]:
-    """Checks ids and bag offsets; returns the fused-table rows of the ids [N] and whether every bag
-    holds exactly one id (then the rows are example-major [B * F_sparse] and need no pooling)."""
-    num_features = len(sparse_names)
-    num_bags = batch_size * num_features
-    if ids.dim() != 1 or ids.dtype != torch.int64:
-        raise ValueError(f"ids must be a 1-D int64 (torch.long) tensor, got shape {list(ids.shape)}")
-    if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.size(0) != num_bags + 1:
-        raise ValueError(
-            f"offsets must be a 1-D int64 tensor of B * F_sparse + 1 = {batch_size} * {num_features} + 1 = "
-            f"{num_bags + 1} bag boundaries (example-major), got shape {list(offsets.shape)}"
-        )
-    num_ids = ids.size(0)
-    single = num_ids == num_bags and bool(torch.equal(offsets, torch.arange(num_bags + 1, dtype=torch.int64)))
-    if single:
-        # one id per bag: ids is the [B, F_sparse] id matrix, row by row
-        by_example = ids.view(batch_size, num_features)
-        _check_ids(by_example, num_embeddings, sparse_names)
-        return (by_example + row_offsets).view(-1), True
-    if int(offsets[0]) != 0 or int(offsets[-1]) != num_ids:
-        raise ValueError(
-            f"offsets must start at 0 and end at len(ids) = {num_ids}, got {int(offsets[0])} and {int(offsets[-1])}"
-        )
-    lengths = offsets[1:] - offsets[:-1]
-    if num_bags > 0 and int(lengths.min()) < 0:
-        raise ValueError("offsets must be non-decreasing")
-    feature = torch.repeat_interleave(bag_feature.repeat(batch_size), lengths, output_size=num_ids)
-    _check_ids(ids, num_embeddings[feature], sparse_names, offsets, feature)
-    return ids + row_offsets[feature], False
-
-
-def _check_ids(
-    ids: torch.Tensor,
-    limits: torch.Tensor,
-    sparse_names: List[str],
-    offsets: Optional[torch.Tensor] = None,
-    feature: Optional[torch.Tensor] = None,
-) -> None:
-    """Raises a ValueError naming feature, example and id for the first id outside [0, limit)."""
-    bad = (ids < 0) | (ids >= limits)
-    if bool(bad.any()):
-        num_features = len(sparse_names)
-        position = int(torch.nonzero(bad.reshape(-1))[0, 0])
-        value = int(ids.reshape(-1)[position])
-        if offsets is None or feature is None:
-            example = position // num_features
-            f = position % num_features
-            limit = int(limits[f])
-        else:
-            bag = int(torch.searchsorted(offsets, torch.tensor([position]), right=True)[0]) - 1
-            example = bag // num_features
-            f = int(feature[position])
-            limit = int(limits[position])
-        raise ValueError(
-            f"sparse feature '{sparse_names[f]}' of example {example} has id {value}, "
-            f"outside [0, {limit}) (num_embeddings={limit}); ids 0 and 1 mean missing and out of vocabulary"
-        )
-
-
 def script_serving(serving: ServingModel, roundtrip: bool = True) -> torch.jit.ScriptModule:
     """
     ``torch.jit.script`` + ``torch.jit.freeze`` (eval mode, ``forward_logits`` preserved) of a serving
@@ -476,9 +424,23 @@ def example_major_inputs(
         Tuple[torch.Tensor, torch.Tensor]: ``ids`` int64 [N] and ``offsets`` int64 [B * F + 1],
         example-major.
     """
+    return _example_major(values.to(torch.int64), lengths, batch_size, num_features)
+
+
+def example_major_weights(
+    weights: torch.Tensor, lengths: torch.Tensor, batch_size: int, num_features: int
+) -> torch.Tensor:
+    """A ``KeyedJaggedTensor``'s key-major ``weights()`` [N] in the example-major order
+    :func:`example_major_inputs` gives its ids: the serving module's ``weights`` float32 [N]."""
+    return _example_major(weights.to(torch.float32), lengths, batch_size, num_features)[0]
+
+
+def _example_major(
+    values: torch.Tensor, lengths: torch.Tensor, batch_size: int, num_features: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Key-major jagged ``values`` (any dtype) in example-major order, and the bag offsets."""
     if lengths.numel() != batch_size * num_features:
         raise ValueError(f"lengths has {lengths.numel()} bags, expected B * F = {batch_size} * {num_features}")
-    values = values.to(torch.int64)
     lengths = lengths.to(torch.int64)
     if bool((lengths == 1).all()):  # single-valued: a transpose
         ids = values.view(num_features, batch_size).t().reshape(-1)

@@ -99,6 +99,10 @@ class FieldEmbedding(nn.Module):
     ``U(-1, 1)``, PyTorch's default for fan-in 1). With ``dense_mode="none"`` the dense input is ignored
     (datasets whose numeric features were bucketized into sparse ids).
 
+    When the schema has weighted features (libSVM/libFM values) the collection is weighted: a bag
+    pools :math:`\sum_i w_i E[id_i]` with the ids' weights from the KeyedJaggedTensor (1 for the ids of
+    unweighted features), libFM's :math:`x_i v_i`; otherwise it takes no weights.
+
     The pooled embeddings are taken from the ``KeyedTensor`` by name (``to_dict()``), never by position:
     an EBC sharded by DistributedModelParallel returns its keys grouped by sharding, in another order.
 
@@ -151,6 +155,7 @@ class FieldEmbedding(nn.Module):
                 )
                 for feature in schema.sparse
             ],
+            is_weighted=schema.weighted,
             device=device,
         )
         self.dense_weight: Optional[nn.Parameter] = (

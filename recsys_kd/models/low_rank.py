@@ -289,7 +289,7 @@ def low_rank_field_embedding(
     if device is None:
         device = next(iter(old.ebc.embedding_bags.values())).weight.device
     return LowRankFieldEmbedding(
-        ebc=EmbeddingBagCollection(tables=new_configs, device=device),
+        ebc=EmbeddingBagCollection(tables=new_configs, is_weighted=old.ebc.is_weighted(), device=device),
         sparse_names=old._sparse_names,
         field_names=old.field_names,
         embedding_dim=old.embedding_dim,

@@ -38,6 +38,7 @@ from recsys_kd.data.reader import ParquetReader, ReaderConfig
 from recsys_kd.data.schema import Schema
 from recsys_kd.distributed import DistributedContext, barrier, init_distributed, max_over_ranks
 from recsys_kd.io import atomic_write_json
+from recsys_kd.memory import reuse_step_memory
 from recsys_kd.models.zoo import build_model
 from recsys_kd.runs import TrainOutput, is_checkpoint
 from recsys_kd.train import checkpoint, hooks
@@ -158,7 +159,9 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
 def distribute(task: nn.Module, config: TrainConfig, ctx: DistributedContext, batch_size: Optional[int] = None):
     """Collective: shards the task module with its optimizers (planned for ``batch_size`` rows per
     rank), starting from its seeded weights (or ``config.init_from``); returns (dmp, combined
-    optimizer, plan)."""
+    optimizer, plan). From here on this process keeps freed memory for the next step
+    (:func:`~recsys_kd.memory.reuse_step_memory`)."""
+    reuse_step_memory()
     check_table_optimizer(config.optim, ctx.device, frozen=config.freeze_embeddings)
     attach_table_optimizer(task, config.optim, config.sharding, frozen=config.freeze_embeddings)
     dmp, plan = shard(task, config.sharding, ctx, batch_size)

@@ -133,7 +133,9 @@ def samples(shared_data) -> Dict[str, List[bytes]]:
         "grouplens": [b"%d::%d::%d::97830%04d" % (u, i, r, u * i) for u in range(1, 7) for i in range(1, 6)
                       for r in (1, 3, 5)],
         "table": [b"%d,u%d,%.2f,%d,a|b%s,17000%05d,K\xc3\xb6ln" % (i % 2, i, i * 1.5, i % 90, b"|c" * (i % 3), i)
-                  for i in range(40)],
+                  for i in range(40)]
+                 # quoted fields (RFC 4180): a separator, a doubled quote, quoted numbers, an empty one
+                 + [b'"%d","u,%d",%.2f,"%d","a|""b""",17000%05d,""' % (i % 2, i, i * 1.5, i % 90, i) for i in range(10)],
         "jsonl": [json.dumps({"clicked": i % 2, "user": f"u{i}", "price": i * 1.5, "age": i % 90,
                               "tags": ["a", "b"] if i % 2 else "a|c", "ts": 1_700_000_000 + i}).encode()
                   for i in range(40)],
