@@ -55,8 +55,9 @@ class TrainConfig:
     the same for any number of ranks); ``streaming`` merges per-rank AUC histograms instead (constant
     memory and traffic, AUC within its reported ``auc_max_error``). ``pipeline``: how steps run,
     ``sparse_dist`` (torchrec's TrainPipelineSparseDist: on CUDA the copy and the input distribution
-    of the next batches overlap the compute; on CPU the same results as ``none``) or ``none`` (one
-    after the other; :mod:`recsys_kd.train.steps`)."""
+    of the next batches overlap the compute; on CPU the same results as ``none``), ``none`` (one
+    after the other; :mod:`recsys_kd.train.steps`) or ``auto`` (``sparse_dist`` on CUDA, ``none``
+    elsewhere, where nothing would overlap)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -83,7 +84,7 @@ class TrainConfig:
     init_from_part: Literal["all", "embeddings"] = "all"
     freeze_embeddings: bool = False
     verify_checkpoints: bool = True
-    pipeline: Literal["sparse_dist", "none"] = "sparse_dist"
+    pipeline: Literal["auto", "sparse_dist", "none"] = "auto"
 
     def validate(self) -> None:
         for key in ("epochs", "eval_batch_size", "keep_checkpoints", "log_every_steps"):

@@ -160,10 +160,19 @@ class PipelinedSteps:
 Steps = Union[SynchronousSteps, PipelinedSteps]
 
 
+def resolved_pipeline(pipeline: str, device: torch.device) -> str:
+    """``train.pipeline`` on ``device``: ``auto`` is ``sparse_dist`` on CUDA, where the pipeline's side
+    streams overlap copies and id all-to-alls with the compute, and ``none`` elsewhere (on CPU the
+    pipeline makes the same calls in the same order, so it only adds its tracing)."""
+    if pipeline == "auto":
+        return "sparse_dist" if device.type == "cuda" else "none"
+    return pipeline
+
+
 def make_steps(pipeline: str, dmp: nn.Module, optimizer: Any, device: torch.device) -> Steps:
-    """The steps of ``train.pipeline``: ``sparse_dist`` (:class:`PipelinedSteps`) or ``none``
-    (:class:`SynchronousSteps`)."""
-    kind = PipelinedSteps if pipeline == "sparse_dist" else SynchronousSteps
+    """The steps of ``train.pipeline`` on ``device``: ``sparse_dist`` (:class:`PipelinedSteps`) or
+    ``none`` (:class:`SynchronousSteps`); ``auto`` as :func:`resolved_pipeline` says."""
+    kind = PipelinedSteps if resolved_pipeline(pipeline, device) == "sparse_dist" else SynchronousSteps
     return kind(dmp, optimizer, device)
 
 

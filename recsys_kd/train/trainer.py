@@ -47,7 +47,7 @@ from recsys_kd.train.evaluation import evaluate
 from recsys_kd.train.optimizers import attach_table_optimizer, check_table_optimizer, combined_optimizer
 from recsys_kd.train.schedule import LearningRates, lr_scale, steps_between_evaluations
 from recsys_kd.train.sharding import describe_plan, seed_tables, shard
-from recsys_kd.train.steps import Steps, TrainedPosition, epoch_batches, make_steps
+from recsys_kd.train.steps import Steps, TrainedPosition, epoch_batches, make_steps, resolved_pipeline
 from recsys_kd.train.task import Objective
 
 
@@ -143,7 +143,8 @@ def train(config: TrainConfig, dataset: Path, reader_config: ReaderConfig,
         "best_valid": progress.best,
         "lr_reductions": progress.lr_reductions,
         "history": progress.history,
-        "train_pipeline": {"kind": config.pipeline, "pipelined_modules": run.steps.pipelined_modules()},
+        "train_pipeline": {"kind": resolved_pipeline(config.pipeline, ctx.device),
+                           "pipelined_modules": run.steps.pipelined_modules()},
         "test": test,
         **extra,
         "train_seconds_this_run": round(seconds, 3),
