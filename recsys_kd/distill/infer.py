@@ -175,10 +175,10 @@ def _score_split(config, ctx, dmp, dataset: Path, schema: Schema, split: str, ou
             stale.unlink()
     barrier()
     scored = 0
-    mine = [index for index in deal_parts([sum(reader.file_row_groups(index)) for index in range(len(files))],
-                                          ctx.world_size)[ctx.rank]
-            if not part_complete(output / files[index], reader.file_row_groups(index), [*columns, *vectors])]
-    part_steps = [sum(-(-rows // config.batch_size) for rows in reader.file_row_groups(index)) for index in mine]
+    groups = [reader.file_row_groups(index) for index in range(len(files))]  # rows per row group, per part
+    mine = [index for index in deal_parts([sum(rows) for rows in groups], ctx.world_size)[ctx.rank]
+            if not part_complete(output / files[index], groups[index], [*columns, *vectors])]
+    part_steps = [sum(-(-rows // config.batch_size) for rows in groups[index]) for index in mine]
     # the forward passes are collective: every rank takes the longest rank's count, padding after its own parts
     steps = max_over_ranks(sum(part_steps))
     bar = tqdm(total=len(mine), desc=f"infer {split}", unit="part", disable=not (config.progress and ctx.is_main))
