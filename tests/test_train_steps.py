@@ -182,3 +182,40 @@ def test_every_model_and_task_module_is_pipelined(name):
     tables = sorted(path for path, module in dmp.module.named_modules() if isinstance(module, ShardedEmbeddingBagCollection))
     assert steps.pipelined_modules() == tables == (expected or tables) and tables
     assert torch.isfinite(loss)
+
+
+def test_one_process_data_parallel_tables_train_as_torchrecs_ddp_wrapped_lookup(dataset: Path, monkeypatch):
+    """One process: the data-parallel tables' lookup is not wrapped in DDP (an allreduce over one rank),
+    and three steps leave every weight and state-dict key as torchrec's DDP-wrapped lookup does."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from recsys_kd.train import sharding
+
+    def trained(dmp, optimizer):
+        for batch in list(ParquetReader(dataset, "train", READER, 0, 1))[:3]:
+            optimizer.zero_grad()
+            loss, _ = dmp(batch)
+            loss.backward()
+            optimizer.step()
+        return {key: value.detach().clone() for key, value in dmp.state_dict().items()}
+
+    def build():
+        config = TrainConfig(model=ModelConfig(name="deepfm", embedding_dim=4, mlp_layers=[8]), pipeline="none",
+                             sharding=sharding.ShardingConfig(type="data_parallel"))
+        torch.manual_seed(0)
+        model = build_model(Schema.load(dataset), config.model, embedding_device=torch.device("meta"))
+        dmp, optimizer, _ = distribute(LabelTask(model), config, init_distributed("gloo"), BATCH)
+        lookups = [lookup for module in dmp.modules() if isinstance(module, ShardedEmbeddingBagCollection)
+                   for lookup in module._lookups]
+        return dmp, optimizer, lookups
+
+    dmp, optimizer, lookups = build()
+    assert lookups and not any(isinstance(lookup, DistributedDataParallel) for lookup in lookups)
+    bare = trained(dmp, optimizer)
+    monkeypatch.setattr(sharding, "OneProcessShardedEmbeddingBagCollection", ShardedEmbeddingBagCollection)
+    dmp, optimizer, lookups = build()
+    assert all(isinstance(lookup, DistributedDataParallel) for lookup in lookups)
+    wrapped = trained(dmp, optimizer)
+    assert bare.keys() == wrapped.keys()
+    for key in bare:
+        torch.testing.assert_close(bare[key], wrapped[key], rtol=0, atol=0, msg=key)

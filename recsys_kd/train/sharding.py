@@ -25,8 +25,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel, ShardingEnv
+from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -66,7 +67,15 @@ class ShardingConfig:
 
 
 class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
-    """torchrec's EBC sharder, with row-wise sharding allowed on CPU as well."""
+    """torchrec's EBC sharder, with row-wise sharding allowed on CPU as well, and no DDP around the
+    data-parallel tables of a one-process run (:class:`OneProcessShardedEmbeddingBagCollection`)."""
+
+    def shard(self, module: EmbeddingBagCollection, params, env: ShardingEnv, device: Optional[torch.device] = None,
+              module_fqn: Optional[str] = None) -> ShardedEmbeddingBagCollection:
+        kind = OneProcessShardedEmbeddingBagCollection if env.world_size == 1 else ShardedEmbeddingBagCollection
+        return kind(module=module, table_name_to_parameter_sharding=params, env=env, fused_params=self.fused_params,
+                    device=device, qcomm_codecs_registry=self.qcomm_codecs_registry, module_fqn=module_fqn,
+                    sharded_module_order_overwrite=self._sharded_module_order_overwrite)
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = super().sharding_types(compute_device_type)
@@ -74,6 +83,31 @@ class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
             if extra not in types:
                 types.append(extra)
         return types
+
+
+class OneProcessShardedEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+    """torchrec's sharded EBC for a one-process run. torchrec wraps the lookup of data-parallel tables
+    in DDP; over one rank its allreduce leaves every gradient as it is, but its forward (a buffer
+    broadcast), hooks and gloo call cost CPU every step. Here the lookups stay bare: the weights,
+    gradients, parameter names and state-dict keys are those of the wrapped lookups."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._lookups = [lookup.module if isinstance(lookup, _BareLookup) else lookup for lookup in self._lookups]
+
+    def init_data_parallel(self) -> None:
+        # torchrec's state setup (run inside __init__) reads a data-parallel lookup as ``lookup.module``
+        for index, sharding in enumerate(self._embedding_shardings):
+            if isinstance(sharding, DpPooledEmbeddingSharding):
+                self._lookups[index] = _BareLookup(self._lookups[index])
+
+
+class _BareLookup(nn.Module):
+    """Holds a lookup as ``.module`` while torchrec sets up its state; unwrapped right after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
 
 
 def table_configs(model: nn.Module) -> Dict[str, "object"]:
