@@ -60,10 +60,21 @@ def load_config(cls: Type[T], path: Union[str, Path, None], overrides: Sequence[
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = _unaliased(loaded)
     for override in overrides:
         apply_override(data, override)
     return from_dict(cls, data, source=source)
+
+
+def _unaliased(node: Any) -> Any:
+    """A copy in which no two paths share a mapping or list. YAML anchors (``optim: *optim``) load
+    as one shared object, so without this an override of ``finetune.schedule.warmup_steps`` would
+    change every section that aliases the same anchor."""
+    if isinstance(node, dict):
+        return {key: _unaliased(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unaliased(value) for value in node]
+    return node
 
 
 def apply_override(data: Dict[str, Any], override: str) -> None:

@@ -37,6 +37,20 @@ def test_valid_file_and_overrides(tmp_path):
     assert from_dict(Outer, to_dict(config)) == config
 
 
+@dataclass
+class TwoSections:
+    first: Inner = field(default_factory=Inner)
+    second: Inner = field(default_factory=Inner)
+
+
+def test_an_override_changes_only_its_path_when_sections_share_a_yaml_anchor(tmp_path):
+    path = write(tmp_path, "first: &shared {lr: 0.01, layers: [8]}\nsecond: *shared\n")
+    config = load_config(TwoSections, path, ["second.lr=0.5", "second.layers=[4, 2]"])
+    assert config.first == Inner(lr=0.01, layers=[8])
+    assert config.second == Inner(lr=0.5, layers=[4, 2])
+    assert load_config(TwoSections, path).second == Inner(lr=0.01, layers=[8])  # the anchor still applies
+
+
 def test_int_is_accepted_for_float(tmp_path):
     assert load_config(Outer, write(tmp_path, "inner: {lr: 1}\n")).inner.lr == 1.0
 
