@@ -151,6 +151,31 @@ def test_model_fits_a_tiny_batch(name: str, overrides: Dict[str, Any]) -> None:
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_xavier_normal_linear_init() -> None:
+    """``linear_init: xavier_normal`` (FuxiCTR's default) draws every Linear of the head from
+    N(0, 2 / (fan_in + fan_out)) with zero biases; the default keeps PyTorch's uniform init and the
+    tables are the same either way."""
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    default = build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[512, 512]))
+    torch.manual_seed(0)
+    xavier = build_model(schema, ModelConfig(name="dnn", embedding_dim=8, mlp_layers=[512, 512],
+                                             linear_init="xavier_normal"))
+    linears = [m for m in xavier.head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        assert layer.weight.std().item() == pytest.approx((2.0 / (fan_in + fan_out)) ** 0.5, rel=0.05)
+        assert not layer.bias.any()
+    wide = [m for m in default.head.modules() if isinstance(m, nn.Linear)][1]  # 512 -> 512
+    assert wide.weight.abs().max().item() <= 512 ** -0.5  # uniform with bound 1/sqrt(fan_in)
+    assert wide.bias.any()
+    for key, table in default.embedding.state_dict().items():
+        torch.testing.assert_close(xavier.embedding.state_dict()[key], table)
+    with pytest.raises(ConfigError, match="linear_init"):
+        from_dict(ModelConfig, {"linear_init": "he"})
+
+
 def test_unknown_names_and_bad_hyperparameters() -> None:
     with pytest.raises(ValueError, match="known models: lr, fm, dnn"):
         build_model(SCHEMA, ModelConfig(name="dcn_v3"))

@@ -97,6 +97,9 @@ class ModelConfig:
         dagfm_layers: DAGFM propagation depth L.
         dagfm_type: ``dagfm_plus``'s edge type (default ``"outer"``); ``dagfm_inner`` and
             ``dagfm_outer`` take it from their name, and a contradicting value is an error.
+        linear_init: the head's ``nn.Linear`` weights: ``"torch"`` (PyTorch's default, uniform with
+            bound 1/sqrt(fan_in)) or ``"xavier_normal"`` (N(0, 2 / (fan_in + fan_out)), zero biases:
+            FuxiCTR's default). Embedding tables and other layers keep their own initialisation.
         compression: low-rank steps applied after building, in order (see :class:`LowRankStep`).
     """
 
@@ -123,6 +126,7 @@ class ModelConfig:
     bilinear_type: Literal["field_all", "field_each", "field_interaction"] = "field_interaction"
     dagfm_layers: int = 3
     dagfm_type: Optional[Literal["inner", "outer"]] = None
+    linear_init: Literal["torch", "xavier_normal"] = "torch"
     compression: List[LowRankStep] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -311,6 +315,16 @@ MODEL_NAMES: Tuple[str, ...] = tuple(_HEADS)
 _LR_EMBEDDING_DIM = 1
 
 
+@torch.no_grad()
+def xavier_normal_linears(module: nn.Module) -> None:
+    """Every ``nn.Linear`` in ``module``: weight ~ N(0, 2 / (fan_in + fan_out)), bias 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight)
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
 def build_model(
     schema: Schema, config: ModelConfig, embedding_device: Optional[torch.device] = None
 ) -> CTRModel:
@@ -337,6 +351,8 @@ def build_model(
     else:
         embedding = FieldEmbedding(schema, config.embedding_dim, config.dense_mode, device=embedding_device)
     head = _HEADS[config.name](config, embedding.num_fields, embedding.embedding_dim)
+    if config.linear_init == "xavier_normal":
+        xavier_normal_linears(head)
     first_order = FirstOrder(schema, config.dense_mode, embedding_device) if head.uses_first_order else None
     model = CTRModel(config.name, embedding, head, first_order)
     if config.compression:
