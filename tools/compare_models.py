@@ -2,10 +2,13 @@
 
 Each (model, seed) is an ordinary ``recsys-kd train`` run (same recipe, ``train.model.name`` and
 ``train.seed`` overridden, output ``<run_dir>/compare/<model>/seed_<s>``), so its record and
-checkpoints stay on disk. Finished runs are reused.
+checkpoints stay on disk. A finished run of the same config is reused; one of another config is an
+error naming it (use ``--tag`` or another ``run_dir``). Overrides go before ``--models``, which
+takes every name after it:
 
     .venv/bin/python tools/compare_models.py -c configs/movielens.yaml --models lr fm dcn dcnv2 xdeepfm --seeds 1 2 3 \
         --peers movielens-100k
+    .venv/bin/python tools/compare_models.py train.optim.lr=0.003 -c configs/movielens.yaml --models dnn --tag lr3e-3
 
 Prints, per model, the test AUC mean ± sample std over the seeds and, with ``--peers``, the peer
 figure on that split beside it (``tools/peers.py``).
@@ -14,7 +17,6 @@ figure on that split beside it (``tools/peers.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,13 +34,12 @@ def main() -> None:
                         "the runs of other overrides")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     args = parser.parse_args()
+    from kd_experiments import train_once
     from peers import peer
 
     peer(args.peers, "")  # an unknown split fails before any training
 
     from recsys_kd.recipe import load_recipe
-    from recsys_kd.runs import TRAIN_RECORD
-    from recsys_kd.train.trainer import train
     from recsys_kd.warnings_filter import silence_third_party_warnings
 
     silence_third_party_warnings()
@@ -49,12 +50,8 @@ def main() -> None:
             recipe = load_recipe(args.config, [*args.overrides, f"train.model.name={name}", f"train.seed={seed}",
                                                "train.progress=false"])
             output = Path(recipe.run_dir) / "compare" / args.tag / name / f"seed_{seed}"
-            record_path = output / TRAIN_RECORD
-            if record_path.exists():
-                record = json.loads(record_path.read_text())
-            else:
-                recipe.train.output = str(output)
-                record = train(recipe.train, Path(recipe.prepare.output), recipe.reader)
+            # a finished run of the same config is reused; one of another config is an error naming it
+            record = train_once(recipe.train, output, Path(recipe.prepare.output), recipe.reader)
             results.append(record)
             print(f"{name} seed {seed}: valid auc {record['best_valid']:.4f} test auc {record['test']['auc']:.4f} logloss {record['test']['logloss']:.4f}",
                   flush=True)
