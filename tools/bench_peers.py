@@ -177,8 +177,9 @@ def _our_train_config(shape: str, output: Path, args):
     settings = SHAPES[shape]
     optimizer = settings["optimizer"]
     optim = OptimConfig(embedding="adagrad", embedding_lr=settings["lr"], dense=optimizer, lr=settings["lr"])
+    # FuxiCTR's initialisation: xavier-normal Linear layers with zero biases, tables ~ N(0, 1e-4)
     model = ModelConfig(name="dcn", embedding_dim=EMBEDDING_DIM, mlp_layers=settings["mlp"], cross_layers=CROSS_LAYERS,
-                        dense_mode="projected")
+                        dense_mode="projected", linear_init="xavier_normal")
     return TrainConfig(model=model, optim=optim, sharding=ShardingConfig(type=settings["sharding"]), output=str(output),
                        epochs=args.epochs, patience=args.epochs, monitor="auc", seed=args.seed, progress=False)
 
