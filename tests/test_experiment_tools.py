@@ -13,7 +13,7 @@ from recsys_kd.config import to_dict
 from recsys_kd.data.reader import ReaderConfig
 from recsys_kd.models.zoo import ModelConfig
 from recsys_kd.train.config import TrainConfig
-from tests.helpers import load_tool
+from tests.helpers import TOOLS, load_tool
 
 
 def finished_run(output: Path, config: TrainConfig, reader: ReaderConfig) -> dict:
@@ -35,3 +35,15 @@ def test_a_finished_run_is_reused_only_for_its_own_config(tmp_path: Path) -> Non
         train_once(other, tmp_path / "run", tmp_path / "no-dataset", reader)
     with pytest.raises(SystemExit, match="made from another config or reader"):
         train_once(config, tmp_path / "run", tmp_path / "no-dataset", ReaderConfig(batch_size=128))
+
+
+def test_a_distilled_students_peer_is_the_same_methods_student(monkeypatch) -> None:
+    """ECKD's distilled DNN is not shown beside RecBole's KD-DAGFM student, nor beside FuxiCTR's
+    label-trained DNN; KD-DAGFM's DAGFM-outer student is shown beside RecBole's."""
+    monkeypatch.syspath_prepend(str(TOOLS))  # the tool imports tools/peers.py as the scripts do
+    peer_of_row = load_tool("kd_experiments").peer_of_row
+    assert peer_of_row("movielens-100k", {"role": "student distilled", "model": "dnn"}) == ""
+    assert "RecBole KD_DAGFM" in peer_of_row("movielens-100k", {"role": "student distilled", "model": "dagfm_outer"})
+    assert "KD_DAGFM_FT" in peer_of_row("movielens-100k", {"role": "student FT", "model": "dagfm_outer"})
+    assert "FuxiCTR" in peer_of_row("movielens-100k", {"role": "student label-only", "model": "dnn"})
+    assert "FuxiCTR" in peer_of_row("movielens-100k", {"role": "teacher xdeepfm", "model": "xdeepfm"})

@@ -65,7 +65,7 @@ def main() -> None:
     rows = summarise(runs)
     if args.peers:
         for row in rows:
-            row["peer test AUC"] = peer(args.peers, row["role"]) or peer(args.peers, row["model"])
+            row["peer test AUC"] = peer_of_row(args.peers, row)
     from recsys_kd.cli import format_table
     from recsys_kd.io import atomic_write_json
     from recsys_kd.recipe import load_recipe
@@ -164,6 +164,16 @@ def train_once(config, output: Path, dataset: Path, reader, stage=None) -> Dict[
             return record
         raise SystemExit(f"{record_path}: made from another config or reader; remove it or use another run_dir/tag")
     return (stage or train)(config, dataset, reader)
+
+
+def peer_of_row(peers: str, row: Dict[str, Any]) -> str:
+    """A distilled or FT student's peer is the same method's student (``"student FT dagfm_outer"``),
+    never a label-trained model of its name; every other row's is its model's."""
+    from peers import peer
+
+    if row["role"] in ("student distilled", "student FT"):
+        return peer(peers, f"{row['role']} {row['model']}")
+    return peer(peers, row["model"])
 
 
 def _comparable(config: Dict[str, Any], ignored: Sequence[str] = _IGNORED_KEYS) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ that print our figures beside them (``--peers <name>``).
 dropped, ``numpy.random.RandomState(2022).permutation`` split 80/10/10 (``configs/movielens.yaml``
 reproduces it), D = 16, batch 1024, Adam lr 1e-3, early stop on valid AUC; test AUC at the best
 valid epoch, measured 2026-11-22 (docs/train.md, "Peer figures"). Keys are this project's model
-names, and for KD-DAGFM the student's role.
+names, and for a distilled student its role and model (``student FT dagfm_outer``).
 """
 
 from typing import Dict, Optional
@@ -19,8 +19,8 @@ PEERS: Dict[str, Dict[str, str]] = {
         "dcnv2": "0.8541 (FuxiCTR)",
         "xdeepfm": "0.8562 (FuxiCTR)",
         "crossnet": "0.8559 (RecBole KD_DAGFM teacher)",
-        "student distilled": "0.8550 (RecBole KD_DAGFM)",
-        "student FT": "0.8538 lr 1e-3 / 0.8556 lr 3e-3 (RecBole KD_DAGFM_FT)",
+        "student distilled dagfm_outer": "0.8550 (RecBole KD_DAGFM)",
+        "student FT dagfm_outer": "0.8538 lr 1e-3 / 0.8556 lr 3e-3 (RecBole KD_DAGFM_FT)",
     },
 }
 
