@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     return train_on_synthetic(tmp_path_factory.mktemp("compress"), MODELS, rows=6000, seed=5, max_steps=12)
 
 
-def compress_recipe(root, model, name, sharding, finetune_epochs=0, methods=("afm", "svd")):
+def compress_recipe(root, model, name, sharding, finetune_epochs=0, methods=("afm", "svd"), **finetune):
     return write_recipe(root / f"{name}.yaml", {
         "run_dir": str(root), "prepare": {"format": "synthetic", "output": str(root / "data")},
         "reader": {"batch_size": 256, "shuffle": True},
@@ -39,7 +39,7 @@ def compress_recipe(root, model, name, sharding, finetune_epochs=0, methods=("af
             "source": str(root / model), "output": str(root / name), "batch_size": STATS_BATCH, "progress": False,
             "methods": list(methods), "sharding": {"type": sharding, "column_wise_min_partition": 4},
             "steps": [{"what": "mlp", "ranks": MLP_RANKS, "relu_between": True}, {"what": "embeddings", "rank": EMBEDDING_RANK}],
-            "finetune": {"epochs": finetune_epochs},
+            "finetune": {"epochs": finetune_epochs, **finetune},
         },
     })
 
@@ -71,7 +71,8 @@ def train_batches(root):
 
 def test_sharded_compression_matches_the_in_memory_surgery_and_rebuilds(setup):
     root = setup
-    assert run_stage("compress", compress_recipe(root, "dnn", "dnn_1", "column_wise", finetune_epochs=1), 1) == [0]
+    assert run_stage("compress", compress_recipe(root, "dnn", "dnn_1", "column_wise", finetune_epochs=1,
+                                                 eval_every_epochs=0.5), 1) == [0]
     record = json.loads((root / "dnn_1" / "compress.json").read_text())
     chain = record["chains"]["afm"]
     assert [row["stage"] for row in chain] == ["uncompressed", "mlp compressed", "mlp fine-tuned",
@@ -104,6 +105,9 @@ def test_sharded_compression_matches_the_in_memory_surgery_and_rebuilds(setup):
     # its best model stays the starting point when training does not beat it on validation)
     tuned = json.loads((root / "dnn_1" / "afm" / "step2_embeddings" / "ft" / "train.json").read_text())
     assert tuned["config"]["init_from"].endswith("step2_embeddings/checkpoints/best") and tuned["steps"] > 0
+    # evaluated at its start, at half its epoch (the configured fraction) and at the epoch's end
+    half = round(tuned["steps"] / 2)
+    assert [entry["step"] for entry in tuned["history"]] == [0, half, tuned["steps"]]
     tuned_weights = checkpoint.load_model(TrainOutput(root / "dnn_1" / "afm" / "step2_embeddings" / "ft"), "latest").state_dict()
     assert any(not torch.equal(tuned_weights[k], weights[k]) for k in weights)
     if tuned["best_step"] == 0:

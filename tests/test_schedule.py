@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from recsys_kd.compress.stage import FinetuneConfig
 from recsys_kd.config import ConfigError, from_dict
 from recsys_kd.runs import TrainOutput
 from recsys_kd.train import checkpoint
@@ -54,6 +55,10 @@ def test_evaluation_cadence_in_fractions_of_an_epoch_or_samples():
     assert steps_between_evaluations(7, 0.0, 0, steps_per_epoch=400, samples_per_step=256) == 7
     with pytest.raises(ConfigError, match="set one evaluation cadence"):
         from_dict(TrainConfig, {"eval_every_steps": 5, "eval_every_epochs": 0.5})
+    with pytest.raises(ConfigError, match="set one evaluation cadence"):  # compress's fine-tunings: the same rule
+        from_dict(FinetuneConfig, {"eval_every_samples": 5000, "eval_every_epochs": 0.5})
+    with pytest.raises(ConfigError, match="eval_every_epochs in"):
+        from_dict(FinetuneConfig, {"eval_every_epochs": 2.0})
     with pytest.raises(ConfigError, match="kind 'step' needs step_every"):
         from_dict(TrainConfig, {"schedule": {"kind": "step"}})
 

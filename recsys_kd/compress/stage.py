@@ -55,6 +55,7 @@ from recsys_kd.runs import BEST, COMPRESS_RECORD, COMPRESS_STEP_RECORD, TrainOut
 from recsys_kd.train import checkpoint
 from recsys_kd.train.config import OptimConfig, TrainConfig
 from recsys_kd.train.evaluation import evaluate
+from recsys_kd.train.schedule import validate_cadence
 from recsys_kd.train.sharding import ShardingConfig, shard
 from recsys_kd.train.task import LabelTask
 from recsys_kd.train.trainer import train
@@ -106,11 +107,20 @@ class CompressStepConfig:
 @dataclass
 class FinetuneConfig:
     """Fine-tuning after each step, through the trainer (labels only). ``epochs`` 0 skips it;
-    ``optim`` defaults to the source model's."""
+    ``optim`` defaults to the source model's. Evaluations at every epoch end and at one cadence, as
+    the trainer's: ``eval_every_steps``, ``eval_every_epochs`` (a fraction of an epoch, which keeps its
+    meaning on a larger dataset) or ``eval_every_samples``."""
 
     epochs: int = 1
     optim: Optional[OptimConfig] = None
     eval_every_steps: int = 0
+    eval_every_epochs: float = 0.0
+    eval_every_samples: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        validate_cadence(self.eval_every_steps, self.eval_every_epochs, self.eval_every_samples)
 
 
 @dataclass
@@ -309,6 +319,8 @@ def finetune_config(base: TrainConfig, model_config: ModelConfig, step_checkpoin
         epochs=config.finetune.epochs,
         max_steps=0,
         eval_every_steps=config.finetune.eval_every_steps,
+        eval_every_epochs=config.finetune.eval_every_epochs,
+        eval_every_samples=config.finetune.eval_every_samples,
         monitor="auc",
         init_from=str(step_checkpoint),
         init_from_part="all",

@@ -10,7 +10,7 @@ from typing import Literal
 from recsys_kd.config import from_dict
 from recsys_kd.models.zoo import ModelConfig
 from recsys_kd.runs import TrainOutput
-from recsys_kd.train.schedule import ScheduleConfig
+from recsys_kd.train.schedule import ScheduleConfig, validate_cadence
 from recsys_kd.train.sharding import ShardingConfig
 
 
@@ -92,11 +92,7 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.patience < 0 or self.max_steps < 0:
             raise ValueError("patience and max_steps must be >= 0")
-        cadences = [key for key in ("eval_every_steps", "eval_every_epochs", "eval_every_samples") if getattr(self, key)]
-        if len(cadences) > 1:
-            raise ValueError(f"set one evaluation cadence, got {', '.join(cadences)}")
-        if self.eval_every_steps < 0 or self.eval_every_samples < 0 or not 0.0 <= self.eval_every_epochs <= 1.0:
-            raise ValueError("eval_every_steps and eval_every_samples must be >= 0, eval_every_epochs in [0, 1]")
+        validate_cadence(self.eval_every_steps, self.eval_every_epochs, self.eval_every_samples)
 
     @classmethod
     def of(cls, output: TrainOutput) -> "TrainConfig":

@@ -88,6 +88,16 @@ class LearningRates:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
 
 
+def validate_cadence(every_steps: int, every_epochs: float, every_samples: int) -> None:
+    """At most one evaluation cadence: steps, a fraction of an epoch in [0, 1], or rows."""
+    named = {"eval_every_steps": every_steps, "eval_every_epochs": every_epochs, "eval_every_samples": every_samples}
+    cadences = [key for key, value in named.items() if value]
+    if len(cadences) > 1:
+        raise ValueError(f"set one evaluation cadence, got {', '.join(cadences)}")
+    if every_steps < 0 or every_samples < 0 or not 0.0 <= every_epochs <= 1.0:
+        raise ValueError("eval_every_steps and eval_every_samples must be >= 0, eval_every_epochs in [0, 1]")
+
+
 def steps_between_evaluations(every_steps: int, every_epochs: float, every_samples: int, steps_per_epoch: int,
                               samples_per_step: int) -> int:
     """Steps between two evaluations (0: only at epoch ends) from whichever cadence is set."""
