@@ -1,5 +1,5 @@
 """The stages that exist, run in order from one recipe, each skipped when its output is complete
-and was made from the same config: synthesize (raw logs, when the recipe has that section) ->
+and was made from the same config after its inputs: synthesize (raw logs, when the recipe has that section) ->
 prepare -> read back (every row of every split through the streaming reader) -> train the teacher
 -> infer (soft labels) -> distill (+ FT) the student -> compress it (AFM, each step fine-tuned) ->
 export every model of the run (teacher, student, compressed student) as a parity-checked TorchScript
@@ -33,8 +33,8 @@ from recsys_kd.distributed import DistributedContext, from_rank, gather_outcome,
 from recsys_kd.io import atomic_write_json
 from recsys_kd.recipe import Recipe, SynthesizeConfig
 from recsys_kd.report import write_report
-from recsys_kd.runs import (COMPRESS_RECORD, PIPELINE_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD, TrainOutput,
-                            export_record)
+from recsys_kd.runs import (COMPRESS_RECORD, INFER_RECORD, PIPELINE_RECORD, PREPARE_RECORD, SCORE_RECORD, TRAIN_RECORD,
+                            TrainOutput, export_record)
 
 # Config keys that change how a stage runs but not what it produces.
 _RUNTIME_KEYS = ("progress", "overwrite", "verify_checkpoints")
@@ -119,6 +119,8 @@ def infer_stage(recipe: Recipe) -> Dict[str, Any]:
 
     recipe.infer.output = str(recipe.infer_output())
     recipe.infer.progress = recipe.train.progress
+    teachers = [Path(teacher.train_output) / TRAIN_RECORD for teacher in recipe.infer.teachers]
+    from_rank(0, lambda: _remove_if_stale(Path(recipe.infer.output), INFER_RECORD, teachers))
     return infer(recipe.infer, Path(recipe.prepare.output))
 
 
@@ -147,13 +149,14 @@ def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
 
 
 def _compressed(config) -> Optional[Dict[str, Any]]:
-    """The record of an earlier compression of the same config, or None (a run of another config is
-    removed)."""
+    """The record of an earlier compression of the same config made after its source, or None (any
+    other run is removed)."""
     output = Path(config.output)
     record_path = output / COMPRESS_RECORD
     if record_path.exists():
         previous = json.loads(record_path.read_text())
-        if _stable(previous.get("config", {})) == _stable(to_dict(config)):
+        source = Path(config.source) / TRAIN_RECORD
+        if _stable(previous.get("config", {})) == _stable(to_dict(config)) and _newer_than_inputs(record_path, [source]):
             return previous
         shutil.rmtree(output)
     return None
@@ -233,17 +236,43 @@ def _scored(artifact: Path, output: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
+def _newer_than_inputs(record_path: Path, inputs: List[Path]) -> bool:
+    """Whether a stage's record was written after every input record that exists: a stage made
+    before its inputs were remade (a retrained teacher, a re-distilled student) is stale."""
+    made = record_path.stat().st_mtime
+    return all(made >= path.stat().st_mtime for path in inputs if path.exists())
+
+
+def _remove_if_stale(output: Path, record_name: str, inputs: List[Path]) -> None:
+    """Removes ``output`` when its finished record is older than one of its inputs' records."""
+    record_path = output / record_name
+    if record_path.exists() and not _newer_than_inputs(record_path, inputs):
+        shutil.rmtree(output)
+
+
 def _train_config_if_needed(config, recipe: Recipe, stage=None) -> Dict[str, Any]:
     """Runs ``stage`` (the trainer, or the distill stage) unless ``config.output`` holds a finished
-    record of the same config and reader."""
+    record of the same config and reader, written after the records of its inputs (the prepared
+    data, the ``init_from`` run, the soft labels). A finished run that fails either test is removed
+    and trained again from the start: resuming it would continue a finished run of other settings."""
     from recsys_kd.train.trainer import train
+
+    inputs = [Path(recipe.prepare.output) / PREPARE_RECORD]
+    if config.init_from:
+        inputs.append(TrainOutput(Path(config.init_from).parent.parent).record_path)
+    if getattr(config, "distill", None) is not None and config.distill.soft_labels:
+        inputs.append(Path(config.distill.soft_labels) / INFER_RECORD)
 
     def finished() -> Optional[Dict[str, Any]]:
         record_path = Path(config.output) / TRAIN_RECORD
-        if record_path.exists():
-            previous = json.loads(record_path.read_text())
-            if _stable(previous.get("config", {})) == _stable(to_dict(config)) and previous.get("reader") == to_dict(recipe.reader):
-                return previous
+        if not record_path.exists():
+            return None
+        previous = json.loads(record_path.read_text())
+        same = (_stable(previous.get("config", {})) == _stable(to_dict(config))
+                and previous.get("reader") == to_dict(recipe.reader))
+        if same and _newer_than_inputs(record_path, inputs):
+            return previous
+        shutil.rmtree(config.output)
         return None
 
     previous = from_rank(0, finished)

@@ -100,3 +100,40 @@ def test_a_two_rank_pipeline_ends_with_the_one_process_tables(tmp_path):
                     assert b[key] == value, key
     for role, scored in two["stages"]["score"].items():
         assert scored["world_size"] == 2 and scored["rows"] == one["stages"]["score"][role]["rows"]
+
+
+def test_a_changed_stage_trains_again_from_the_start_and_so_does_every_stage_after_it(tmp_path):
+    quick = {"epochs": 1, "max_steps": 4, "progress": False, "eval_batch_size": 2048}
+    config = write_recipe(tmp_path / "stale.yaml", {
+        "run_dir": str(tmp_path),
+        "prepare": {"format": "synthetic", "output": str(tmp_path / "data"), "progress": False,
+                    "synthetic": {"rows": 3000, "seed": 2, "max_vocab": 100}},
+        "reader": {"batch_size": 256, "shuffle": True},
+        "train": {"model": {"name": "dnn", "mlp_layers": [8], **TINY_MODEL}, **quick},
+        "infer": {"teachers": [{"name": "dnn", "train_output": str(tmp_path / "train" / "dnn")}], "batch_size": 512},
+        "distill": {"model": {"name": "dnn", "mlp_layers": [8, 8], **TINY_MODEL},
+                    "distill": {"teachers": ["dnn"], "loss": {"hard": 0.5, "mse": 1.0}}, **quick},
+        "finetune": {"model": {"name": "dnn", "mlp_layers": [8, 8], **TINY_MODEL}, **quick},
+    })
+    run_pipeline(load_recipe(config))
+    student = TrainOutput(tmp_path / "distill" / "dnn")
+
+    def evaluations_logged(output: TrainOutput) -> int:
+        return sum('"valid"' in line for line in output.metrics_log.read_text().splitlines())
+
+    # a distillation setting changed: the finished student is replaced (not resumed past its end), and
+    # its FT, whose own config did not change, is redone from the new student
+    changed = run_pipeline(load_recipe(config, ["distill.optim.lr=0.01"]))["stages"]
+    assert changed["train"]["skipped"] and not changed["distill"]["skipped"] and not changed["finetune"]["skipped"]
+    assert changed["distill"]["config"]["optim"]["lr"] == 0.01 and changed["distill"]["steps"] == quick["max_steps"]
+    assert evaluations_logged(student) == len(student.record["history"])  # one run's log, not two
+    assert student.record_path.stat().st_mtime <= TrainOutput(student.path / "ft").record_path.stat().st_mtime
+
+    # a retrained teacher makes its soft labels, and everything read from them, stale
+    retrained = run_pipeline(load_recipe(config, ["distill.optim.lr=0.01", "train.optim.lr=0.01"]))["stages"]
+    assert not retrained["train"]["skipped"]
+    assert retrained["infer"]["teachers"]["dnn"]["test"] == retrained["train"]["test"]
+    assert not retrained["distill"]["skipped"] and not retrained["finetune"]["skipped"]
+
+    again = run_pipeline(load_recipe(config, ["distill.optim.lr=0.01", "train.optim.lr=0.01"]))["stages"]
+    assert all(again[name]["skipped"] for name in ("prepare", "train", "distill", "finetune"))

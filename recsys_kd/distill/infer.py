@@ -95,7 +95,8 @@ class TeacherEnsemble(nn.Module):
 
 
 def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
-    """Runs (or completes) inference; returns the record written to ``<output>/infer.json``."""
+    """Runs (or completes) inference; returns the record written to ``<output>/infer.json`` (written
+    when this run scored rows or there is none yet)."""
     if not config.teachers:
         raise SchemaError("infer: no teachers configured (infer.teachers)")
     ctx = init_distributed(config.backend)
@@ -130,7 +131,9 @@ def infer(config: InferConfig, dataset: Path) -> Dict[str, Any]:
         "peak_rss_mib_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     record["rows_per_second_this_run"] = round(record["rows_scored_this_run"] / max(seconds, 1e-9), 1)
-    if ctx.is_main:
+    # A run that found every part complete leaves the files as they were: their time is when the soft
+    # labels were made, which is what the stages reading them compare against.
+    if ctx.is_main and (record["rows_scored_this_run"] or not (output / INFER_RECORD).exists()):
         splits = {split: {"files": schema.split(split).files, "rows": schema.split(split).rows} for split in config.splits}
         atomic_write_json(output / SIDE_INPUT_FILE,
                           {"dataset": str(dataset), "columns": columns, "vectors": vectors, "splits": splits})
