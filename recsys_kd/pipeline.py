@@ -1,7 +1,7 @@
 """The stages that exist, run in order from one recipe, each skipped when its output is complete
 and was made from the same config after its inputs: synthesize (raw logs, when the recipe has that
-section) -> prepare -> read back (every row of every split through the streaming reader) -> train the teacher
--> infer (soft labels) -> distill (+ FT) the student -> compress it (AFM, each step fine-tuned) ->
+section) -> prepare -> read back (every row of every split through the streaming reader) -> train
+the teacher -> infer (soft labels) -> distill (+ FT) the student -> compress it (AFM, each step fine-tuned) ->
 export every model of the run (teacher, student, compressed student) as a parity-checked TorchScript
 artifact -> score the test split with each artifact alone -> write the report (plots and tables).
 
