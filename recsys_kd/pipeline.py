@@ -22,7 +22,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from recsys_kd.config import to_dict
 from recsys_kd.data.prepare import PrepareConfig, describe_inputs, open_source, prepare
@@ -120,7 +120,7 @@ def infer_stage(recipe: Recipe) -> Dict[str, Any]:
     recipe.infer.output = str(recipe.infer_output())
     recipe.infer.progress = recipe.train.progress
     teachers = [Path(teacher.train_output) / TRAIN_RECORD for teacher in recipe.infer.teachers]
-    from_rank(0, lambda: _remove_if_stale(Path(recipe.infer.output), INFER_RECORD, teachers))
+    from_rank(0, lambda: _reusable_record(Path(recipe.infer.output), INFER_RECORD, teachers))  # stale: removed
     return infer(recipe.infer, Path(recipe.prepare.output))
 
 
@@ -151,15 +151,8 @@ def compress_if_needed(recipe: Recipe) -> Dict[str, Any]:
 def _compressed(config) -> Optional[Dict[str, Any]]:
     """The record of an earlier compression of the same config made after its source, or None (any
     other run is removed)."""
-    output = Path(config.output)
-    record_path = output / COMPRESS_RECORD
-    if record_path.exists():
-        previous = json.loads(record_path.read_text())
-        source = Path(config.source) / TRAIN_RECORD
-        if _stable(previous.get("config", {})) == _stable(to_dict(config)) and _newer_than_inputs(record_path, [source]):
-            return previous
-        shutil.rmtree(output)
-    return None
+    return _reusable_record(Path(config.output), COMPRESS_RECORD, [Path(config.source) / TRAIN_RECORD],
+                            lambda previous: _stable(previous.get("config", {})) == _stable(to_dict(config)))
 
 
 def resolve_compress(recipe: Recipe):
@@ -236,18 +229,21 @@ def _scored(artifact: Path, output: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _newer_than_inputs(record_path: Path, inputs: List[Path]) -> bool:
-    """Whether a stage's record was written after every input record that exists: a stage made
-    before its inputs were remade (a retrained teacher, a re-distilled student) is stale."""
-    made = record_path.stat().st_mtime
-    return all(made >= path.stat().st_mtime for path in inputs if path.exists())
-
-
-def _remove_if_stale(output: Path, record_name: str, inputs: List[Path]) -> None:
-    """Removes ``output`` when its finished record is older than one of its inputs' records."""
+def _reusable_record(output: Path, record_name: str, inputs: List[Path],
+                     same: Callable[[Dict[str, Any]], bool] = lambda previous: True) -> Optional[Dict[str, Any]]:
+    """The finished record in ``output`` when ``same(record)`` holds and it was written after every
+    input record that exists; otherwise None, and a finished output that fails either test is
+    removed (a stage made before its inputs were remade, a retrained teacher or a re-distilled
+    student, is stale)."""
     record_path = output / record_name
-    if record_path.exists() and not _newer_than_inputs(record_path, inputs):
-        shutil.rmtree(output)
+    if not record_path.exists():
+        return None
+    previous = json.loads(record_path.read_text())
+    made = record_path.stat().st_mtime
+    if same(previous) and all(made >= path.stat().st_mtime for path in inputs if path.exists()):
+        return previous
+    shutil.rmtree(output)
+    return None
 
 
 def _train_config_if_needed(config, recipe: Recipe, stage=None) -> Dict[str, Any]:
@@ -263,19 +259,11 @@ def _train_config_if_needed(config, recipe: Recipe, stage=None) -> Dict[str, Any
     if getattr(config, "distill", None) is not None and config.distill.soft_labels:
         inputs.append(Path(config.distill.soft_labels) / INFER_RECORD)
 
-    def finished() -> Optional[Dict[str, Any]]:
-        record_path = Path(config.output) / TRAIN_RECORD
-        if not record_path.exists():
-            return None
-        previous = json.loads(record_path.read_text())
-        same = (_stable(previous.get("config", {})) == _stable(to_dict(config))
+    def same(previous: Dict[str, Any]) -> bool:
+        return (_stable(previous.get("config", {})) == _stable(to_dict(config))
                 and previous.get("reader") == to_dict(recipe.reader))
-        if same and _newer_than_inputs(record_path, inputs):
-            return previous
-        shutil.rmtree(config.output)
-        return None
 
-    previous = from_rank(0, finished)
+    previous = from_rank(0, lambda: _reusable_record(Path(config.output), TRAIN_RECORD, inputs, same))
     if previous is not None:
         return {**previous, "skipped": True}
     return {**(stage or train)(config, Path(recipe.prepare.output), recipe.reader), "skipped": False}
