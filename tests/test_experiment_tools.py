@@ -47,3 +47,14 @@ def test_a_distilled_students_peer_is_the_same_methods_student(monkeypatch) -> N
     assert "KD_DAGFM_FT" in peer_of_row("movielens-100k", {"role": "student FT", "model": "dagfm_outer"})
     assert "FuxiCTR" in peer_of_row("movielens-100k", {"role": "student label-only", "model": "dnn"})
     assert "FuxiCTR" in peer_of_row("movielens-100k", {"role": "teacher xdeepfm", "model": "xdeepfm"})
+
+
+def test_a_seed_draws_the_initialisation_and_the_shuffle_order() -> None:
+    """Seeds that shared one shuffle order would understate the spread over seeds."""
+    load_seeded_recipe = load_tool("kd_experiments").load_seeded_recipe
+    recipe_file = TOOLS.parent / "configs" / "movielens_kd_dagfm.yaml"
+
+    recipes = [load_seeded_recipe(recipe_file, [], seed) for seed in (1, 2)]
+    assert [(r.train.seed, r.reader.seed) for r in recipes] == [(1, 1), (2, 2)]
+    pinned = load_seeded_recipe(recipe_file, ["reader.seed=0"], 2)
+    assert (pinned.train.seed, pinned.reader.seed) == (2, 0)

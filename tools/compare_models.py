@@ -1,10 +1,10 @@
 """Trains several models on one recipe's dataset over several seeds; prints test AUC / logloss.
 
-Each (model, seed) is an ordinary ``recsys-kd train`` run (same recipe, ``train.model.name`` and
-``train.seed`` overridden, output ``<run_dir>/compare/<model>/seed_<s>``), so its record and
-checkpoints stay on disk. A finished run of the same config is reused; one of another config is an
-error naming it (use ``--tag`` or another ``run_dir``). Overrides go before ``--models``, which
-takes every name after it:
+Each (model, seed) is an ordinary ``recsys-kd train`` run (same recipe; ``train.model.name``,
+``train.seed`` and ``reader.seed`` overridden: a seed draws the initialisation and the shuffle
+order; output ``<run_dir>/compare/<model>/seed_<s>``), so its record and checkpoints stay on disk.
+A finished run of the same config is reused; one of another config is an error naming it (use
+``--tag`` or another ``run_dir``). Overrides go before ``--models``, which takes every name after it:
 
     .venv/bin/python tools/compare_models.py -c configs/movielens.yaml --models lr fm dcn dcnv2 xdeepfm --seeds 1 2 3 \
         --peers movielens-100k
@@ -34,12 +34,11 @@ def main() -> None:
                         "the runs of other overrides")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     args = parser.parse_args()
-    from kd_experiments import train_once
+    from kd_experiments import load_seeded_recipe, train_once
     from peers import peer
 
     peer(args.peers, "")  # an unknown split fails before any training
 
-    from recsys_kd.recipe import load_recipe
     from recsys_kd.warnings_filter import silence_third_party_warnings
 
     silence_third_party_warnings()
@@ -47,8 +46,8 @@ def main() -> None:
     for name in args.models:
         results = []
         for seed in args.seeds:
-            recipe = load_recipe(args.config, [*args.overrides, f"train.model.name={name}", f"train.seed={seed}",
-                                               "train.progress=false"])
+            recipe = load_seeded_recipe(args.config, args.overrides, seed, f"train.model.name={name}",
+                                        "train.progress=false")
             output = Path(recipe.run_dir) / "compare" / args.tag / name / f"seed_{seed}"
             # a finished run of the same config is reused; one of another config is an error naming it
             record = train_once(recipe.train, output, Path(recipe.prepare.output), recipe.reader)

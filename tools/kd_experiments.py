@@ -1,6 +1,7 @@
 """Runs distillation recipes over seeds; prints and saves teacher / ensemble / student results.
 
-For each recipe and seed s, every stage is an ordinary library run whose record stays on disk:
+For each recipe and seed s, every stage is an ordinary library run whose record stays on disk; s is
+every stage's ``seed`` and the reader's (``reader.seed``: the shuffle order):
 - teachers: one ``train`` per ``infer.teachers`` entry (its ``name`` is the model name; the recipe's
   ``train`` section with ``train.model.name`` and ``train.seed`` overridden), at
   ``<run_dir>/compare/<model>/seed_<s>``: the layout of ``tools/compare_models.py``, so the two tools
@@ -80,16 +81,22 @@ def main() -> None:
     print(f"\nwritten: {output}")
 
 
+def load_seeded_recipe(config: Path, overrides: Sequence[str], seed: int, *settings: str):
+    """The recipe of one seed: ``seed`` is ``train.seed`` and ``reader.seed``, so it draws the
+    initialisation and the shuffle order (an explicit ``reader.seed`` in ``overrides`` wins)."""
+    from recsys_kd.recipe import load_recipe
+
+    return load_recipe(config, [f"reader.seed={seed}", *overrides, f"train.seed={seed}", *settings])
+
+
 def run_seed(config: Path, overrides: Sequence[str], tag: str, seed: int, ft_name: str = "ft") -> Dict[str, Any]:
     """Every stage of one recipe for one seed (reusing finished runs); returns their records' metrics."""
     from recsys_kd.distill.infer import infer
     from recsys_kd.distill.task import distill
     from recsys_kd.models.zoo import ModelConfig
-    from recsys_kd.recipe import load_recipe
     from recsys_kd.runs import TrainOutput
 
-    recipe = load_recipe(config, [*overrides, f"train.seed={seed}", "train.progress=false",
-                                  "infer.progress=false"])
+    recipe = load_seeded_recipe(config, overrides, seed, "train.progress=false", "infer.progress=false")
     if recipe.distill is None:
         raise SystemExit(f"{config}: no distill section")
     dataset = Path(recipe.prepare.output)
