@@ -81,7 +81,7 @@ def main() -> None:
     print(f"\nwritten: {output}")
 
 
-def load_seeded_recipe(config: Path, overrides: Sequence[str], seed: int, *settings: str):
+def load_seeded_recipe(config: Path, overrides: Sequence[str], seed: int, *settings: str) -> Any:
     """The recipe of one seed: ``seed`` is ``train.seed`` and ``reader.seed``, so it draws the
     initialisation and the shuffle order (an explicit ``reader.seed`` in ``overrides`` wins)."""
     from recsys_kd.recipe import load_recipe
